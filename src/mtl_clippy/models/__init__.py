@@ -1,0 +1,33 @@
+"""Models: the shared input layer, the multitask backbones and the LightningModule."""
+
+from mtl_clippy.models.backbones import (
+    AITM,
+    ESMM,
+    NCF,
+    PLE,
+    LogisticRegression,
+    MMoE,
+    OMoE,
+    SharedBottom,
+    SingleTask,
+    product_logit,
+)
+from mtl_clippy.models.layers import MLP, FeatureEmbedding
+from mtl_clippy.models.module import MultiTaskModule, TaskMetrics
+
+__all__ = [
+    "AITM",
+    "ESMM",
+    "MLP",
+    "NCF",
+    "PLE",
+    "FeatureEmbedding",
+    "LogisticRegression",
+    "MMoE",
+    "MultiTaskModule",
+    "OMoE",
+    "SharedBottom",
+    "SingleTask",
+    "TaskMetrics",
+    "product_logit",
+]

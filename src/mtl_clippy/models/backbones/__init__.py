@@ -1,0 +1,23 @@
+"""Backbones: one module per model family, each mapping (categorical, numerical) to logits."""
+
+from mtl_clippy.models.backbones.aitm import AITM
+from mtl_clippy.models.backbones.esmm import ESMM, product_logit
+from mtl_clippy.models.backbones.logistic import LogisticRegression
+from mtl_clippy.models.backbones.moe import MMoE, OMoE
+from mtl_clippy.models.backbones.ncf import NCF
+from mtl_clippy.models.backbones.ple import PLE
+from mtl_clippy.models.backbones.shared_bottom import SharedBottom
+from mtl_clippy.models.backbones.single_task import SingleTask
+
+__all__ = [
+    "AITM",
+    "ESMM",
+    "NCF",
+    "PLE",
+    "LogisticRegression",
+    "MMoE",
+    "OMoE",
+    "SharedBottom",
+    "SingleTask",
+    "product_logit",
+]

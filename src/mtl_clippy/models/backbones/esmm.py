@@ -1,0 +1,74 @@
+"""Entire Space Multi-task Model (ESMM): pCTCVR = pCTR * pCVR over all impressions."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from mtl_clippy.data.schema import DatasetMetadata
+from mtl_clippy.models.layers import MLP, FeatureEmbedding, as_metadata
+
+
+def product_logit(a: Tensor, b: Tensor) -> Tensor:
+    """Logit of ``sigmoid(a) * sigmoid(b)``, computed stably for any finite ``a`` and ``b``.
+
+    With ``p = sigmoid(a) sigmoid(b) = 1 / ((1 + e^-a)(1 + e^-b))``,
+    ``1 - p = (e^-a + e^-b + e^-(a+b)) / ((1 + e^-a)(1 + e^-b))``, so
+    ``logit(p) = log p - log(1 - p) = -logsumexp(-a, -b, -(a + b))``: no ``log(0)``,
+    no overflow, and gradients stay finite even when ``p`` rounds to 0 or 1.
+    """
+    return -torch.logsumexp(torch.stack([-a, -b, -(a + b)], dim=-1), dim=-1)
+
+
+class ESMM(nn.Module):
+    """ESMM (Ma et al., SIGIR 2018): CTR and CVR networks on a shared input layer.
+
+    Each network is an MLP ``bottom_dims + tower_dims -> 1`` over the shared input layer. The
+    outputs are logits, in ``metadata.tasks`` order:
+
+    * task 0 (click): the CTR logit ``a``;
+    * task 1 (conversion): the logit of ``pCTCVR = pCTR * pCVR = sigmoid(a) * sigmoid(b)``
+      (``b`` = CVR logit), computed by :func:`product_logit`. AliExpress's ``conversion``
+      label is click AND purchase over all impressions, so training it with BCE on this
+      logit is ESMM's entire-space CTCVR loss and the CVR network is never trained on
+      the clicked subset alone. The post-click ``pCVR`` is available as
+      :meth:`cvr_logit`.
+
+    Requires exactly two tasks (click, conversion).
+
+    ``forward(categorical [B, F], numerical [B, N]) -> logits [B, 2]``.
+    """
+
+    def __init__(
+        self,
+        metadata: DatasetMetadata | Mapping[str, Any],
+        embed_dim: int = 128,
+        bottom_dims: Sequence[int] = (512, 256),
+        tower_dims: Sequence[int] = (128, 64),
+        dropout: float = 0.2,
+        sparse_embeddings: bool = False,
+    ) -> None:
+        super().__init__()
+        meta = as_metadata(metadata)
+        if meta.n_tasks != 2:
+            raise ValueError(
+                f"ESMM models exactly two funnel tasks (click, conversion), got tasks {list(meta.tasks)}"
+            )
+        self.embedding = FeatureEmbedding(meta, embed_dim, sparse=sparse_embeddings)
+        dims = [*bottom_dims, *tower_dims]
+        self.ctr = MLP(self.embedding.output_dim, dims, dropout, output_dim=1)
+        self.cvr = MLP(self.embedding.output_dim, dims, dropout, output_dim=1)
+
+    def cvr_logit(self, categorical: Tensor, numerical: Tensor) -> Tensor:
+        """Post-click conversion logit ``b`` (``pCVR = sigmoid(b)``), shape ``[batch, 1]``."""
+        return self.cvr(self.embedding(categorical, numerical).flatten(1))
+
+    def forward(self, categorical: Tensor, numerical: Tensor) -> Tensor:
+        """Return ``[CTR logit, logit(pCTR * pCVR)]``, shape ``[batch, 2]``."""
+        x = self.embedding(categorical, numerical).flatten(1)
+        a = self.ctr(x)
+        b = self.cvr(x)
+        return torch.cat([a, product_logit(a, b)], dim=1)

@@ -1,0 +1,398 @@
+"""MultiTaskModule: the LightningModule that trains any backbone on the multitask objective.
+
+The module owns the loss (weighted per-task BCE on logits), the metrics (per split and task:
+exact AUC, log loss, calibration) and the optimizer built from a Hydra config or partial.
+Its hyperparameters are plain Python containers only, so a checkpoint loads with
+``torch.load(weights_only=True)`` and ``MultiTaskModule.load_from_checkpoint(path)`` rebuilds a
+working model without the data.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import hydra.utils
+import lightning.pytorch as pl
+import numpy as np
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_warn
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from torch import Tensor, nn
+from torchmetrics import MaxMetric, MeanMetric, SumMetric
+from torchmetrics.classification import BinaryAUROC
+
+from mtl_clippy.data.schema import DatasetMetadata
+from mtl_clippy.models.layers import as_metadata, has_sparse_embeddings
+
+Batch = Sequence[Tensor]
+ConfigLike = Mapping[str, Any] | DictConfig
+OptimizerLike = ConfigLike | Callable[..., torch.optim.Optimizer]
+SchedulerLike = ConfigLike | Callable[..., Any]
+
+#: Optimizer classes known to accept sparse gradients (checked with ``isinstance``); any other
+#: optimizer class may declare ``supports_sparse_gradients = True`` to be accepted too.
+SPARSE_CAPABLE_OPTIMIZERS: tuple[str, ...] = (
+    "mtl_clippy.optim.ClippyAdagrad",
+    "torch.optim.Adagrad",
+    "torch.optim.SGD",
+)
+
+
+# --------------------------------------------------------------------------------------------
+# Hyperparameters as plain containers
+# --------------------------------------------------------------------------------------------
+
+
+def _import_path(obj: Any) -> str:
+    """``module.qualname`` of an importable class or function; ``ValueError`` otherwise."""
+    module = getattr(obj, "__module__", None)
+    qualname = getattr(obj, "__qualname__", None)
+    if not module or not qualname or "<" in qualname:
+        raise ValueError(
+            f"{obj!r} cannot be stored in the checkpoint's hyperparameters: it is not an "
+            "importable class or function (a lambda or a local definition). Pass a Hydra "
+            "config ({'_target_': ..., '_partial_': True, ...}) or a functools.partial of an "
+            "importable callable."
+        )
+    path = f"{module}.{qualname}"
+    try:
+        found = hydra.utils.get_object(path)
+    except Exception:
+        found = None
+    if found is not obj:
+        raise ValueError(f"{obj!r} is not importable as {path!r}; pass a Hydra config instead")
+    return path
+
+
+def _plain(value: Any, where: str) -> Any:
+    """Recursively convert ``value`` to YAML-able Python (dict, list, str, int, float, bool, None).
+
+    OmegaConf containers are resolved; tuples become lists; NumPy scalars become Python
+    scalars; paths become strings; a ``functools.partial`` becomes a Hydra partial config and
+    an importable function or class a ``hydra.utils.get_object`` config, so that
+    ``hydra.utils.instantiate`` gives the same object back.
+    """
+    if isinstance(value, DictConfig | ListConfig):
+        return _plain(OmegaConf.to_container(value, resolve=True), where)
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if isinstance(value, DatasetMetadata):
+        return _plain(value.to_dict(), where)
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v, f"{where}.{k}") for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if isinstance(value, functools.partial):
+        if value.args:
+            raise ValueError(
+                f"{where}: functools.partial with positional arguments cannot be stored; "
+                "bind them by keyword"
+            )
+        return {
+            "_target_": _import_path(value.func),
+            "_partial_": True,
+            **{k: _plain(v, f"{where}.{k}") for k, v in value.keywords.items()},
+        }
+    if callable(value):
+        return {"_target_": "hydra.utils.get_object", "path": _import_path(value)}
+    raise ValueError(
+        f"{where}: {type(value).__name__} value {value!r} cannot be stored in the checkpoint's "
+        "hyperparameters; use plain numbers, strings, lists and dicts"
+    )
+
+
+def factory_config(
+    factory: OptimizerLike | SchedulerLike | None, where: str
+) -> dict[str, Any] | None:
+    """Normalize an optimizer / scheduler spec to a plain Hydra partial config (or ``None``).
+
+    Accepts a Hydra config (dict or ``DictConfig`` with ``_target_``), a ``functools.partial``
+    or an importable class / function; the result always has ``_partial_: true``.
+    """
+    if factory is None:
+        return None
+    if isinstance(factory, Mapping | DictConfig):
+        cfg = _plain(factory, where)
+        if "_target_" not in cfg:
+            raise ValueError(f"{where}: a config needs a '_target_' key, got keys {sorted(cfg)}")
+    elif isinstance(factory, functools.partial):
+        cfg = _plain(factory, where)
+    elif callable(factory):
+        cfg = {"_target_": _import_path(factory)}
+    else:
+        raise TypeError(
+            f"{where} must be a Hydra config or a callable, got {type(factory).__name__}"
+        )
+    cfg["_partial_"] = True
+    return cfg
+
+
+def _instantiate_partial(cfg: Mapping[str, Any]) -> Callable[..., Any]:
+    """Build the callable that a plain partial config describes."""
+    return hydra.utils.instantiate(cfg, _partial_=True, _convert_="all")
+
+
+def _supports_sparse(optimizer: torch.optim.Optimizer) -> bool:
+    if getattr(optimizer, "supports_sparse_gradients", False):
+        return True
+    for path in SPARSE_CAPABLE_OPTIMIZERS:
+        try:
+            cls = hydra.utils.get_class(path)
+        except Exception:  # e.g. ClippyAdagrad not importable in this install
+            continue
+        if isinstance(optimizer, cls):
+            return True
+    return False
+
+
+# --------------------------------------------------------------------------------------------
+# Metrics
+# --------------------------------------------------------------------------------------------
+
+
+class TaskMetrics(nn.Module):
+    """Exact epoch metrics of one task: AUC, log loss and calibration.
+
+    * AUC: ``BinaryAUROC(thresholds=None)`` keeps every prediction, so it is exact.
+    * log loss: mean BCE over every row of the epoch (a ``MeanMetric`` of per-row losses).
+    * calibration: ``sum(predicted probabilities) / sum(labels)`` (mean predicted over mean
+      observed rate; 1 is calibrated).
+
+    AUC is undefined when the epoch holds a single class; :meth:`compute` then returns NaN and
+    warns. Calibration is NaN when the epoch has no positives. Updates never sync the host.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.auroc = BinaryAUROC(thresholds=None, validate_args=False)
+        self.logloss = MeanMetric(nan_strategy="disable")
+        self.predicted = SumMetric(nan_strategy="disable")
+        self.observed = SumMetric(nan_strategy="disable")
+        self.count = SumMetric(nan_strategy="disable")
+
+    def update(self, logits: Tensor, labels: Tensor) -> None:
+        """Add one batch of a task's logits ``[B]`` and 0/1 labels ``[B]``."""
+        logits = logits.detach().float()
+        labels = labels.detach().float()
+        self.auroc.update(logits, labels.long())
+        self.logloss.update(F.binary_cross_entropy_with_logits(logits, labels, reduction="none"))
+        self.predicted.update(torch.sigmoid(logits))
+        self.observed.update(labels)
+        self.count.update(torch.ones_like(labels))
+
+    def reset(self) -> None:
+        """Forget the accumulated epoch."""
+        for metric in (self.auroc, self.logloss, self.predicted, self.observed, self.count):
+            metric.reset()
+
+    def compute(self, name: str) -> dict[str, Tensor]:
+        """Return ``{"auc", "logloss", "calibration"}``; ``name`` is used in warnings."""
+        positives = self.observed.compute()
+        count = self.count.compute()
+        logloss = self.logloss.compute()
+        nan = torch.full_like(logloss, float("nan"))
+        if bool(positives > 0) and bool(positives < count):
+            auc = self.auroc.compute().to(logloss)
+        else:
+            auc = nan
+            only = "positive" if bool(positives > 0) else "negative"
+            rank_zero_warn(
+                f"{name}: AUC is undefined because every label of the epoch is {only} "
+                f"({int(count)} rows); logging NaN"
+            )
+        calibration = self.predicted.compute() / positives if bool(positives > 0) else nan
+        return {"auc": auc, "logloss": logloss, "calibration": calibration}
+
+
+# --------------------------------------------------------------------------------------------
+# The module
+# --------------------------------------------------------------------------------------------
+
+
+class MultiTaskModule(pl.LightningModule):
+    """Train a multitask backbone on weighted per-task BCE; evaluate AUC, log loss, calibration.
+
+    Args:
+        backbone: Hydra-style config of the backbone: ``_target_`` (e.g.
+            ``mtl_clippy.models.SharedBottom``) plus its keyword arguments; the module adds
+            ``metadata=``.
+        metadata: the data's :class:`~mtl_clippy.data.schema.DatasetMetadata` or its dict form;
+            stored in the checkpoint so that the model is rebuilt without the data.
+        optimizer: Hydra config of the optimizer (``_target_``, usually with ``_partial_:
+            true``) or a callable ``params -> Optimizer`` (a ``functools.partial`` or an
+            importable class). ``None`` is allowed for inference-only use.
+        scheduler: optional learning-rate scheduler, same forms, called with the optimizer.
+        scheduler_interval: ``"step"`` or ``"epoch"``: when Lightning steps the scheduler.
+        scheduler_monitor: the metric a ``ReduceLROnPlateau`` scheduler watches.
+        task_weights: loss weight per task (``metadata.tasks`` order); 1.0 each by default,
+            i.e. the plain sum of the task losses.
+
+    Logged: ``train/loss``, ``train/loss_<task>`` every step; for ``val`` and ``test``,
+    ``<split>/{auc,logloss,calibration}_<task>`` and ``<split>/auc_mean`` per epoch, plus
+    ``val/auc_mean_best``. An undefined AUC (a single class in the epoch) is logged as NaN
+    with a warning, which makes ``auc_mean`` NaN for that epoch; ``auc_mean_best`` ignores it.
+    """
+
+    def __init__(
+        self,
+        backbone: ConfigLike,
+        metadata: DatasetMetadata | Mapping[str, Any],
+        optimizer: OptimizerLike | None = None,
+        scheduler: SchedulerLike | None = None,
+        scheduler_interval: str = "epoch",
+        scheduler_monitor: str = "val/auc_mean",
+        task_weights: Sequence[float] | None = None,
+    ) -> None:
+        super().__init__()
+        if not isinstance(backbone, Mapping | DictConfig) or "_target_" not in backbone:
+            raise TypeError(
+                "backbone must be a Hydra config with a '_target_' key "
+                "(e.g. {'_target_': 'mtl_clippy.models.SharedBottom', 'embed_dim': 128})"
+            )
+        if scheduler_interval not in ("step", "epoch"):
+            raise ValueError(
+                f"scheduler_interval must be 'step' or 'epoch', got {scheduler_interval!r}"
+            )
+        meta = as_metadata(metadata)
+        backbone_cfg = _plain(backbone, "backbone")
+        backbone_cfg.pop("metadata", None)
+        if task_weights is None:
+            weights = [1.0] * meta.n_tasks
+        else:
+            weights = [float(w) for w in _plain(task_weights, "task_weights")]
+            if len(weights) != meta.n_tasks:
+                raise ValueError(
+                    f"task_weights has {len(weights)} entries but the data has "
+                    f"{meta.n_tasks} tasks {list(meta.tasks)}"
+                )
+        self.save_hyperparameters(
+            {
+                "backbone": backbone_cfg,
+                "metadata": _plain(meta.to_dict(), "metadata"),
+                "optimizer": factory_config(optimizer, "optimizer"),
+                "scheduler": factory_config(scheduler, "scheduler"),
+                "scheduler_interval": scheduler_interval,
+                "scheduler_monitor": scheduler_monitor,
+                "task_weights": weights,
+            }
+        )
+        self.metadata = meta
+        self.tasks: tuple[str, ...] = tuple(meta.tasks)
+        self.backbone: nn.Module = _instantiate_partial(backbone_cfg)(metadata=meta)
+        self.register_buffer("task_weights", torch.tensor(weights), persistent=False)
+        self.val_metrics = nn.ModuleDict({t: TaskMetrics() for t in self.tasks})
+        self.test_metrics = nn.ModuleDict({t: TaskMetrics() for t in self.tasks})
+        self.val_auc_best = MaxMetric(nan_strategy="ignore")
+
+    # -- model ---------------------------------------------------------------------------------
+
+    def forward(self, categorical: Tensor, numerical: Tensor) -> Tensor:
+        """Per-task logits ``[batch, n_tasks]``."""
+        return self.backbone(categorical, numerical)
+
+    def task_losses(self, logits: Tensor, labels: Tensor) -> Tensor:
+        """Mean BCE of each task over the batch, ``[n_tasks]``."""
+        return F.binary_cross_entropy_with_logits(logits, labels, reduction="none").mean(dim=0)
+
+    # -- steps ---------------------------------------------------------------------------------
+
+    def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
+        """Weighted sum of the per-task BCE losses; logs the total and each task's loss."""
+        categorical, numerical, labels = batch
+        per_task = self.task_losses(self(categorical, numerical), labels)
+        loss = (per_task * self.task_weights).sum()
+        n = labels.shape[0]
+        self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=n)
+        for i, task in enumerate(self.tasks):
+            self.log(f"train/loss_{task}", per_task[i], on_step=True, on_epoch=False, batch_size=n)
+        return loss
+
+    def _update(self, metrics: nn.ModuleDict, batch: Batch) -> None:
+        categorical, numerical, labels = batch
+        logits = self(categorical, numerical)
+        for i, task in enumerate(self.tasks):
+            metrics[task].update(logits[:, i], labels[:, i])
+
+    def _compute(self, metrics: nn.ModuleDict, split: str) -> dict[str, Tensor]:
+        values: dict[str, Tensor] = {}
+        aucs = []
+        for task in self.tasks:
+            for name, value in metrics[task].compute(f"{split}/auc_{task}").items():
+                values[f"{split}/{name}_{task}"] = value
+            aucs.append(values[f"{split}/auc_{task}"])
+            metrics[task].reset()
+        values[f"{split}/auc_mean"] = torch.stack(aucs).mean()
+        return values
+
+    def validation_step(self, batch: Batch, batch_idx: int) -> None:
+        """Accumulate the validation metrics (computed and logged at the end of the epoch)."""
+        self._update(self.val_metrics, batch)
+
+    def on_validation_epoch_end(self) -> None:
+        values = self._compute(self.val_metrics, "val")
+        if not self.trainer.sanity_checking:  # the sanity check's numbers never count as best
+            self.val_auc_best.update(values["val/auc_mean"])
+            values["val/auc_mean_best"] = self.val_auc_best.compute()
+        self.log_dict(values)
+
+    def test_step(self, batch: Batch, batch_idx: int) -> None:
+        """Accumulate the test metrics (computed and logged at the end of the epoch)."""
+        self._update(self.test_metrics, batch)
+
+    def on_test_epoch_end(self) -> None:
+        self.log_dict(self._compute(self.test_metrics, "test"))
+
+    def predict_step(self, batch: Batch, batch_idx: int, dataloader_idx: int = 0) -> Tensor:
+        """Per-task probabilities ``[batch, n_tasks]``; labels in the batch are ignored."""
+        categorical, numerical = batch[0], batch[1]
+        return torch.sigmoid(self(categorical, numerical))
+
+    def on_train_start(self) -> None:
+        # The sanity check runs validation before training; start "best" from scratch.
+        for metrics in self.val_metrics.values():
+            metrics.reset()
+        self.val_auc_best.reset()
+
+    # -- optimization --------------------------------------------------------------------------
+
+    def configure_optimizers(self) -> Any:
+        """Build the optimizer (and scheduler) from the stored configs.
+
+        Raises ``ValueError`` before training when the backbone has sparse embeddings and the
+        optimizer cannot take sparse gradients.
+        """
+        cfg = self.hparams["optimizer"]
+        if cfg is None:
+            raise ValueError(
+                "MultiTaskModule has no optimizer: pass optimizer= (a Hydra config with "
+                "_target_ or a callable params -> Optimizer) to train it"
+            )
+        optimizer = _instantiate_partial(cfg)(self.parameters())
+        if has_sparse_embeddings(self.backbone) and not _supports_sparse(optimizer):
+            raise ValueError(
+                f"The backbone was built with sparse_embeddings=true (model config "
+                f"'{self.hparams['backbone']['_target_']}'), so its embedding table produces "
+                f"sparse gradients, but the optimizer {type(optimizer).__name__} "
+                f"({cfg['_target_']}) cannot take sparse gradients. Set sparse_embeddings=false "
+                f"or use an optimizer that supports them: "
+                f"{', '.join(p.rsplit('.', 1)[-1] for p in SPARSE_CAPABLE_OPTIMIZERS)}."
+            )
+        sched_cfg = self.hparams["scheduler"]
+        if sched_cfg is None:
+            return optimizer
+        scheduler = _instantiate_partial(sched_cfg)(optimizer)
+        entry: dict[str, Any] = {
+            "scheduler": scheduler,
+            "interval": self.hparams["scheduler_interval"],
+        }
+        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            entry["monitor"] = self.hparams["scheduler_monitor"]
+        return {"optimizer": optimizer, "lr_scheduler": entry}
