@@ -1,0 +1,136 @@
+"""One table for a sweep: ``results.csv`` and ``results.md`` from the runs' ``metrics.json``.
+
+Written automatically when a Hydra multirun ends (``SweepResultsCallback``, configured in
+``configs/hydra/default.yaml``), or by hand for any folder of runs::
+
+    python -m mtl_clippy.report.sweep outputs/multirun/<sweep>
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+log = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.json"
+FIRST_COLUMNS = ["job", "model", "optim", "lr", "seed", "status"]
+LAST_COLUMNS = ["best_val_auc_mean", "epochs", "steps", "wall_time_s", "samples_per_s", "error"]
+
+
+def _row(path: Path, root: Path) -> dict[str, Any]:
+    m = json.loads(path.read_text())
+    row: dict[str, Any] = {
+        "job": str(path.parent.relative_to(root)) if path.parent != root else path.parent.name,
+        **{k: m.get(k) for k in ("model", "optim", "lr", "seed", "status")},
+    }
+    for key, value in sorted((m.get("test") or {}).items()):
+        if key.startswith(("auc_", "logloss_")):
+            row[f"test_{key}"] = value
+    for key, value in sorted((m.get("bayes") or {}).items()):
+        if key.startswith("auc_"):
+            row[f"bayes_{key}"] = value
+    row["best_val_auc_mean"] = (m.get("best") or {}).get("val/auc_mean")
+    for key in ("epochs", "steps", "wall_time_s", "samples_per_s"):
+        row[key] = m.get(key)
+    div = m.get("divergence") or {}
+    if div.get("step") is not None:
+        row["diverged_at_step"] = div["step"]
+    row["error"] = m.get("error")
+    return row
+
+
+def collect_results(root: str | Path) -> pd.DataFrame:
+    """One row per ``metrics.json`` found under ``root`` (sorted by job folder)."""
+    root = Path(root)
+    paths = sorted(root.rglob(METRICS_FILE), key=lambda p: _job_sort_key(p, root))
+    rows = []
+    for p in paths:
+        try:
+            rows.append(_row(p, root))
+        except (OSError, ValueError) as exc:  # a half-written or foreign file: say so, go on
+            log.warning("skipping unreadable %s: %s", p, exc)
+    df = pd.DataFrame(rows)
+    if df.empty:
+        return df
+    middle = [c for c in df.columns if c not in FIRST_COLUMNS + LAST_COLUMNS]
+    cols = [c for c in FIRST_COLUMNS if c in df] + middle + [c for c in LAST_COLUMNS if c in df]
+    return df[cols]
+
+
+def _job_sort_key(p: Path, root: Path) -> tuple:
+    first = p.relative_to(root).parts[0]
+    head = first.split("_", 1)[0]
+    return (int(head) if head.isdigit() else 1 << 30, str(p))
+
+
+def to_markdown(df: pd.DataFrame) -> str:
+    """A GitHub-flavoured Markdown table (no extra dependency)."""
+    if df.empty:
+        return "_no runs found_\n"
+
+    def cell(v: Any) -> str:
+        if v is None or (isinstance(v, float) and v != v):
+            return ""
+        if isinstance(v, float):
+            return f"{v:,.0f}" if abs(v) >= 1000 else f"{v:.4g}"
+        return str(v).replace("|", "\\|").replace("\n", " ")
+
+    header = "| " + " | ".join(df.columns) + " |"
+    sep = "|" + "|".join("---" for _ in df.columns) + "|"
+    body = ["| " + " | ".join(cell(v) for v in row) + " |" for row in df.itertuples(index=False)]
+    return "\n".join([header, sep, *body]) + "\n"
+
+
+def write_results(root: str | Path) -> pd.DataFrame:
+    """Write ``results.csv`` and ``results.md`` at ``root`` (atomically) and return the table."""
+    root = Path(root)
+    df = collect_results(root)
+    for name, text in (
+        ("results.csv", df.to_csv(index=False)),
+        ("results.md", to_markdown(df)),
+    ):
+        tmp = root / f".{name}.tmp{os.getpid()}"
+        tmp.write_text(text)
+        os.replace(tmp, root / name)
+    return df
+
+
+class SweepResultsCallback(Callback):
+    """Hydra callback: at the end of a multirun, tabulate its jobs and report failures."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        root = Path(config.hydra.sweep.dir)
+        if not root.is_dir():
+            return
+        df = write_results(root)
+        n = len(df)
+        failed = int((df["status"] != "completed").sum()) if n else 0
+        print(f"\nsweep results ({n} jobs, {failed} not completed): {root / 'results.md'}")
+        if n:
+            cols = [c for c in df.columns if c not in ("error", "job")]
+            print(to_markdown(df[cols]))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description="Tabulate the runs under a folder (a sweep).")
+    ap.add_argument("root", help="folder holding run folders with metrics.json")
+    args = ap.parse_args()
+    root = Path(args.root)
+    if not root.is_dir():
+        raise SystemExit(f"error: {root} is not a folder")
+    df = write_results(root)
+    print(to_markdown(df))
+    print(f"wrote {root / 'results.csv'} and {root / 'results.md'}")
+
+
+if __name__ == "__main__":
+    main()

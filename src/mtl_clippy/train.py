@@ -1,0 +1,306 @@
+"""The task function of ``python train.py``: seed, build, fit, test, summarise.
+
+Every run writes ``metrics.json`` in its folder (the single source for sweep tables and
+reports), whatever its outcome: ``completed``, ``diverged`` or ``failed``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import sys
+import time
+import traceback
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning.pytorch as pl
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from mtl_clippy.callbacks import ThroughputMeter
+from mtl_clippy.errors import ConfigError, user_error_types
+
+log = logging.getLogger("mtl_clippy")
+
+METRICS_FILE = "metrics.json"
+
+
+def register_resolvers() -> None:
+    """Config resolvers used by configs/hydra (a process id keeps sweep folders unique)."""
+    if not OmegaConf.has_resolver("mtl_clippy.pid"):
+        OmegaConf.register_new_resolver("mtl_clippy.pid", lambda: str(os.getpid()), use_cache=True)
+
+
+register_resolvers()
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _choices() -> dict[str, str]:
+    """The config-group choices of this run (model=..., optim=...), when run under Hydra."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return dict(HydraConfig.get().runtime.choices)
+    except Exception:
+        return {}
+
+
+def _overrides() -> list[str]:
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return list(HydraConfig.get().overrides.task)
+    except Exception:
+        return []
+
+
+def _name_of(cfg_node: Any, choice: str | None) -> str | None:
+    if choice:
+        return choice
+    if isinstance(cfg_node, Mapping | DictConfig) and "_target_" in cfg_node:
+        return str(cfg_node["_target_"]).rsplit(".", 1)[-1]
+    return None
+
+
+def _float(x: Any) -> float | None:
+    if x is None:
+        return None
+    v = float(x.item() if isinstance(x, torch.Tensor) else x)
+    return v if math.isfinite(v) else None
+
+
+def _split_metrics(metrics: Mapping[str, Any], prefix: str) -> dict[str, float | None]:
+    """``{"val/auc_click": t}`` -> ``{"auc_click": 0.71}`` for one split prefix."""
+    out = {}
+    for key, value in metrics.items():
+        if key.startswith(prefix + "/") and not key.endswith("_best"):
+            out[key[len(prefix) + 1 :]] = _float(value)
+    return dict(sorted(out.items()))
+
+
+def write_json_atomic(path: Path, payload: Mapping[str, Any]) -> None:
+    """Write JSON to a temporary name, then rename: a reader never sees half a file."""
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def _instantiate_all(group: DictConfig | None) -> list[Any]:
+    if not group:
+        return []
+    return [hydra.utils.instantiate(c) for c in group.values() if c and "_target_" in c]
+
+
+# ----------------------------------------------------------------------------- the task
+
+
+def build(cfg: DictConfig) -> tuple[pl.LightningDataModule, pl.LightningModule]:
+    """Data module (set up, so its metadata is known) and the LightningModule of a config.
+
+    Configuration problems surface here, before any training, as ``ConfigError`` naming the
+    config key.
+    """
+    from mtl_clippy.models import MultiTaskModule
+
+    datamodule = hydra.utils.instantiate(cfg.data)
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    scheduler = cfg.get("scheduler") or None
+    try:
+        module = MultiTaskModule(
+            backbone=cfg.model,
+            metadata=datamodule.metadata,
+            optimizer=cfg.optim,
+            scheduler=scheduler,
+            task_weights=cfg.get("task_weights"),
+        )
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"model: {_cause(exc)}") from exc
+    # Build the optimizer once now, so that invalid optimizer arguments or an optimizer that
+    # cannot take the model's sparse gradients is reported before training starts.
+    try:
+        module.configure_optimizers()
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"optim: {_cause(exc)}") from exc
+    return datamodule, module
+
+
+def _cause(exc: BaseException) -> str:
+    """The innermost message of an exception chain (Hydra wraps instantiation errors)."""
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Fit and test one configuration; returns (and writes) its ``metrics.json`` content."""
+    out_dir = Path(cfg.paths.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    choices = _choices()
+    summary: dict[str, Any] = {
+        "status": "failed",
+        "model": _name_of(cfg.model, choices.get("model")),
+        "optim": _name_of(cfg.optim, choices.get("optim")),
+        "lr": _float(cfg.optim.get("lr")),
+        "seed": int(cfg.seed),
+        "overrides": _overrides(),
+        "epochs": 0,
+        "steps": 0,
+        "wall_time_s": None,
+        "samples_per_s": None,
+        "val": {},
+        "best": {},
+        "test": None,
+        "bayes": None,
+        "divergence": {"step": None, "last_finite_loss": None, "spikes": 0},
+        "error": None,
+        "output_dir": str(out_dir),
+    }
+    t_start = time.perf_counter()
+    try:
+        pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
+        datamodule, module = build(cfg)
+        extra = getattr(datamodule.metadata, "extra", {}) or {}
+        if extra.get("bayes_auc"):
+            summary["bayes"] = {f"auc_{k}": v for k, v in extra["bayes_auc"].items()}
+            summary["bayes"].update(
+                {f"logloss_{k}": v for k, v in extra.get("bayes_logloss", {}).items()}
+            )
+
+        throughput = ThroughputMeter()
+        callbacks = [*_instantiate_all(cfg.get("callbacks")), throughput]
+        loggers = _instantiate_all(cfg.get("logger"))
+        trainer: pl.Trainer = hydra.utils.instantiate(
+            cfg.trainer, callbacks=callbacks, logger=loggers or False
+        )
+        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        summary["epochs"] = int(trainer.current_epoch)
+        summary["steps"] = int(trainer.global_step)
+        summary["samples_per_s"] = throughput.samples_per_s
+        summary["val"] = _split_metrics(trainer.callback_metrics, "val")
+
+        ckpt_cb = trainer.checkpoint_callback
+        best_path = getattr(ckpt_cb, "best_model_path", "") or ""
+        best_score = getattr(ckpt_cb, "best_model_score", None)
+        summary["best"] = {
+            "val/auc_mean": _float(best_score)
+            if best_score is not None
+            else summary["val"].get("auc_mean_best"),
+            "checkpoint": os.path.relpath(best_path, out_dir) if best_path else None,
+        }
+        if best_path:
+            best_epoch = torch.load(
+                best_path, map_location="cpu", weights_only=False, mmap=True
+            ).get("epoch")
+            summary["best"]["epoch"] = best_epoch
+        if cfg.get("test", True):
+            results = trainer.test(
+                module, datamodule=datamodule, ckpt_path=best_path or None, verbose=False
+            )
+            summary["test"] = _split_metrics(results[0] if results else {}, "test")
+        summary["status"] = "completed"
+        for lg in trainer.loggers:
+            lg.log_hyperparams(
+                OmegaConf.to_container(cfg, resolve=True),  # type: ignore[arg-type]
+                {f"final/{k}": v for k, v in (summary["test"] or {}).items() if v is not None},
+            )
+            lg.finalize("success")
+    except BaseException as exc:
+        summary["status"] = "failed"
+        summary["error"] = f"{type(exc).__name__}: {_cause(exc)}"
+        if not isinstance(exc, user_error_types()):
+            summary["traceback"] = traceback.format_exc()
+        raise
+    finally:
+        summary["wall_time_s"] = round(time.perf_counter() - t_start, 3)
+        if _is_global_zero():
+            write_json_atomic(out_dir / METRICS_FILE, summary)
+    return summary
+
+
+def _is_global_zero() -> bool:
+    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0
+
+
+# ----------------------------------------------------------------------------- reporting
+
+
+def format_summary(summary: Mapping[str, Any]) -> str:
+    """The per-task table printed at the end of a run."""
+    tasks = sorted(
+        {
+            k.split("_", 1)[1]
+            for k in (summary.get("val") or {})
+            if k.startswith("auc_") and k != "auc_mean"
+        }
+    )
+    val, test, bayes = (
+        summary.get("val") or {},
+        summary.get("test") or {},
+        summary.get("bayes") or {},
+    )
+
+    def fmt(v: Any) -> str:
+        return f"{v:.4f}" if isinstance(v, float) else "  -   "
+
+    lines = [
+        f"{summary.get('model')} + {summary.get('optim')} (lr {summary.get('lr')}, seed {summary.get('seed')}): "
+        f"{summary.get('status')}, {summary.get('epochs')} epochs, {summary.get('steps')} steps, "
+        f"{summary.get('wall_time_s')} s"
+        + (f", {summary['samples_per_s']:,.0f} samples/s" if summary.get("samples_per_s") else ""),
+        "",
+        f"| {'task':<12} | val AUC | test AUC | Bayes AUC | val logloss | test logloss |",
+        f"|{'-' * 14}|---------|----------|-----------|-------------|--------------|",
+    ]
+    for t in [*tasks, "mean"]:
+        lines.append(
+            f"| {t:<12} | {fmt(val.get(f'auc_{t}'))}  | {fmt(test.get(f'auc_{t}'))}   | "
+            f"{fmt(bayes.get(f'auc_{t}'))}    | {fmt(val.get(f'logloss_{t}'))}      | "
+            f"{fmt(test.get(f'logloss_{t}'))}       |"
+        )
+    return "\n".join(lines)
+
+
+def main(cfg: DictConfig) -> float | None:
+    """Entry point used by ``train.py`` under ``@hydra.main``.
+
+    A single run re-raises user mistakes as one clear line (exit status 2) and other errors
+    as usual. In a sweep, a failing job is recorded (``metrics.json`` with status ``failed``
+    and its error) and the sweep goes on; the results table lists it.
+    """
+    multirun = _is_multirun()
+    try:
+        summary = train(cfg)
+    except user_error_types() as exc:
+        message = f"error: {_cause(exc)}"
+        if multirun:
+            log.error("job failed: %s", message)
+            return None
+        print(message, file=sys.stderr)
+        sys.exit(2)
+    except Exception:
+        if multirun:
+            log.exception("job failed")
+            return None
+        raise
+    print()
+    print(format_summary(summary))
+    print(f"\nrun folder: {cfg.paths.output_dir}")
+    return (summary.get("best") or {}).get("val/auc_mean")
+
+
+def _is_multirun() -> bool:
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        return HydraConfig.get().mode == RunMode.MULTIRUN
+    except Exception:
+        return False
