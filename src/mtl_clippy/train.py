@@ -175,8 +175,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             )
 
         throughput = ThroughputMeter()
-        callbacks = [*_instantiate_all(cfg.get("callbacks")), throughput]
         loggers = _instantiate_all(cfg.get("logger"))
+        callbacks = [*_instantiate_all(cfg.get("callbacks")), throughput]
+        if not loggers:  # the learning-rate monitor needs a logger to write to
+            callbacks = [c for c in callbacks if not isinstance(c, pl.callbacks.LearningRateMonitor)]
         trainer: pl.Trainer = hydra.utils.instantiate(
             cfg.trainer, callbacks=callbacks, logger=loggers or False
         )
