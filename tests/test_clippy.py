@@ -475,3 +475,21 @@ def test_invalid_param_group_added_later():
     opt = ClippyAdagrad([nn.Parameter(torch.ones(2))])
     with pytest.raises(ValueError, match="absolute_threshold"):
         opt.add_param_group({"params": [nn.Parameter(torch.ones(2))], "absolute_threshold": -1})
+
+
+def test_path_selection(monkeypatch):
+    from mtl_clippy.optim import clippy as impl
+
+    choose = ClippyAdagrad._choose_path
+    cpu = torch.device("cpu")
+    g = {"fused": None, "foreach": None}
+    monkeypatch.setitem(impl._FUSED_STATUS, "cpu", True)
+    monkeypatch.delenv("MTL_CLIPPY_DISABLE_FUSED", raising=False)
+    assert choose(g, cpu, torch.float32) == "fused"
+    assert choose(g, cpu, torch.bfloat16) == "single"  # compiled bf16 would not round per op
+    assert choose({"fused": None, "foreach": False}, cpu, torch.float32) == "single"
+    assert choose({"fused": None, "foreach": True}, cpu, torch.float32) == "foreach"
+    assert choose({"fused": True, "foreach": None}, cpu, torch.bfloat16) == "foreach"
+    monkeypatch.setenv("MTL_CLIPPY_DISABLE_FUSED", "1")
+    assert choose(g, cpu, torch.float32) == "single"
+    assert choose(g, torch.device("cuda"), torch.float32) == "foreach"

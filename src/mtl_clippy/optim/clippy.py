@@ -107,11 +107,13 @@ class ClippyAdagrad(Optimizer):
             applied to the whole tensor before the step. Default 0.
         foreach: use the multi-tensor ``torch._foreach_*`` implementation (``None``: decide
             automatically, see ``fused``).
-        fused: use the ``torch.compile``-fused implementation. ``None`` (default) picks it for
-            float32/float64 dense parameters when ``torch.compile`` works on the parameters'
-            device (a C++ compiler on CPU, Triton on CUDA) and the first compilation succeeds;
-            otherwise the multi-tensor path is used on CUDA and the single-tensor path on CPU
-            (the faster eager choice on each, as measured in ``benchmarks/bench_optimizer.py``).
+        fused: use the ``torch.compile``-fused implementation. ``None`` (default, with
+            ``foreach=None``) picks it for float32/float64 dense parameters when
+            ``torch.compile`` works on the parameters' device (a C++ compiler on CPU, Triton on
+            CUDA) and the first compilation succeeds; otherwise the multi-tensor path is used on
+            CUDA and the single-tensor path on CPU (the faster eager choice on each, as measured
+            in ``benchmarks/bench_optimizer.py``). ``foreach=False`` asks for the single-tensor
+            path.
             The first fused step compiles (tens of seconds on a small CPU, cached on disk for
             later runs). Set the environment variable ``MTL_CLIPPY_DISABLE_FUSED=1`` to rule it
             out globally. ``fused=True`` with ``foreach=True`` is an error.
@@ -304,12 +306,10 @@ class ClippyAdagrad(Optimizer):
             return "fused"
         if foreach:
             return "foreach"
-        if fused is False and foreach is False:
+        if foreach is False:  # explicitly no multi-tensor kernels: the per-tensor loop
             return "single"
         if fused is None and dtype in _FUSED_DTYPES and _fused_available(device):
             return "fused"
-        if foreach is False:
-            return "single"
         return _eager_default(device)
 
 
