@@ -1,0 +1,404 @@
+"""``AliExpressDataModule``: from files (or none) to batches, one gather per batch.
+
+With no ``data_dir`` it generates the built-in dataset (``synthetic.py``) once into
+``cache_dir/synthetic/<parameters>`` and reuses it; with ``data_dir`` it reads the user's
+``train.csv`` / ``test.csv`` (cached as ``.npy`` under ``cache_dir/splits``).
+
+* Validation is the last ``val_fraction`` of the train file's rows (the data is time-ordered);
+  test is ``test.csv``.
+* Vocabularies come from the training rows (train file minus validation): each field's seen
+  ids are numbered ``0..n-1`` in increasing id order and every other id (unseen in training,
+  in validation or test) maps to the field's out-of-vocabulary slot ``n`` (counted, logged
+  once). ``metadata.vocab_sizes[f] = n + 1``.
+* A batch is one fancy-index gather from the arrays (memory-mapped where cached): the sampler
+  yields whole index arrays (or slices) and the dataset returns whole batches, so there is no
+  per-row ``__getitem__`` and no collate. Shuffling is per epoch from ``(seed, epoch)``;
+  under distributed training each rank gets a disjoint, equal-sized shard.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from mtl_clippy.data.errors import DataError
+from mtl_clippy.data.reader import AliExpressSplit, read_split
+from mtl_clippy.data.schema import N_CATEGORICAL, DatasetMetadata
+from mtl_clippy.data.synthetic import GeneratorConfig, generate_dataset
+
+log = logging.getLogger(__name__)
+
+Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def default_cache_dir() -> str:
+    """``$MTL_CLIPPY_CACHE``, else ``$XDG_CACHE_HOME/mtl_clippy``, else ``~/.cache/mtl_clippy``."""
+    if os.environ.get("MTL_CLIPPY_CACHE"):
+        return os.environ["MTL_CLIPPY_CACHE"]
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "mtl_clippy")
+
+
+DEFAULT_CACHE_DIR = default_cache_dir()
+#: Lookup tables are used for fields whose largest id is below this; sorted search above it.
+_DENSE_ID_LIMIT = 1 << 24
+
+
+class Vocabulary:
+    """Seen ids of one categorical field, and the vectorised id -> index mapping.
+
+    Seen ids get indices ``0..n-1`` in increasing id order; anything else gets ``n`` (OOV).
+    """
+
+    def __init__(self, seen_ids: np.ndarray) -> None:
+        self.ids = np.asarray(seen_ids, dtype=np.int64)
+        self.oov = len(self.ids)
+        self._lut: np.ndarray | None = None
+        if self.oov and self.ids[-1] < _DENSE_ID_LIMIT:
+            lut = np.full(int(self.ids[-1]) + 2, self.oov, dtype=np.int32)
+            lut[self.ids] = np.arange(self.oov, dtype=np.int32)
+            self._lut = lut  # the last entry catches every id above the largest seen
+
+    @classmethod
+    def from_column(cls, column: np.ndarray) -> Vocabulary:
+        """The vocabulary of the ids present in ``column`` (non-negative integers)."""
+        if len(column) == 0:
+            return cls(np.empty(0, np.int64))
+        top = int(column.max())
+        if top < _DENSE_ID_LIMIT:
+            return cls(np.flatnonzero(np.bincount(column, minlength=top + 1)))
+        return cls(np.unique(column))
+
+    @property
+    def size(self) -> int:
+        """Embedding rows needed: the seen ids plus the OOV slot."""
+        return self.oov + 1
+
+    def encode(self, column: np.ndarray) -> np.ndarray:
+        """int32 indices of raw ids (unseen ids -> the OOV slot)."""
+        if self._lut is not None:
+            return self._lut[np.minimum(column, len(self._lut) - 1)]
+        pos = np.minimum(np.searchsorted(self.ids, column), max(self.oov - 1, 0))
+        hit = self.ids[pos] == column if self.oov else np.zeros(len(column), bool)
+        return np.where(hit, pos, self.oov).astype(np.int32)
+
+
+class BatchDataset(Dataset):
+    """Rows ``[start, stop)`` of aligned arrays; ``dataset[indices]`` is a whole batch.
+
+    ``indices`` is an int array or a slice relative to ``start``. One gather per array per
+    batch; categorical indices are stored as int32 (half the memory) and widened per batch.
+    """
+
+    def __init__(
+        self,
+        categorical: np.ndarray,
+        numerical: np.ndarray,
+        labels: np.ndarray,
+        start: int = 0,
+        stop: int | None = None,
+    ) -> None:
+        self.categorical = categorical
+        self.numerical = numerical
+        self.labels = labels
+        self.start = start
+        self.stop = len(labels) if stop is None else stop
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def __getitem__(self, index: np.ndarray | slice) -> Batch:
+        if isinstance(index, slice):
+            rows: np.ndarray | slice = slice(self.start + index.start, self.start + index.stop)
+        else:
+            rows = np.asarray(index) + self.start
+        return (
+            torch.from_numpy(self.categorical[rows].astype(np.int64)),
+            torch.from_numpy(np.array(self.numerical[rows], dtype=np.float32)),
+            torch.from_numpy(np.array(self.labels[rows], dtype=np.float32)),
+        )
+
+
+class EpochBatchSampler(DistributedSampler):
+    """Yields whole batches of row indices: shuffled per epoch from ``(seed, epoch)``.
+
+    Each of ``world_size`` ranks gets a disjoint shard of ``n_rows // world_size`` rows (the
+    few left-over rows are skipped, different ones each epoch when shuffling). Within a
+    shuffled batch the indices are sorted, which makes the gather from a memory-mapped array
+    sequential without changing which rows form the batch. Without shuffling, batches are
+    contiguous slices.
+
+    It subclasses ``DistributedSampler`` only so that Lightning sees it as already sharded and
+    leaves it alone; ``set_epoch`` (called by Lightning each epoch) is inherited.
+    """
+
+    def __init__(
+        self,
+        n_rows: int,
+        batch_size: int,
+        *,
+        shuffle: bool,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        drop_last: bool = False,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world size {world_size}")
+        # DistributedSampler.__init__ wants a dataset and a process group; set what it uses.
+        self.n_rows = n_rows
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.seed = seed
+        self.rank = rank
+        self.num_replicas = world_size
+        self.drop_last = drop_last
+        self.epoch = 0
+        self.shard_size = n_rows // world_size
+        self.num_samples = self.shard_size
+        self.total_size = self.shard_size * world_size
+
+    def __len__(self) -> int:
+        if self.drop_last and self.shard_size >= self.batch_size:
+            return self.shard_size // self.batch_size
+        return -(-self.shard_size // self.batch_size)
+
+    def __iter__(self):  # type: ignore[override]
+        lo = self.rank * self.shard_size
+        n_batches = len(self)
+        if not self.shuffle:
+            for b in range(n_batches):
+                start = lo + b * self.batch_size
+                yield slice(start, min(start + self.batch_size, lo + self.shard_size))
+            return
+        rng = np.random.default_rng([self.seed, self.epoch])
+        shard = rng.permutation(self.n_rows)[lo : lo + self.shard_size]
+        for b in range(n_batches):
+            yield np.sort(shard[b * self.batch_size : (b + 1) * self.batch_size])
+
+
+class AliExpressDataModule(L.LightningDataModule):
+    """AliExpress click / conversion data as ``(categorical, numerical, labels)`` batches.
+
+    Args:
+        data_dir: folder with the user's processed ``train.csv`` / ``test.csv``; None
+            generates the built-in dataset (see ``mtl_clippy.data.synthetic``).
+        cache_dir: where generated datasets and parsed ``.npy`` caches live (default
+            ``$MTL_CLIPPY_CACHE`` or ``~/.cache/mtl_clippy``).
+        train_rows / test_rows: sizes of the generated splits (default 300,000 / 150,000);
+            with ``data_dir``, an optional cap on the rows used from each file (first rows).
+        batch_size / eval_batch_size: rows per training / evaluation batch (eval defaults to
+            the training size).
+        val_fraction: share of the train file's last rows held out for validation.
+        seed: seeds the per-epoch shuffling.
+        hard: generate the ``hard`` representation (same truth; see synthetic.py).
+        num_workers / pin_memory: passed to the DataLoaders.
+        data_seed: seed of the generated dataset, separate from ``seed`` so that runs with
+            different training seeds see the same data.
+        click_rate / conversion_rate: population rates of the generated data.
+        progress: show progress while generating.
+    """
+
+    def __init__(
+        self,
+        data_dir: str | None = None,
+        cache_dir: str = DEFAULT_CACHE_DIR,
+        train_rows: int | None = None,
+        test_rows: int | None = None,
+        batch_size: int = 2048,
+        eval_batch_size: int | None = None,
+        val_fraction: float = 0.1,
+        seed: int = 42,
+        hard: bool = False,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        data_seed: int = 0,
+        click_rate: float = GeneratorConfig.click_rate,
+        conversion_rate: float = GeneratorConfig.conversion_rate,
+        progress: bool = True,
+    ) -> None:
+        super().__init__()
+        if not 0.0 <= val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        self.data_dir = None if data_dir is None else Path(data_dir).expanduser()
+        self.cache_dir = Path(cache_dir).expanduser()
+        self.train_rows = train_rows
+        self.test_rows = test_rows
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.val_fraction = val_fraction
+        self.seed = seed
+        self.hard = hard
+        self.num_workers = num_workers
+        self.pin_memory = pin_memory
+        self.progress = progress
+        self.generator_config: GeneratorConfig | None = None
+        if self.data_dir is None:
+            self.generator_config = GeneratorConfig(
+                train_rows=train_rows or GeneratorConfig.train_rows,
+                test_rows=test_rows or GeneratorConfig.test_rows,
+                seed=data_seed,
+                hard=hard,
+                click_rate=click_rate,
+                conversion_rate=conversion_rate,
+            )
+        elif hard:
+            raise ValueError("hard=True only applies to generated data (data_dir=None)")
+        self.metadata: DatasetMetadata | None = None
+        self.vocabularies: tuple[Vocabulary, ...] = ()
+        self.oov_counts: dict[str, list[int]] = {}
+        self._train: tuple[np.ndarray, ...] | None = None
+        self._test: tuple[np.ndarray, ...] | None = None
+        self._n_fit = 0
+
+    # ------------------------------------------------------------------ locations
+
+    @property
+    def source_dir(self) -> Path:
+        """The folder holding ``train.csv`` / ``test.csv`` (generated or the user's)."""
+        if self.data_dir is not None:
+            return self.data_dir
+        assert self.generator_config is not None
+        return self.cache_dir / "synthetic" / self.generator_config.key()
+
+    def _read(self, name: str) -> AliExpressSplit:
+        path = self.source_dir / f"{name}.csv"
+        if not path.is_file():
+            raise DataError(
+                path, "file not found", hint=f"{self.source_dir} needs train.csv and test.csv"
+            )
+        cache_dir = self.cache_dir / "splits" if self.data_dir is not None else None
+        return read_split(path, cache_dir=cache_dir)
+
+    # ------------------------------------------------------------------ lightning hooks
+
+    def prepare_data(self) -> None:
+        """Generate the built-in dataset if missing, and build the parse caches (rank 0)."""
+        if self.data_dir is None and not (self.source_dir / "meta.json").is_file():
+            assert self.generator_config is not None
+            c = self.generator_config
+            log.info("generating the built-in dataset into %s (once)", self.source_dir)
+            generate_dataset(
+                self.source_dir, c.train_rows, c.test_rows, c.seed, hard=c.hard,
+                click_rate=c.click_rate, conversion_rate=c.conversion_rate, progress=self.progress,
+            )  # fmt: skip
+        for name in ("train", "test"):
+            self._read(name)
+
+    def setup(self, stage: str | None = None) -> None:
+        """Read both splits, split off validation, build vocabularies and metadata (once)."""
+        if self.metadata is not None:
+            return
+        if self.data_dir is None and not (self.source_dir / "meta.json").is_file():
+            self.prepare_data()  # used without a Trainer
+        cap_train = self.train_rows if self.data_dir is not None else None
+        cap_test = self.test_rows if self.data_dir is not None else None
+        train = self._read("train").head(cap_train)
+        test = self._read("test").head(cap_test)
+        n = len(train)
+        n_val = round(n * self.val_fraction)
+        if self.val_fraction > 0:
+            n_val = max(n_val, 1)
+        if n - n_val < 1:
+            raise DataError(
+                train.source,
+                f"{n} rows are too few to hold out {self.val_fraction:.0%} for validation",
+            )
+        self._n_fit = n - n_val
+
+        self.vocabularies = tuple(
+            Vocabulary.from_column(train.categorical[: self._n_fit, f])
+            for f in range(N_CATEGORICAL)
+        )
+        train_idx = self._encode(train.categorical)
+        test_idx = self._encode(test.categorical)
+        oov = [v.oov for v in self.vocabularies]
+        self.oov_counts = {
+            "val": (train_idx[self._n_fit :] == oov).sum(0).tolist(),
+            "test": (test_idx == oov).sum(0).tolist(),
+        }
+        for split, counts in self.oov_counts.items():
+            if sum(counts):
+                log.info(
+                    "%s: %d categorical values unseen in training mapped to the OOV slot (per field: %s)",
+                    split, sum(counts), counts,
+                )  # fmt: skip
+        self._train = (train_idx, train.numerical, train.labels)
+        self._test = (test_idx, test.numerical, test.labels)
+        self.metadata = DatasetMetadata(
+            vocab_sizes=tuple(v.size for v in self.vocabularies), extra=self._extra(n, len(test))
+        )
+
+    def _encode(self, categorical: np.ndarray) -> np.ndarray:
+        out = np.empty(categorical.shape, dtype=np.int32)
+        for f, vocabulary in enumerate(self.vocabularies):
+            out[:, f] = vocabulary.encode(categorical[:, f])
+        return out
+
+    def _extra(self, n_train_file: int, n_test: int) -> dict[str, Any]:
+        extra: dict[str, Any] = {
+            "source": "synthetic" if self.data_dir is None else str(self.data_dir),
+            "rows": {"train": self._n_fit, "val": n_train_file - self._n_fit, "test": n_test},
+            "oov": {k: int(sum(v)) for k, v in self.oov_counts.items()},
+        }
+        meta_path = self.source_dir / "meta.json"
+        if meta_path.is_file():  # generated data (built-in or from the command line)
+            meta = json.loads(meta_path.read_text())
+            capped = self.data_dir is not None and self.test_rows is not None
+            if not capped:  # the Bayes figures hold for the whole test split only
+                extra["bayes_auc"] = meta.get("bayes_auc")
+                extra["bayes_logloss"] = meta.get("bayes_logloss")
+            extra["generator"] = meta.get("config")
+        return extra
+
+    # ------------------------------------------------------------------ loaders
+
+    def _world(self) -> tuple[int, int]:
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None:
+            return int(trainer.global_rank), int(trainer.world_size)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            return torch.distributed.get_rank(), torch.distributed.get_world_size()
+        return 0, 1
+
+    def _loader(
+        self, arrays: tuple[np.ndarray, ...] | None, start: int, stop: int | None, train: bool
+    ) -> DataLoader:
+        if arrays is None:
+            raise RuntimeError("call setup() before asking for a dataloader")
+        dataset = BatchDataset(*arrays, start=start, stop=stop)
+        rank, world = self._world()
+        sampler = EpochBatchSampler(
+            len(dataset), self.batch_size if train else self.eval_batch_size,
+            shuffle=train, seed=self.seed, rank=rank, world_size=world, drop_last=train,
+        )  # fmt: skip
+        return DataLoader(
+            dataset,
+            sampler=sampler,
+            batch_size=None,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self._train, 0, self._n_fit, train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self._train, self._n_fit, None, train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self._test, 0, None, train=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader(self._test, 0, None, train=False)

@@ -1,0 +1,487 @@
+"""Fast, validating reader of one processed AliExpress split, with an ``.npy`` cache.
+
+``read_split(path)`` parses ``train.csv`` / ``test.csv`` (the 82-column processed layout of
+``schema.py``) with pyarrow's multithreaded CSV reader, typed per column (int64 ids, float32
+features and labels), so no float64 copy of the table ever exists. Columns are copied block by
+block into preallocated row-major arrays: a block of a few thousand rows fits in cache, so the
+column-to-row transposition costs no strided main-memory traffic.
+
+The first read stores the arrays as ``.npy`` files plus a ``cache.json`` (schema version,
+source size and modification time, row count); later reads memory-map them. The cache is
+written under a temporary name and renamed, so an interrupted or failed read never leaves a
+partial cache, and a changed source (size or mtime) invalidates it.
+
+Bad input raises :class:`~mtl_clippy.data.errors.DataError` naming the file, the line (header =
+line 1) and the column. Validation is vectorised: masks per block, first offender reported.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import uuid
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+
+from mtl_clippy.data.errors import DataError
+from mtl_clippy.data.schema import (
+    CATEGORICAL_COLUMNS,
+    COLUMNS,
+    LABEL_COLUMNS,
+    N_CATEGORICAL,
+    N_NUMERICAL,
+    NUMERICAL_COLUMNS,
+)
+
+log = logging.getLogger(__name__)
+
+#: Bump when the cached arrays' layout or meaning changes; older caches are then re-parsed.
+CACHE_SCHEMA_VERSION = 1
+CACHE_DIRNAME = ".mtl_clippy_cache"
+_ARRAYS = ("categorical", "numerical", "labels")
+_FEATURE_COLUMNS = COLUMNS[1:]  # search_id is never converted
+_N_LABELS = len(LABEL_COLUMNS)
+
+
+@dataclass(frozen=True)
+class AliExpressSplit:
+    """One split as NumPy arrays (row-major, possibly memory-mapped read-only).
+
+    ``categorical`` int64 [N, 16] raw ids; ``numerical`` float32 [N, 63]; ``labels`` float32
+    [N, 2] (click, conversion). ``from_cache`` tells whether the arrays were memory-mapped
+    from a previous read's cache.
+    """
+
+    categorical: np.ndarray
+    numerical: np.ndarray
+    labels: np.ndarray
+    source: Path
+    from_cache: bool = False
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def head(self, n: int | None) -> AliExpressSplit:
+        """The first ``n`` rows as views (no copy); all rows when ``n`` is None."""
+        if n is None or n >= len(self):
+            return self
+        return AliExpressSplit(
+            self.categorical[:n], self.numerical[:n], self.labels[:n], self.source, self.from_cache
+        )
+
+
+def read_split(
+    path: str | os.PathLike[str],
+    *,
+    cache: bool = True,
+    cache_dir: str | os.PathLike[str] | None = None,
+    block_size: int = 1 << 25,
+) -> AliExpressSplit:
+    """Read one processed split, validating it, through the ``.npy`` cache.
+
+    Args:
+        path: a processed ``train.csv`` / ``test.csv`` (header + 82 columns).
+        cache: use and write the cache. Without it every call parses the CSV.
+        cache_dir: folder holding caches; default ``<folder of path>/.mtl_clippy_cache``.
+            If it cannot be written, the read still succeeds (with a warning).
+        block_size: bytes per range parsed by one thread (ranges are parsed in parallel);
+            memory beyond the final arrays is a few ranges per thread.
+
+    Raises:
+        DataError: the file is missing, empty or malformed (the message says where).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(path, "file not found", hint="check the data directory")
+    stat = path.stat()
+    folder = _cache_folder(path, cache_dir) if cache else None
+    if folder is not None:
+        cached = _load_cache(folder, stat)
+        if cached is not None:
+            return AliExpressSplit(*cached, source=path, from_cache=True)
+    categorical, numerical, labels = _parse(path, block_size)
+    if folder is not None:
+        _write_cache(folder, path, stat, (categorical, numerical, labels))
+    return AliExpressSplit(categorical, numerical, labels, source=path, from_cache=False)
+
+
+# ----------------------------------------------------------------------------- cache
+
+
+def _cache_folder(path: Path, cache_dir: str | os.PathLike[str] | None) -> Path:
+    root = Path(cache_dir) if cache_dir is not None else path.parent / CACHE_DIRNAME
+    key = hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:10]
+    return root / f"{path.stem}-{key}"
+
+
+def _load_cache(folder: Path, stat: os.stat_result) -> tuple[np.ndarray, ...] | None:
+    """Memory-map a cache that matches the source, or None (missing, stale or unreadable)."""
+    try:
+        meta = json.loads((folder / "cache.json").read_text())
+        if (
+            meta.get("schema_version") != CACHE_SCHEMA_VERSION
+            or meta.get("source_size") != stat.st_size
+            or meta.get("source_mtime_ns") != stat.st_mtime_ns
+        ):
+            log.info("cache %s is stale; re-reading the source", folder)
+            return None
+        arrays = tuple(np.load(folder / f"{name}.npy", mmap_mode="r") for name in _ARRAYS)
+    except (OSError, ValueError):
+        return None
+    rows = meta.get("rows")
+    if any(a.shape[0] != rows for a in arrays):
+        return None
+    return arrays
+
+
+def _write_cache(
+    folder: Path, source: Path, stat: os.stat_result, arrays: tuple[np.ndarray, ...]
+) -> None:
+    """Write the cache under a temporary name, then rename it into place (atomic)."""
+    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        tmp.mkdir(parents=True)
+        for name, array in zip(_ARRAYS, arrays, strict=True):
+            np.save(tmp / f"{name}.npy", array)
+        meta = {
+            "schema_version": CACHE_SCHEMA_VERSION,
+            "source": str(source.resolve()),
+            "source_size": stat.st_size,
+            "source_mtime_ns": stat.st_mtime_ns,
+            "rows": int(arrays[0].shape[0]),
+        }
+        (tmp / "cache.json").write_text(json.dumps(meta, indent=2))
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.rename(tmp, folder)
+    except OSError as err:
+        # Read-only folder, full disk, or another process renamed its cache first: the
+        # arrays in hand are valid either way, so warn and go on without this cache.
+        log.warning("could not write the cache %s (%s); continuing without it", folder, err)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------- parsing
+
+
+def _parse(path: Path, range_bytes: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Read the file once, in ranges of whole lines parsed by threads into shared arrays.
+
+    The main thread reads a range (about ``range_bytes``, cut at a line end) and counts its
+    lines with ``bytes.count``, which fixes the range's first row; a worker thread parses it
+    with pyarrow (which releases the GIL), copies it block by block into its rows
+    (``RecordBatch.to_tensor``: a row-major copy in C++, no strided Python copies) and
+    validates those blocks. The arrays are allocated once, sized from the first range's
+    bytes per row (5 % margin; grown in the rare case the estimate is short), and at most two
+    ranges per thread are in flight, so peak memory is the final arrays plus a few ranges and
+    their parsed tables: never the whole parsed table, never a float64 copy.
+    """
+    _check_header(path)
+    size = path.stat().st_size
+    workers = max(1, os.cpu_count() or 1)
+    arrays: tuple[np.ndarray, ...] | None = None
+    futures: list[Future[None]] = []
+    row = 0
+    with open(path, "rb") as f, ThreadPoolExecutor(workers) as pool:
+        pos = len(f.readline())
+        length = range_bytes
+        while pos < size:
+            data = f.read(length)
+            if pos + len(data) >= size:  # the last range: a final line may lack its newline
+                cut = len(data)
+                rows = data.count(b"\n") + (not data.endswith(b"\n"))
+            else:
+                cut = data.rfind(b"\n") + 1
+                if cut == 0:  # one line longer than the range: read it again, longer
+                    f.seek(pos)
+                    length *= 2
+                    continue
+                rows = data.count(b"\n", 0, cut)
+                f.seek(pos + cut)
+            if arrays is None:
+                arrays = _allocate(int(rows * (size - pos) / cut * 1.05) + 16)
+            elif row + rows > len(arrays[0]):
+                wait(futures)  # every writer done: the arrays can be replaced safely
+                arrays = _grow(arrays, row, 2 * (row + rows))
+            chunk = memoryview(data)[:cut]
+            futures.append(pool.submit(_parse_range, path, chunk, row, rows, arrays))
+            pos += cut
+            row += rows
+            length = range_bytes
+            in_flight = [fut for fut in futures if not fut.done()]
+            if len(in_flight) >= 2 * workers:
+                wait(in_flight, return_when=FIRST_COMPLETED)
+            if any(fut.done() and fut.exception() is not None for fut in futures):
+                break  # stop reading; the earliest error is raised below
+        wait(futures)
+    for fut in futures:  # in file order: the first error raised is the earliest
+        fut.result()
+    if row == 0 or arrays is None:
+        raise DataError(path, "the file has a header but no data rows", line=2)
+    return tuple(a[:row] for a in arrays)  # type: ignore[return-value]
+
+
+def _allocate(rows: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    return (
+        np.empty((rows, N_CATEGORICAL), dtype=np.int64),
+        np.empty((rows, N_NUMERICAL), dtype=np.float32),
+        np.empty((rows, _N_LABELS), dtype=np.float32),
+    )
+
+
+def _grow(arrays: tuple[np.ndarray, ...], filled: int, rows: int) -> tuple[np.ndarray, ...]:
+    bigger = _allocate(rows)
+    for old, new in zip(arrays, bigger, strict=True):
+        new[:filled] = old[:filled]
+    return bigger
+
+
+def _parse_range(
+    path: Path, chunk: memoryview, first_row: int, rows: int, arrays: tuple[np.ndarray, ...]
+) -> None:
+    """Parse one range of whole lines into rows ``first_row ..`` of ``arrays``, validated."""
+    categorical, numerical, labels = arrays
+    read_options = pacsv.ReadOptions(
+        column_names=list(COLUMNS), block_size=_PARSE_BLOCK, use_threads=False
+    )
+    try:
+        table = pacsv.read_csv(pa.BufferReader(pa.py_buffer(chunk)), read_options, _PARSE, _CONVERT)
+    except pa.ArrowInvalid as err:
+        raise _explain_arrow_error(path, err, first_row) from None
+    if table.num_rows != rows:  # cannot happen with \n or \r\n line endings
+        raise DataError(
+            path,
+            f"parsed {table.num_rows} rows where {rows} lines were counted",
+            line=first_row + 2,
+            hint="use \\n or \\r\\n line endings",
+        )
+    row = first_row
+    for batch in table.to_batches():
+        end = row + batch.num_rows
+        categorical[row:end] = np.asarray(batch.select(_CAT_IDX).to_tensor())
+        numerical[row:end] = np.asarray(batch.select(_NUM_IDX).to_tensor())
+        labels[row:end] = np.asarray(batch.select(_LAB_IDX).to_tensor())
+        _validate_block(path, row, categorical[row:end], numerical[row:end], labels[row:end])
+        row = end
+
+
+_PARSE_BLOCK = 1 << 20  # pyarrow's block: a cache-friendly unit of parsing and of copying
+_PARSE = pacsv.ParseOptions(ignore_empty_lines=False)
+_CONVERT = pacsv.ConvertOptions(
+    column_types={
+        **{c: pa.int64() for c in CATEGORICAL_COLUMNS},
+        **{c: pa.float32() for c in (*NUMERICAL_COLUMNS, *LABEL_COLUMNS)},
+    },
+    include_columns=list(_FEATURE_COLUMNS),
+    null_values=[],
+    strings_can_be_null=False,
+    quoted_strings_can_be_null=False,
+)
+_CAT_IDX = list(range(N_CATEGORICAL))
+_NUM_IDX = list(range(N_CATEGORICAL, N_CATEGORICAL + N_NUMERICAL))
+_LAB_IDX = list(range(N_CATEGORICAL + N_NUMERICAL, len(_FEATURE_COLUMNS)))
+
+
+def _check_header(path: Path) -> None:
+    with open(path, "rb") as f:
+        first = f.readline(1 << 20)
+    if not first:
+        raise DataError(path, "the file is empty", hint="expected a header line and data rows")
+    text = first.decode("utf-8", errors="replace").lstrip("\ufeff").rstrip("\r\n")
+    got = [c.strip().strip('"') for c in text.split(",")]
+    if got == list(COLUMNS):
+        return
+    missing = [c for c in COLUMNS if c not in got]
+    extra = [c for c in got if c not in COLUMNS]
+    dupes = sorted({c for c in got if got.count(c) > 1})
+    parts = []
+    if missing:
+        parts.append(f"missing {_names(missing)}")
+    if extra:
+        parts.append(f"unexpected {_names(extra)}")
+    if dupes:
+        parts.append(f"repeated {_names(dupes)}")
+    column = None
+    if not parts:
+        k = next(i for i, (a, b) in enumerate(zip(got, COLUMNS, strict=True)) if a != b)
+        column = got[k]
+        parts.append(f"columns out of order: column {k + 1} is {got[k]!r}, expected {COLUMNS[k]!r}")
+    raise DataError(
+        path,
+        "header is not the 82 processed AliExpress columns: " + "; ".join(parts),
+        line=1,
+        column=column,
+        hint="expected: search_id, categorical_1..16, numerical_1..63, click, conversion",
+    )
+
+
+def _names(names: list[str], limit: int = 6) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def _validate_block(
+    path: Path, first_row: int, cat: np.ndarray, num: np.ndarray, lab: np.ndarray
+) -> None:
+    """Raise on the earliest bad cell of one block (vectorised; masks only on failure)."""
+    problems: list[tuple[int, int, str, str]] = []  # (row, column index in file, problem, hint)
+    if cat.min() < 0:
+        r, c = _first_true(cat < 0)
+        problems.append((r, 1 + c, f"negative categorical id {cat[r, c]}", "ids must be >= 0"))
+    if not np.isfinite(num).all():
+        r, c = _first_true(~np.isfinite(num))
+        problems.append(
+            (
+                r,
+                1 + N_CATEGORICAL + c,
+                f"numerical value {num[r, c]} is not finite",
+                "numerical features must be finite numbers",
+            )
+        )
+    bad_label = (lab != 0) & (lab != 1)
+    if bad_label.any():
+        r, c = _first_true(bad_label)
+        problems.append(
+            (r, 1 + N_CATEGORICAL + N_NUMERICAL + c, f"label {lab[r, c]:g} is not 0 or 1", "")
+        )
+    orphan = (lab[:, 1] == 1) & (lab[:, 0] == 0)
+    if orphan.any():
+        r = int(np.flatnonzero(orphan)[0])
+        problems.append(
+            (
+                r,
+                len(COLUMNS) - 1,
+                "conversion = 1 with click = 0",
+                "conversion is click AND purchase, so it implies a click",
+            )
+        )
+    if problems:
+        r, c, problem, hint = min(problems)
+        raise DataError(path, problem, line=first_row + r + 2, column=COLUMNS[c], hint=hint or None)
+
+
+def _first_true(mask: np.ndarray) -> tuple[int, int]:
+    flat = int(np.flatnonzero(mask.ravel())[0])
+    r, c = divmod(flat, mask.shape[1])
+    return r, c
+
+
+# ----------------------------------------------------------------------------- error location
+
+_CONVERSION_ERROR = re.compile(
+    r"column #(\d+): (?:Row #(\d+): )?CSV conversion error to (\w+): invalid value '(.*)'"
+)
+_WIDTH_ERROR = re.compile(r"Expected (\d+) columns, got (\d+)")
+
+
+def _explain_arrow_error(path: Path, err: pa.ArrowInvalid, first_row: int = 0) -> DataError:
+    """Turn pyarrow's message into a DataError with the line and column.
+
+    ``first_row`` is the data row where the parsed range started; pyarrow's ``Row #`` (when
+    given) counts lines from there, 1-based. Without it the cell is located by re-reading.
+    """
+    message = str(err)
+    conversion = _CONVERSION_ERROR.search(message)
+    if conversion:
+        column = COLUMNS[int(conversion.group(1))]
+        value = conversion.group(4)
+        if conversion.group(2) is not None:
+            row: int | None = first_row + int(conversion.group(2)) - 1
+        else:
+            row = _first_unconvertible(path, column)
+        if column in CATEGORICAL_COLUMNS:
+            problem, hint = f"categorical id {value!r} is not a non-negative integer", None
+        elif column in LABEL_COLUMNS:
+            problem, hint = f"label {value!r} is not 0 or 1", None
+        else:
+            problem, hint = f"numerical value {value!r} is not a number", None
+        if value == "":
+            problem, hint = "empty cell", "every cell must hold a number"
+        return DataError(
+            path, problem, line=None if row is None else row + 2, column=column, hint=hint
+        )
+    width = _WIDTH_ERROR.search(message)
+    if width:
+        line = _first_line_with_wrong_width(path, len(COLUMNS))
+        return DataError(
+            path,
+            f"expected {width.group(1)} comma-separated cells, got {width.group(2)}",
+            line=line,
+        )
+    return DataError(path, f"cannot parse the CSV: {message}")
+
+
+def _first_unconvertible(path: Path, column: str) -> int | None:
+    """0-based data row of the first cell of ``column`` that pyarrow cannot convert.
+
+    Re-reads only that column as strings, then bisects with vectorised casts, so finding the
+    cell costs about two passes over one column, never a Python loop over rows.
+    """
+    target = pa.int64() if column in CATEGORICAL_COLUMNS else pa.float32()
+    strings = pacsv.read_csv(
+        path,
+        pacsv.ReadOptions(column_names=list(COLUMNS), skip_rows=1),
+        pacsv.ParseOptions(ignore_empty_lines=False),
+        pacsv.ConvertOptions(include_columns=[column], column_types={column: pa.string()}),
+    ).column(0)
+    values = strings.combine_chunks() if strings.num_chunks != 1 else strings.chunk(0)
+
+    def fails(lo: int, hi: int) -> bool:
+        try:
+            pc.cast(values.slice(lo, hi - lo), target)
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+            return True
+        return False
+
+    lo, hi = 0, len(values)
+    if hi == 0 or not fails(lo, hi):
+        return None
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if fails(lo, mid):
+            hi = mid
+        else:
+            lo = mid
+    return lo
+
+
+def _first_line_with_wrong_width(path: Path, expected: int, chunk: int = 1 << 26) -> int | None:
+    """Editor line number (1-based) of the first line without ``expected`` cells.
+
+    Counts commas between newlines with NumPy over large blocks of bytes (no per-line Python).
+    """
+    line_base = 1  # editor number of the first line starting in the current block
+    carry = 0  # commas seen so far on a line that started in an earlier block
+    with open(path, "rb") as f:
+        while True:
+            data = f.read(chunk)
+            if not data:
+                break
+            buf = np.frombuffer(data, dtype=np.uint8)
+            newlines = np.flatnonzero(buf == ord("\n"))
+            commas = np.cumsum(buf == ord(","), dtype=np.int64)
+            ends = commas[newlines] if len(newlines) else np.empty(0, np.int64)
+            starts = np.concatenate(([0], ends[:-1]))
+            per_line = ends - starts
+            if len(per_line):
+                per_line[0] += carry
+                bad = np.flatnonzero(per_line != expected - 1)
+                if len(bad):
+                    return line_base + int(bad[0])
+            tail = int(commas[-1] - (ends[-1] if len(ends) else 0))
+            carry = tail + (carry if not len(newlines) else 0)
+            line_base += len(newlines)
+        if carry and carry != expected - 1:
+            return line_base  # a last line without a newline
+    return None
