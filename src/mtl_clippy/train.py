@@ -178,7 +178,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         loggers = _instantiate_all(cfg.get("logger"))
         callbacks = [*_instantiate_all(cfg.get("callbacks")), throughput]
         if not loggers:  # the learning-rate monitor needs a logger to write to
-            callbacks = [c for c in callbacks if not isinstance(c, pl.callbacks.LearningRateMonitor)]
+            callbacks = [
+                c for c in callbacks if not isinstance(c, pl.callbacks.LearningRateMonitor)
+            ]
         trainer: pl.Trainer = hydra.utils.instantiate(
             cfg.trainer, callbacks=callbacks, logger=loggers or False
         )
