@@ -478,7 +478,8 @@ def _clippy_math(
         bound = torch.abs(w) * rel + abs_t
         if has_acc_rel:
             bound = bound + p * acc_rel
-        s = torch.nan_to_num(bound / torch.abs(delta), nan=1.0)
+        s = bound / torch.abs(delta)
+        s = torch.where(s != s, 1.0, s)  # 0/0 -> 1, as nan_to_num, but vectorisable
         sigma = torch.clamp(torch.amin(s), max=1.0)
         if clip_acc:
             sg = g * sigma
