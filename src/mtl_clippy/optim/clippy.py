@@ -368,6 +368,26 @@ def _fused_available(device: torch.device) -> bool:
 # ---------------------------------------------------------------------- dense: per tensor
 
 
+def _delta_and_sigma(
+    w: Tensor, g: Tensor, acc: Tensor, lr: float, hp: tuple, pb: Tensor, db: Tensor, bb: Tensor
+) -> Tensor:
+    """The heart of one step, in place in three scratch tensors shaped like ``w``.
+
+    Leaves the unclipped update ``delta = lr * g / sqrt(acc + eps)`` in ``db`` and returns the
+    clipping factor sigma (0-dim, no sync); ``pb`` and ``bb`` are clobbered. ``acc`` must
+    already include this step's ``g^2`` when the standard accumulator update is used.
+    """
+    eps, rel, acc_rel, abs_t = hp[:4]
+    torch.add(acc, eps, out=pb).rsqrt_()  # p = 1 / sqrt(acc + eps)
+    torch.mul(g, lr, out=db).mul_(pb)  # delta = lr * g * p
+    torch.abs(w, out=bb).mul_(rel).add_(abs_t)  # bound = rel*|w| + abs
+    if acc_rel != 0.0:
+        bb.add_(pb, alpha=acc_rel)  # ... + acc_rel * p
+    torch.abs(db, out=pb)
+    bb.div_(pb).nan_to_num_(nan=1.0)  # s = bound/|delta|; 0/0 (no move, no bound) -> 1
+    return torch.amin(bb).clamp_(max=1.0)
+
+
 def _single_tensor_clippy(
     params: list[Tensor],
     grads: list[Tensor],
@@ -378,25 +398,19 @@ def _single_tensor_clippy(
 ) -> list[Tensor]:
     """Eager step, one tensor at a time, using three reusable scratch rows (no allocations
     proportional to the parameters)."""
-    eps, rel, acc_rel, abs_t, wd, clip_acc, standard = hp
+    wd, clip_acc, standard = hp[4:]
     sigmas = []
     for w, g, acc in zip(params, grads, accs, strict=True):
         n = w.numel()
-        pb = scratch[0, :n].view_as(w) if w.is_contiguous() else torch.empty_like(w)
-        db = scratch[1, :n].view_as(w) if w.is_contiguous() else torch.empty_like(w)
-        bb = scratch[2, :n].view_as(w) if w.is_contiguous() else torch.empty_like(w)
+        pb, db, bb = (
+            scratch[i, :n].view_as(w) if w.is_contiguous() else torch.empty_like(w)
+            for i in range(3)
+        )
         if wd != 0.0:
             w.add_(w, alpha=-(wd * lr))
         if standard:
             acc.addcmul_(g, g)
-        torch.add(acc, eps, out=pb).rsqrt_()  # p = 1 / sqrt(acc + eps)
-        torch.mul(g, lr, out=db).mul_(pb)  # delta = lr * g * p
-        torch.abs(w, out=bb).mul_(rel).add_(abs_t)  # bound = rel*|w| + abs
-        if acc_rel != 0.0:
-            bb.add_(pb, alpha=acc_rel)  # ... + acc_rel * p
-        torch.abs(db, out=pb)
-        bb.div_(pb).nan_to_num_(nan=1.0)  # s = bound/|delta|; 0/0 (no move, no bound) -> 1
-        sigma = torch.amin(bb).clamp_(max=1.0)
+        sigma = _delta_and_sigma(w, g, acc, lr, hp, pb, db, bb)
         if clip_acc:
             torch.mul(g, sigma, out=pb)
             acc.addcmul_(pb, pb)
@@ -590,14 +604,7 @@ def _sparse_clippy(
     # The same operations as _single_tensor_clippy, on the touched rows.
     if standard:
         a_rows.addcmul_(g_rows, g_rows)
-    torch.add(a_rows, eps, out=pb).rsqrt_()  # p = 1 / sqrt(acc + eps)
-    torch.mul(g_rows, lr, out=db).mul_(pb)  # delta = lr * g * p
-    torch.abs(w_rows, out=bb).mul_(rel).add_(abs_t)  # bound = rel*|w| + abs
-    if acc_rel != 0.0:
-        bb.add_(pb, alpha=acc_rel)
-    torch.abs(db, out=pb)
-    bb.div_(pb).nan_to_num_(nan=1.0)  # s = bound/|delta|; 0/0 (no move, no bound) -> 1
-    sigma = torch.amin(bb).clamp_(max=1.0)
+    sigma = _delta_and_sigma(w_rows, g_rows, a_rows, lr, (eps, rel, acc_rel, abs_t), pb, db, bb)
     if clip_acc:
         torch.mul(g_rows, sigma, out=pb)
         pb.mul_(pb)  # (sigma * g)^2
