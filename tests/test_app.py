@@ -145,10 +145,9 @@ def test_sweep_runs_jobs_and_writes_results_table(tmp_path, data_root):
             "optim=clippy,adam",
             *TINY,
             "trainer.max_epochs=1",
-            f"paths.log_dir={tmp_path}/outputs",
             f"paths.data_dir={data_root}/data",
         ],
-        cwd=tmp_path,
+        cwd=tmp_path,  # outputs/ goes under the folder the command is started from
     )
     assert res.returncode == 0, res.stderr[-3000:]
     sweeps = list((tmp_path / "outputs" / "multirun").iterdir())

@@ -34,6 +34,10 @@ def register_resolvers() -> None:
     """Config resolvers used by configs/hydra (a process id keeps sweep folders unique)."""
     if not OmegaConf.has_resolver("mtl_clippy.pid"):
         OmegaConf.register_new_resolver("mtl_clippy.pid", lambda: str(os.getpid()), use_cache=True)
+    # The launch folder, usable before Hydra's runtime config exists (sweep folders are
+    # resolved by the launcher, where ${hydra:runtime.cwd} is not available yet).
+    if not OmegaConf.has_resolver("mtl_clippy.cwd"):
+        OmegaConf.register_new_resolver("mtl_clippy.cwd", os.getcwd, use_cache=True)
 
 
 register_resolvers()
