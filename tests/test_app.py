@@ -229,3 +229,29 @@ def test_user_mistakes_get_one_clear_message(args, expected, tmp_path):
     assert res.returncode != 0
     assert expected in res.stderr + res.stdout
     assert "Traceback" not in res.stderr
+
+
+def test_run_and_sweep_folders_are_unique_and_named(tmp_path):
+    """Two runs or sweeps started in the same second get different folders."""
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        cfg = compose(
+            config_name="train", overrides=["model=ncf", "optim=adam"], return_hydra_config=True
+        )
+    sweep_dir = OmegaConf.to_container(cfg.hydra.sweep, resolve=False)["dir"]
+    run_dir = OmegaConf.to_container(cfg.hydra.run, resolve=False)["dir"]
+    assert "%f" in sweep_dir and "${mtl_clippy.pid:}" in sweep_dir  # microseconds + process
+    assert (
+        "%f" in run_dir
+        and "${hydra:runtime.choices.model}-${hydra:runtime.choices.optim}" in run_dir
+    )
+    # the same pattern, resolved in two processes started together, gives two folders
+    code = (
+        "import datetime, os; from omegaconf import OmegaConf; import mtl_clippy.train;"
+        "print(OmegaConf.create({'d': '${mtl_clippy.pid:}'}).d, datetime.datetime.now().strftime('%f'))"
+    )
+    procs = [
+        subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
+    outs = [p.communicate()[0].strip() for p in procs]
+    assert outs[0] != outs[1]
