@@ -255,3 +255,13 @@ def test_run_and_sweep_folders_are_unique_and_named(tmp_path):
     ]
     outs = [p.communicate()[0].strip() for p in procs]
     assert outs[0] != outs[1]
+
+
+def test_precision_auto_follows_the_hardware(monkeypatch):
+    import mtl_clippy.train as app
+
+    assert app.resolve_precision("32-true", "cpu") == "32-true"  # explicit choices are kept
+    monkeypatch.setattr(app, "cpu_has_native_bf16", lambda: True)
+    assert app.resolve_precision("auto", "cpu") == "bf16-mixed"
+    monkeypatch.setattr(app, "cpu_has_native_bf16", lambda: False)
+    assert app.resolve_precision("auto", "cpu") == "32-true"
