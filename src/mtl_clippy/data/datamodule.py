@@ -274,8 +274,21 @@ class AliExpressDataModule(L.LightningDataModule):
     def _read(self, name: str) -> AliExpressSplit:
         path = self.source_dir / f"{name}.csv"
         if not path.is_file():
+            present = None
+            if self.source_dir.is_dir():
+                present = ", ".join(sorted(p.name for p in self.source_dir.iterdir())[:8])
+            holds = "" if present is None else f" (it holds: {present or 'nothing'})"
             raise DataError(
-                path, "file not found", hint=f"{self.source_dir} needs train.csv and test.csv"
+                path,
+                "file not found" if present is not None else "folder not found",
+                hint=(
+                    f"{self.source_dir} must hold the processed AliExpress files train.csv and "
+                    f"test.csv{holds}. "
+                    "Download a country's zip from Tianchi (dataset 74690), then run "
+                    "`python -m mtl_clippy.data.prepare --raw aliexpress_NL_datasets.zip "
+                    "--country NL --out data/AliExpress_NL`; or leave data_dir unset to use "
+                    "the built-in generated data"
+                ),
             )
         cache_dir = self.cache_dir / "splits" if self.data_dir is not None else None
         return read_split(path, cache_dir=cache_dir)
