@@ -493,3 +493,22 @@ def test_path_selection(monkeypatch):
     monkeypatch.setenv("MTL_CLIPPY_DISABLE_FUSED", "1")
     assert choose(g, cpu, torch.float32) == "single"
     assert choose(g, torch.device("cuda"), torch.float32) == "foreach"
+
+
+@pytest.mark.parametrize("path", sorted(PATHS))
+def test_infinite_thresholds_switch_clipping_off(path):
+    """optim=clippy_noclip: sigma is 1 everywhere, even for zero weights (inf * 0 is NaN)."""
+    w = nn.Parameter(torch.tensor([[0.0, 1.0, -2.0], [3.0, 0.0, 1e-9]], dtype=torch.float64))
+    w0 = w.detach().clone()
+    opt = ClippyAdagrad(
+        [w],
+        lr=10.0,
+        variable_relative_threshold=math.inf,
+        absolute_threshold=math.inf,
+        **PATHS[path],
+    )
+    w.grad = torch.tensor([[1.0, -1.0, 2.0], [0.0, 5.0, -3.0]], dtype=torch.float64)
+    opt.step()
+    assert opt.state[w]["clipping_factor"].item() == 1.0
+    expected = w0 - 10.0 * w.grad / torch.sqrt(torch.tensor(0.1 + 1e-7, dtype=torch.float64))
+    torch.testing.assert_close(w.detach(), expected, rtol=1e-14, atol=0)

@@ -250,3 +250,21 @@ def test_shared_bottom_published_structure():
     assert (
         functools.reduce(lambda n, m: n + isinstance(m, torch.nn.Dropout), model.modules(), 0) == 6
     )
+
+
+def test_norm_none_removes_batchnorm_and_still_trains():
+    from mtl_clippy.models import NCF, SharedBottom
+
+    meta = DatasetMetadata(vocab_sizes=(5,) * 16)
+    cat = torch.randint(0, 5, (32, 16))
+    num = torch.rand(32, 63)
+    for cls in (SharedBottom, NCF):
+        plain = cls(metadata=meta, embed_dim=4, tower_dims=(8,), norm="none")
+        assert not any(isinstance(m, torch.nn.BatchNorm1d) for m in plain.modules())
+        assert any(
+            isinstance(m, torch.nn.BatchNorm1d) for m in cls(metadata=meta, embed_dim=4).modules()
+        )
+        plain(cat, num).sum().backward()
+        assert all(p.grad is not None for p in plain.parameters())
+    with pytest.raises(ValueError, match="norm must be one of"):
+        SharedBottom(metadata=meta, norm="layer")

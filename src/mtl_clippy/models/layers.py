@@ -98,11 +98,17 @@ class FeatureEmbedding(nn.Module):
         return torch.cat(fields, dim=1) if len(fields) > 1 else fields[0]
 
 
+NORMS = ("batch", "none")
+
+
 class MLP(nn.Sequential):
     """Stack of ``Linear -> BatchNorm1d -> ReLU -> Dropout`` blocks, optionally a final ``Linear``.
 
     The block is the one of the published AliExpress models. ``output_dim`` adds a plain
     ``Linear`` head (a tower's ``-> 1``); without it the output width is ``hidden_dims[-1]``.
+    ``norm="none"`` drops the BatchNorm layers: heavy-tailed inputs then reach the loss
+    unnormalised, the setting in which plain training blows up (the stability study's
+    ``lr_stability_hard`` experiment).
     """
 
     def __init__(
@@ -111,11 +117,17 @@ class MLP(nn.Sequential):
         hidden_dims: Sequence[int],
         dropout: float = 0.2,
         output_dim: int | None = None,
+        norm: str = "batch",
     ) -> None:
+        if norm not in NORMS:
+            raise ValueError(f"norm must be one of {list(NORMS)}, got {norm!r}")
         layers: list[nn.Module] = []
         width = input_dim
         for h in hidden_dims:
-            layers += [nn.Linear(width, h), nn.BatchNorm1d(h), nn.ReLU(), nn.Dropout(dropout)]
+            block: list[nn.Module] = [nn.Linear(width, h)]
+            if norm == "batch":
+                block.append(nn.BatchNorm1d(h))
+            layers += [*block, nn.ReLU(), nn.Dropout(dropout)]
             width = h
         if output_dim is not None:
             layers.append(nn.Linear(width, output_dim))

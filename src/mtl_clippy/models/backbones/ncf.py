@@ -35,6 +35,8 @@ class NCF(nn.Module):
     NeuMF's separate GMF/MLP tables are a choice we do not copy). Their outputs are
     concatenated and fed to one tower (128, 64) -> 1 per task.
 
+    ``norm``: ``"batch"`` (BatchNorm in every MLP block, as published) or ``"none"``.
+
     ``forward(categorical [B, F], numerical [B, N]) -> logits [B, n_tasks]``.
     """
 
@@ -46,6 +48,7 @@ class NCF(nn.Module):
         tower_dims: Sequence[int] = (128, 64),
         dropout: float = 0.2,
         sparse_embeddings: bool = False,
+        norm: str = "batch",
     ) -> None:
         super().__init__()
         meta = as_metadata(metadata)
@@ -63,9 +66,9 @@ class NCF(nn.Module):
             raise ValueError("NCF needs at least one user-side and one item-side feature")
         self.register_buffer("user_index", torch.tensor(user), persistent=False)
         self.register_buffer("item_index", torch.tensor(item), persistent=False)
-        self.mlp = MLP(self.embedding.output_dim, mlp_dims, dropout)
+        self.mlp = MLP(self.embedding.output_dim, mlp_dims, dropout, norm=norm)
         self.towers = nn.ModuleList(
-            MLP(embed_dim + self.mlp.output_dim, tower_dims, dropout, output_dim=1)
+            MLP(embed_dim + self.mlp.output_dim, tower_dims, dropout, output_dim=1, norm=norm)
             for _ in range(meta.n_tasks)
         )
 

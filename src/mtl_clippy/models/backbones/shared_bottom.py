@@ -24,6 +24,7 @@ class SharedBottom(nn.Module):
         tower_dims: hidden widths of each task tower.
         dropout: dropout after every hidden layer.
         sparse_embeddings: sparse gradients for the embedding table.
+        norm: ``"batch"`` (BatchNorm in every MLP block, as published) or ``"none"``.
 
     ``forward(categorical [B, F], numerical [B, N]) -> logits [B, n_tasks]``.
     """
@@ -36,13 +37,14 @@ class SharedBottom(nn.Module):
         tower_dims: Sequence[int] = (128, 64),
         dropout: float = 0.2,
         sparse_embeddings: bool = False,
+        norm: str = "batch",
     ) -> None:
         super().__init__()
         meta = as_metadata(metadata)
         self.embedding = FeatureEmbedding(meta, embed_dim, sparse=sparse_embeddings)
-        self.bottom = MLP(self.embedding.output_dim, bottom_dims, dropout)
+        self.bottom = MLP(self.embedding.output_dim, bottom_dims, dropout, norm=norm)
         self.towers = nn.ModuleList(
-            MLP(self.bottom.output_dim, tower_dims, dropout, output_dim=1)
+            MLP(self.bottom.output_dim, tower_dims, dropout, output_dim=1, norm=norm)
             for _ in range(meta.n_tasks)
         )
 
