@@ -1,0 +1,299 @@
+"""The stability study's report of a sweep: a table over seeds, plots, and ``report.md``.
+
+``python -m mtl_clippy.report SWEEP_DIR`` (and the end of every multirun) writes into the
+sweep folder::
+
+    report/report.md            the table and the figures below, with a short legend
+    report/results_by_seed.csv  model x optimizer x lr: mean and std over seeds
+    report/loss_curves.png      training loss of every run
+    report/test_auc.png         test AUC per task (mean +- std over seeds)
+    report/test_logloss.png     test log loss per task
+    report/stability.png        learning rate vs final mean test AUC per optimizer, diverged runs marked
+    report/clipping.png         Clippy's clipping factor over training (runs that logged it)
+
+Everything is read from the runs' ``metrics.json`` and TensorBoard event files, so a report
+can be rebuilt at any time from the folders alone.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; never needs a display
+import matplotlib.pyplot as plt
+import pandas as pd
+
+from mtl_clippy.report.sweep import collect_results
+
+log = logging.getLogger(__name__)
+
+TASKS = ("click", "conversion")
+GROUP_KEYS = ["model", "optim", "lr"]
+
+
+def _fmt(mean: float, std: float) -> str:
+    if mean is None or (isinstance(mean, float) and math.isnan(mean)):
+        return "-"
+    if std is None or (isinstance(std, float) and math.isnan(std)):
+        return f"{mean:.4f}"
+    return f"{mean:.4f} ± {std:.4f}"
+
+
+def summarise(df: pd.DataFrame) -> pd.DataFrame:
+    """Mean and std over seeds of each (model, optimizer, lr), with run and divergence counts.
+
+    Diverged or failed runs count in ``runs`` and ``diverged`` but not in the means (their
+    test metrics are missing by design).
+    """
+    if df.empty:
+        return df
+    metrics = [c for c in df.columns if c.startswith(("test_auc_", "test_logloss_"))]
+    rows = []
+    for key, g in df.groupby(GROUP_KEYS, dropna=False, sort=True):
+        ok = g[g["status"] == "completed"]
+        row: dict[str, Any] = dict(zip(GROUP_KEYS, key, strict=True))
+        row["runs"] = len(g)
+        row["diverged"] = int((g["status"] == "diverged").sum())
+        row["failed"] = int((g["status"] == "failed").sum())
+        for m in metrics:
+            values = pd.to_numeric(ok[m], errors="coerce").dropna()
+            row[f"{m}_mean"] = values.mean() if len(values) else float("nan")
+            row[f"{m}_std"] = values.std(ddof=1) if len(values) > 1 else float("nan")
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def seed_study_table(summary: pd.DataFrame) -> str:
+    """Markdown in the seed study's layout: Model | Optimizer | lr | AUCs | losses (mean ± std)."""
+    head = "| Model | Optimizer | lr | runs | click AUC | conversion AUC | click loss | conversion loss |"
+    lines = [head, "|---|---|---|---|---|---|---|---|"]
+    for r in summary.itertuples(index=False):
+        d = r._asdict()
+        runs = f"{d['runs']}" + (f" ({d['diverged']} diverged)" if d["diverged"] else "")
+        cells = [
+            _fmt(d.get(f"test_{m}_{t}_mean"), d.get(f"test_{m}_{t}_std"))
+            for m in ("auc", "logloss")
+            for t in TASKS
+        ]
+        lines.append(
+            f"| {d['model']} | {d['optim']} | {d['lr']:g} | {runs} | " + " | ".join(cells) + " |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def read_scalars(run_dir: Path, prefix: str) -> dict[str, list[tuple[int, float]]]:
+    """All scalar series whose tag starts with ``prefix`` from a run's TensorBoard files."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    event_dir = run_dir / "tensorboard"
+    if not event_dir.is_dir():
+        return {}
+    acc = EventAccumulator(str(event_dir), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {
+        tag: [(e.step, e.value) for e in acc.Scalars(tag)]
+        for tag in acc.Tags().get("scalars", [])
+        if tag.startswith(prefix)
+    }
+
+
+def _label(row: pd.Series) -> str:
+    return f"{row['model']}/{row['optim']} lr={row['lr']:g} seed={row['seed']}"
+
+
+def _save(fig: plt.Figure, path: Path) -> None:
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def plot_loss_curves(df: pd.DataFrame, root: Path, out: Path) -> bool:
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    colours: dict[str, Any] = {}
+    drawn = False
+    for _, row in df.iterrows():
+        series = read_scalars(root / row["job"], "train/loss").get("train/loss")
+        if not series:
+            continue
+        steps, values = zip(*series, strict=True)
+        colour = colours.setdefault(row["optim"], f"C{len(colours)}")
+        ax.plot(steps, values, color=colour, alpha=0.6, lw=1, label=row["optim"])
+        if row["status"] == "diverged":
+            ax.plot(steps[-1], values[-1], "x", color=colour, ms=9, mew=2)
+        drawn = True
+    if not drawn:
+        plt.close(fig)
+        return False
+    handles, labels = ax.get_legend_handles_labels()
+    unique = dict(zip(labels, handles, strict=True))
+    ax.legend(unique.values(), unique.keys(), title="optimizer")
+    ax.set_yscale("log")
+    ax.set(
+        xlabel="training step",
+        ylabel="training loss (log scale)",
+        title="Training loss of every run (x: diverged)",
+    )
+    _save(fig, out)
+    return True
+
+
+def plot_test_metric(summary: pd.DataFrame, metric: str, out: Path) -> bool:
+    cols = [f"test_{metric}_{t}_mean" for t in TASKS]
+    if summary.empty or not all(c in summary for c in cols):
+        return False
+    labels = [f"{r.model}\n{r.optim}\nlr={r.lr:g}" for r in summary.itertuples()]
+    fig, axes = plt.subplots(1, len(TASKS), figsize=(max(6, 1.1 * len(labels) * len(TASKS)), 4.2))
+    for ax, task in zip(axes, TASKS, strict=True):
+        means = summary[f"test_{metric}_{task}_mean"]
+        stds = summary[f"test_{metric}_{task}_std"].fillna(0)
+        ax.bar(
+            range(len(labels)),
+            means,
+            yerr=stds,
+            capsize=3,
+            color=[f"C{i % 10}" for i in range(len(labels))],
+        )
+        ax.set_xticks(range(len(labels)), labels, fontsize=7)
+        ax.set_title(f"test {'AUC' if metric == 'auc' else 'log loss'}: {task}")
+        finite = means.dropna()
+        if metric == "auc" and len(finite):
+            ax.set_ylim(max(0.0, finite.min() - 0.05), min(1.0, finite.max() + 0.03))
+    _save(fig, out)
+    return True
+
+
+def plot_stability(df: pd.DataFrame, out: Path) -> bool:
+    """Learning rate vs final mean test AUC per optimizer; diverged runs drawn at the bottom."""
+    if df.empty or df.groupby("optim")["lr"].nunique().max() < 2:
+        return False  # no optimizer was run at more than one learning rate
+    auc_cols = [f"test_auc_{t}" for t in TASKS if f"test_auc_{t}" in df]
+    if not auc_cols:
+        return False
+    d = df.copy()
+    d["auc_mean"] = d[auc_cols].apply(pd.to_numeric, errors="coerce").mean(axis=1)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    floor = d["auc_mean"].min() if d["auc_mean"].notna().any() else 0.5
+    floor = min(floor, 0.5) - 0.02
+    for i, (optim, g) in enumerate(d.groupby("optim", sort=True)):
+        colour = f"C{i}"
+        ok = (
+            g[g["status"] == "completed"]
+            .groupby("lr")["auc_mean"]
+            .agg(["mean", "std"])
+            .reset_index()
+        )
+        ax.errorbar(
+            ok["lr"],
+            ok["mean"],
+            yerr=ok["std"].fillna(0),
+            marker="o",
+            color=colour,
+            capsize=3,
+            label=optim,
+        )
+        bad = g[g["status"] != "completed"]
+        if len(bad):
+            ax.scatter(bad["lr"], [floor] * len(bad), marker="x", s=70, color=colour)
+    ax.set_xscale("log")
+    ax.axhline(floor, color="grey", lw=0.5, ls=":")
+    ax.set(
+        xlabel="learning rate",
+        ylabel="mean test AUC over tasks",
+        title="Stability: final AUC by learning rate (x at the bottom: diverged)",
+    )
+    ax.legend(title="optimizer")
+    _save(fig, out)
+    return True
+
+
+def plot_clipping(df: pd.DataFrame, root: Path, out: Path) -> bool:
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    drawn = False
+    for _, row in df.iterrows():
+        series = read_scalars(root / row["job"], "telemetry/clip_")
+        for i, (tag, points) in enumerate(sorted(series.items())):
+            if "/clip_min/" not in tag and "/clip_mean/" not in tag:
+                continue
+            steps, values = zip(*points, strict=True)
+            ax.plot(
+                steps,
+                values,
+                lw=1,
+                color=f"C{i % 10}",
+                alpha=0.7,
+                label=f"{_label(row)} {tag.split('/', 1)[1]}",
+            )
+            drawn = True
+    if not drawn:
+        plt.close(fig)
+        return False
+    ax.set(
+        xlabel="training step",
+        ylabel="clipping factor sigma",
+        title="Clippy's clipping factor over training (1 = no clipping)",
+    )
+    ax.set_ylim(0, 1.05)
+    ax.legend(fontsize=6, ncol=2)
+    _save(fig, out)
+    return True
+
+
+def build_report(root: str | Path) -> Path:
+    """Write the report of the runs under ``root`` into ``root/report``; returns report.md."""
+    root = Path(root)
+    out = root / "report"
+    out.mkdir(exist_ok=True)
+    df = collect_results(root)
+    summary = summarise(df)
+    if not summary.empty:
+        tmp = out / f".results_by_seed.csv.tmp{os.getpid()}"
+        summary.to_csv(tmp, index=False)
+        os.replace(tmp, out / "results_by_seed.csv")
+    figures = {
+        "loss_curves.png": (
+            "Training loss",
+            plot_loss_curves(df, root, out / "loss_curves.png") if not df.empty else False,
+        ),
+        "test_auc.png": (
+            "Test AUC per task",
+            plot_test_metric(summary, "auc", out / "test_auc.png"),
+        ),
+        "test_logloss.png": (
+            "Test log loss per task",
+            plot_test_metric(summary, "logloss", out / "test_logloss.png"),
+        ),
+        "stability.png": (
+            "Stability across learning rates",
+            plot_stability(df, out / "stability.png"),
+        ),
+        "clipping.png": (
+            "Clippy's clipping factor",
+            plot_clipping(df, root, out / "clipping.png") if not df.empty else False,
+        ),
+    }
+    n = len(df)
+    counts = df["status"].value_counts().to_dict() if n else {}
+    lines = [
+        f"# Report: {root.name}",
+        "",
+        f"{n} runs: " + (", ".join(f"{v} {k}" for k, v in sorted(counts.items())) or "none") + ".",
+        "Test metrics are mean ± std over seeds of the completed runs; diverged runs have no test metrics.",
+        "",
+        seed_study_table(summary) if not summary.empty else "_no runs found_\n",
+    ]
+    for name, (title, made) in figures.items():
+        if made:
+            lines += [f"## {title}", "", f"![{title}]({name})", ""]
+    md = out / "report.md"
+    tmp = out / f".report.md.tmp{os.getpid()}"
+    tmp.write_text("\n".join(lines) + "\n")
+    os.replace(tmp, md)
+    return md

@@ -1,0 +1,86 @@
+"""The sweep report: table over seeds equal to the runs' metrics.json, every figure written."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from mtl_clippy.report.__main__ import main
+
+
+def _run(
+    root: Path,
+    name: str,
+    optim: str,
+    lr: float,
+    seed: int,
+    auc: float | None,
+    status: str = "completed",
+):
+    run = root / name
+    run.mkdir(parents=True)
+    test = None if auc is None else {
+        "auc_click": auc, "auc_conversion": auc + 0.1, "logloss_click": 0.1, "logloss_conversion": 0.02,
+    }  # fmt: skip
+    metrics = {
+        "status": status, "model": "sb", "optim": optim, "lr": lr, "seed": seed, "test": test,
+        "best": {"val/auc_mean": auc}, "epochs": 1, "steps": 20, "wall_time_s": 1.0, "samples_per_s": 10.0,
+        "divergence": {"step": 7 if status == "diverged" else None},
+    }  # fmt: skip
+    (run / "metrics.json").write_text(json.dumps(metrics))
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(str(run / "tensorboard"))
+    for step in range(0, 20, 2):
+        writer.add_scalar("train/loss", 1.0 / (step + 1), step)
+        if optim == "clippy":
+            writer.add_scalar("telemetry/clip_min/bottom", 0.5 + step / 40, step)
+    writer.close()
+
+
+@pytest.fixture
+def sweep(tmp_path):
+    root = tmp_path / "sweep"
+    _run(root, "0_a", "clippy", 0.1, 1, 0.70)
+    _run(root, "1_a", "clippy", 0.1, 2, 0.72)
+    _run(root, "2_a", "clippy", 10.0, 1, 0.68)
+    _run(root, "3_a", "adagrad", 0.1, 1, 0.69)
+    _run(root, "4_a", "adagrad", 10.0, 1, None, status="diverged")
+    return root
+
+
+def test_report_from_runs(sweep):
+    assert main([str(sweep)]) == 0
+    out = sweep / "report"
+    for name in (
+        "report.md",
+        "results_by_seed.csv",
+        "loss_curves.png",
+        "test_auc.png",
+        "test_logloss.png",
+        "stability.png",
+        "clipping.png",
+    ):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    summary = pd.read_csv(out / "results_by_seed.csv").set_index(["optim", "lr"])
+    row = summary.loc[("clippy", 0.1)]
+    assert row["runs"] == 2
+    assert row["test_auc_click_mean"] == pytest.approx(0.71)
+    assert row["test_auc_click_std"] == pytest.approx(pd.Series([0.70, 0.72]).std())
+    assert row["test_auc_conversion_mean"] == pytest.approx(0.81)
+    bad = summary.loc[("adagrad", 10.0)]
+    assert bad["diverged"] == 1 and pd.isna(bad["test_auc_click_mean"])
+    md = (out / "report.md").read_text()
+    assert "| sb | clippy | 0.1 | 2 | 0.7100 ± 0.0141 |" in md
+    assert "1 diverged" in md and "![Stability" in md and "![Clippy's clipping factor" in md
+    assert len(pd.read_csv(sweep / "results.csv")) == 5
+
+
+def test_report_of_an_empty_or_missing_folder_is_a_clear_error(tmp_path, capsys):
+    assert main([str(tmp_path)]) == 2
+    assert "no run" in capsys.readouterr().err
+    assert main([str(tmp_path / "nope")]) == 2
+    assert "is not a folder" in capsys.readouterr().err
