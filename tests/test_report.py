@@ -84,3 +84,38 @@ def test_report_of_an_empty_or_missing_folder_is_a_clear_error(tmp_path, capsys)
     assert "no run" in capsys.readouterr().err
     assert main([str(tmp_path / "nope")]) == 2
     assert "is not a folder" in capsys.readouterr().err
+
+
+EXPERIMENTS = sorted(
+    p.stem for p in (Path(__file__).resolve().parents[1] / "configs" / "experiment").glob("*.yaml")
+)
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_experiment_sweeps_compose_with_each_of_their_values(experiment):
+    """Every value an experiment sweeps over is a valid override of the composed config."""
+    from hydra import compose, initialize_config_dir
+
+    configs = str(Path(__file__).resolve().parents[1] / "configs")
+    with initialize_config_dir(config_dir=configs, version_base="1.3"):
+        cfg = compose(
+            config_name="train", overrides=[f"experiment={experiment}"], return_hydra_config=True
+        )
+        params = dict(cfg.hydra.sweeper.params)
+        assert params, "an experiment defines its sweep"
+        for key, values in params.items():
+            for value in str(values).split(","):
+                job = compose(
+                    config_name="train", overrides=[f"experiment={experiment}", f"{key}={value}"]
+                )
+                node = job
+                for part in key.split("."):
+                    node = node[part] if part in node else None
+                    if node is None:
+                        break
+                if key in ("model", "optim"):
+                    assert job[key]["_target_"]
+                else:
+                    assert (node is not None and str(node) == value) or float(node) == float(
+                        value
+                    ), (key, value)
