@@ -119,3 +119,22 @@ def test_experiment_sweeps_compose_with_each_of_their_values(experiment):
                     assert (node is not None and str(node) == value) or float(node) == float(
                         value
                     ), (key, value)
+
+
+def test_notebook_runs_on_a_sweep(sweep, monkeypatch):
+    """notebooks/results.ipynb: committed without outputs, and its code runs top to bottom."""
+    path = Path(__file__).resolve().parents[1] / "notebooks" / "results.ipynb"
+    nb = json.loads(path.read_text())
+    code = [c for c in nb["cells"] if c["cell_type"] == "code"]
+    assert all(not c["outputs"] and c["execution_count"] is None for c in code), (
+        "commit it without outputs"
+    )
+    namespace: dict = {}
+    for cell in code:
+        source = "".join(cell["source"])
+        exec(compile(source, str(path), "exec"), namespace)
+        if "parameters" in cell["metadata"].get("tags", []):
+            namespace["SWEEP_DIR"] = str(sweep)  # as papermill would inject it
+    assert len(namespace["runs"]) == 5
+    assert "| sb | clippy | 0.1 | 2 |" in namespace["table"]
+    assert (sweep / "report" / "stability.png").is_file()
