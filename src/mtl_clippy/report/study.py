@@ -87,6 +87,44 @@ def seed_study_table(summary: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
+def stability_table(df: pd.DataFrame) -> str:
+    """Per model and optimizer: the learning rates at which every seed trained without
+    diverging, and the test AUC (mean ± std over seeds) at the best of them."""
+    if df.empty or df.groupby("optim")["lr"].nunique().max() < 2:
+        return ""
+    auc_cols = [f"test_auc_{t}" for t in TASKS if f"test_auc_{t}" in df]
+    d = df.copy()
+    d["auc_mean"] = d[auc_cols].apply(pd.to_numeric, errors="coerce").mean(axis=1)
+    lines = [
+        "| Model | Optimizer | lrs tried | stable lrs (no seed diverged) | diverged at | best stable lr | "
+        + " | ".join(f"{t} AUC there" for t in TASKS)
+        + " |",
+        "|---|---|---|---|---|---|" + "---|" * len(TASKS),
+    ]
+    for (model, optim), g in d.groupby(["model", "optim"], sort=True):
+        per_lr = g.groupby("lr")
+        stable = sorted(lr for lr, x in per_lr if (x["status"] == "completed").all())
+        unstable = sorted(lr for lr, x in per_lr if (x["status"] == "diverged").any())
+        best, cells = None, ["-"] * len(TASKS)
+        if stable:
+            means = {lr: per_lr.get_group(lr)["auc_mean"].mean() for lr in stable}
+            best = max(means, key=lambda lr: means[lr])
+            sel = per_lr.get_group(best)
+            cells = [
+                _fmt(
+                    pd.to_numeric(sel[c]).mean(),
+                    pd.to_numeric(sel[c]).std(ddof=1) if len(sel) > 1 else None,
+                )
+                for c in auc_cols
+            ]
+        lines.append(
+            f"| {model} | {optim} | {', '.join(f'{x:g}' for x in sorted(per_lr.groups))} | "
+            f"{', '.join(f'{x:g}' for x in stable) or 'none'} | {', '.join(f'{x:g}' for x in unstable) or '-'} | "
+            f"{'-' if best is None else f'{best:g}'} | " + " | ".join(cells) + " |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def read_scalars(run_dir: Path, prefix: str) -> dict[str, list[tuple[int, float]]]:
     """All scalar series whose tag starts with ``prefix`` from a run's TensorBoard files."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -289,6 +327,9 @@ def build_report(root: str | Path) -> Path:
         "",
         seed_study_table(summary) if not summary.empty else "_no runs found_\n",
     ]
+    stability = stability_table(df)
+    if stability:
+        lines += ["## Stable learning rates", "", stability]
     for name, (title, made) in figures.items():
         if made:
             lines += [f"## {title}", "", f"![{title}]({name})", ""]
