@@ -153,8 +153,9 @@ def test_sweep_runs_jobs_and_writes_results_table(tmp_path, data_root):
     sweeps = list((tmp_path / "outputs" / "multirun").iterdir())
     assert len(sweeps) == 1
     sweep = sweeps[0]
-    jobs = sorted(p for p in sweep.iterdir() if p.is_dir() and not p.name.startswith("."))
+    jobs = sorted(p for p in sweep.iterdir() if p.is_dir() and p.name[0].isdigit())
     assert len(jobs) == 4
+    assert (sweep / "report" / "report.md").is_file()  # the study report, built at sweep end
     # job folders: <n>_<the job's overrides>, so a folder says what its run is
     names = {frozenset(j.name.split("_", 1)[1].split(",")) for j in jobs}
     for model in ("sb", "lr"):

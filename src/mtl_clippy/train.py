@@ -22,12 +22,15 @@ import lightning.pytorch as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from mtl_clippy.callbacks import ThroughputMeter
+from mtl_clippy.callbacks import DivergenceMonitor, ThroughputMeter, TrainingDiverged
 from mtl_clippy.errors import ConfigError, user_error_types
 
 log = logging.getLogger("mtl_clippy")
 
 METRICS_FILE = "metrics.json"
+
+#: A task whose test AUC ends within this distance of 0.5 is listed in ``collapsed``.
+COLLAPSE_TOLERANCE = 0.01
 
 
 def register_resolvers() -> None:
@@ -188,7 +191,15 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "best": {},
         "test": None,
         "bayes": None,
-        "divergence": {"step": None, "last_finite_loss": None, "spikes": 0},
+        "divergence": {
+            "step": None,
+            "last_finite_loss": None,
+            "spikes": 0,
+            "spike_steps": [],
+            "reason": None,
+        },
+        "max_abs_logit": None,
+        "collapsed": [],
         "error": None,
         "output_dir": str(out_dir),
     }
@@ -217,7 +228,15 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         trainer: pl.Trainer = hydra.utils.instantiate(
             cfg.trainer, callbacks=callbacks, logger=loggers or False, precision=precision
         )
-        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        monitor = next((c for c in callbacks if isinstance(c, DivergenceMonitor)), None)
+        diverged = False
+        try:
+            trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        except TrainingDiverged:
+            diverged = True
+        if monitor is not None:
+            summary["divergence"] = monitor.summary()
+            summary["max_abs_logit"] = monitor.max_abs_logit
         summary["epochs"] = int(trainer.current_epoch)
         summary["steps"] = int(trainer.global_step)
         summary["samples_per_s"] = throughput.samples_per_s
@@ -237,11 +256,16 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                 best_path, map_location="cpu", weights_only=False, mmap=True
             ).get("epoch")
             summary["best"]["epoch"] = best_epoch
+        if diverged:
+            # A result, not a crash: no test numbers from a broken model.
+            summary["status"] = "diverged"
+            return summary
         if cfg.get("test", True):
             results = trainer.test(
                 module, datamodule=datamodule, ckpt_path=best_path or None, verbose=False
             )
             summary["test"] = _split_metrics(results[0] if results else {}, "test")
+            summary["collapsed"] = collapsed_tasks(summary["test"])
         summary["status"] = "completed"
         for lg in trainer.loggers:
             lg.log_hyperparams(
@@ -260,6 +284,18 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         if _is_global_zero():
             write_json_atomic(out_dir / METRICS_FILE, summary)
     return summary
+
+
+def collapsed_tasks(test: Mapping[str, Any] | None) -> list[str]:
+    """Tasks whose test AUC is within ``COLLAPSE_TOLERANCE`` of 0.5 (a constant predictor)."""
+    return sorted(
+        key[len("auc_") :]
+        for key, value in (test or {}).items()
+        if key.startswith("auc_")
+        and key != "auc_mean"
+        and isinstance(value, float)
+        and abs(value - 0.5) <= COLLAPSE_TOLERANCE
+    )
 
 
 def _is_global_zero() -> bool:
@@ -329,6 +365,17 @@ def main(cfg: DictConfig) -> float | None:
         raise
     print()
     print(format_summary(summary))
+    if summary.get("status") == "diverged":
+        div = summary.get("divergence") or {}
+        line = f"run diverged at step {div.get('step')}: {div.get('reason')} (no test: status diverged)"
+        if multirun:
+            log.warning(line)
+        print(f"\n{line}")
+    if summary.get("collapsed"):
+        print(
+            f"\ncollapsed tasks (test AUC within {COLLAPSE_TOLERANCE} of 0.5): "
+            + ", ".join(summary["collapsed"])
+        )
     print(f"\nrun folder: {cfg.paths.output_dir}")
     return (summary.get("best") or {}).get("val/auc_mean")
 

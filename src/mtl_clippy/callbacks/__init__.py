@@ -1,5 +1,7 @@
 """Lightning callbacks of the experiment app."""
 
+from mtl_clippy.callbacks.divergence import DivergenceMonitor, TrainingDiverged
+from mtl_clippy.callbacks.telemetry import OptimizerTelemetry
 from mtl_clippy.callbacks.throughput import ThroughputMeter
 
-__all__ = ["ThroughputMeter"]
+__all__ = ["DivergenceMonitor", "OptimizerTelemetry", "ThroughputMeter", "TrainingDiverged"]

@@ -42,8 +42,10 @@ def _row(path: Path, root: Path) -> dict[str, Any]:
     for key in ("epochs", "steps", "wall_time_s", "samples_per_s"):
         row[key] = m.get(key)
     div = m.get("divergence") or {}
-    if div.get("step") is not None:
-        row["diverged_at_step"] = div["step"]
+    row["diverged_at_step"] = div.get("step")
+    row["spikes"] = div.get("spikes")
+    row["collapsed"] = ",".join(m.get("collapsed") or []) or None
+    row["max_abs_logit"] = m.get("max_abs_logit")
     row["error"] = m.get("error")
     return row
 
@@ -112,6 +114,13 @@ class SweepResultsCallback(Callback):
         if not root.is_dir():
             return
         df = write_results(root)
+        if len(df):
+            try:  # the report (plots, table over seeds) must never cost the sweep its table
+                from mtl_clippy.report.study import build_report
+
+                print(f"report: {build_report(root)}")
+            except Exception as exc:
+                log.warning("could not build the report of %s: %s", root, exc)
         n = len(df)
         failed = int((df["status"] != "completed").sum()) if n else 0
         print(f"\nsweep results ({n} jobs, {failed} not completed): {root / 'results.md'}")
