@@ -87,24 +87,41 @@ def seed_study_table(summary: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _collapsed(g: pd.DataFrame) -> pd.Series:
+    if "collapsed" not in g:
+        return pd.Series(False, index=g.index)
+    return g["collapsed"].fillna("").astype(str).str.len() > 0
+
+
 def stability_table(df: pd.DataFrame) -> str:
-    """Per model and optimizer: the learning rates at which every seed trained without
-    diverging, and the test AUC (mean ± std over seeds) at the best of them."""
+    """Per model and optimizer: the learning rates at which every seed trained to the end
+    without diverging and without a task collapsing to AUC 0.5 (a learning failure that the
+    loss alone does not show), and the test AUC (mean ± std over seeds) at the best of them."""
     if df.empty or df.groupby("optim")["lr"].nunique().max() < 2:
         return ""
     auc_cols = [f"test_auc_{t}" for t in TASKS if f"test_auc_{t}" in df]
     d = df.copy()
     d["auc_mean"] = d[auc_cols].apply(pd.to_numeric, errors="coerce").mean(axis=1)
+    d["is_collapsed"] = _collapsed(d)
     lines = [
-        "| Model | Optimizer | lrs tried | stable lrs (no seed diverged) | diverged at | best stable lr | "
+        "| Model | Optimizer | lrs tried | stable lrs | diverged at | collapsed at | best stable lr | "
         + " | ".join(f"{t} AUC there" for t in TASKS)
         + " |",
-        "|---|---|---|---|---|---|" + "---|" * len(TASKS),
+        "|---|---|---|---|---|---|---|" + "---|" * len(TASKS),
     ]
+
+    def lrs(values: list[float]) -> str:
+        return ", ".join(f"{x:g}" for x in sorted(values)) or "-"
+
     for (model, optim), g in d.groupby(["model", "optim"], sort=True):
         per_lr = g.groupby("lr")
-        stable = sorted(lr for lr, x in per_lr if (x["status"] == "completed").all())
-        unstable = sorted(lr for lr, x in per_lr if (x["status"] == "diverged").any())
+        stable = [
+            lr
+            for lr, x in per_lr
+            if (x["status"] == "completed").all() and not x["is_collapsed"].any()
+        ]
+        diverged = [lr for lr, x in per_lr if (x["status"] == "diverged").any()]
+        collapsed = [lr for lr, x in per_lr if x["is_collapsed"].any()]
         best, cells = None, ["-"] * len(TASKS)
         if stable:
             means = {lr: per_lr.get_group(lr)["auc_mean"].mean() for lr in stable}
@@ -118,9 +135,10 @@ def stability_table(df: pd.DataFrame) -> str:
                 for c in auc_cols
             ]
         lines.append(
-            f"| {model} | {optim} | {', '.join(f'{x:g}' for x in sorted(per_lr.groups))} | "
-            f"{', '.join(f'{x:g}' for x in stable) or 'none'} | {', '.join(f'{x:g}' for x in unstable) or '-'} | "
-            f"{'-' if best is None else f'{best:g}'} | " + " | ".join(cells) + " |"
+            f"| {model} | {optim} | {lrs(list(per_lr.groups))} | {lrs(stable)} | {lrs(diverged)} | "
+            f"{lrs(collapsed)} | {'-' if best is None else f'{best:g}'} | "
+            + " | ".join(cells)
+            + " |"
         )
     return "\n".join(lines) + "\n"
 
@@ -245,7 +263,7 @@ def plot_stability(df: pd.DataFrame, out: Path) -> bool:
     ax.set(
         xlabel="learning rate",
         ylabel="mean test AUC over tasks",
-        title="Stability: final AUC by learning rate (x at the bottom: diverged)",
+        title="Final AUC by learning rate\n(x at the bottom: diverged; rings: a task collapsed to AUC 0.5)",
     )
     ax.legend(title="optimizer")
     _save(fig, out)
