@@ -271,33 +271,37 @@ def plot_stability(df: pd.DataFrame, out: Path) -> bool:
 
 
 def plot_clipping(df: pd.DataFrame, root: Path, out: Path) -> bool:
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    drawn = False
+    """Clippy's smallest clipping factor over training, one panel per parameter group, one
+    line per optimizer and learning rate (mean over seeds)."""
+    curves: dict[str, dict[str, dict[int, list[float]]]] = {}  # group -> run kind -> step -> values
     for _, row in df.iterrows():
-        series = read_scalars(root / row["job"], "telemetry/clip_")
-        for i, (tag, points) in enumerate(sorted(series.items())):
-            if "/clip_min/" not in tag and "/clip_mean/" not in tag:
-                continue
-            steps, values = zip(*points, strict=True)
+        for tag, points in read_scalars(root / row["job"], "telemetry/clip_min/").items():
+            group = tag.rsplit("/", 1)[-1]
+            kind = f"{row['optim']} lr={row['lr']:g}"
+            by_step = curves.setdefault(group, {}).setdefault(kind, {})
+            for step, value in points:
+                by_step.setdefault(step, []).append(value)
+    if not curves:
+        return False
+    groups = sorted(curves)
+    fig, axes = plt.subplots(
+        1, len(groups), figsize=(4.2 * len(groups), 4), squeeze=False, sharey=True
+    )
+    for ax, group in zip(axes[0], groups, strict=True):
+        for i, (kind, by_step) in enumerate(sorted(curves[group].items())):
+            steps = sorted(by_step)
             ax.plot(
                 steps,
-                values,
-                lw=1,
+                [sum(by_step[s]) / len(by_step[s]) for s in steps],
+                marker=".",
                 color=f"C{i % 10}",
-                alpha=0.7,
-                label=f"{_label(row)} {tag.split('/', 1)[1]}",
+                label=kind,
             )
-            drawn = True
-    if not drawn:
-        plt.close(fig)
-        return False
-    ax.set(
-        xlabel="training step",
-        ylabel="clipping factor sigma",
-        title="Clippy's clipping factor over training (1 = no clipping)",
-    )
-    ax.set_ylim(0, 1.05)
-    ax.legend(fontsize=6, ncol=2)
+        ax.set(title=group, xlabel="training step")
+        ax.set_ylim(0, 1.05)
+    axes[0][0].set_ylabel("smallest clipping factor (1 = no clipping)")
+    axes[0][-1].legend(fontsize=7, loc="lower right")
+    fig.suptitle("Clippy's clipping factor over training (mean over seeds)")
     _save(fig, out)
     return True
 
