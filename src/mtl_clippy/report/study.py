@@ -273,11 +273,13 @@ def plot_stability(df: pd.DataFrame, out: Path) -> bool:
 def plot_clipping(df: pd.DataFrame, root: Path, out: Path) -> bool:
     """Clippy's smallest clipping factor over training, one panel per parameter group, one
     line per optimizer and learning rate (mean over seeds)."""
-    curves: dict[str, dict[str, dict[int, list[float]]]] = {}  # group -> run kind -> step -> values
+    curves: dict[
+        str, dict[tuple, dict[int, list[float]]]
+    ] = {}  # group -> (optim, lr) -> step -> values
     for _, row in df.iterrows():
         for tag, points in read_scalars(root / row["job"], "telemetry/clip_min/").items():
             group = tag.rsplit("/", 1)[-1]
-            kind = f"{row['optim']} lr={row['lr']:g}"
+            kind = (str(row["optim"]), float(row["lr"]))
             by_step = curves.setdefault(group, {}).setdefault(kind, {})
             for step, value in points:
                 by_step.setdefault(step, []).append(value)
