@@ -297,7 +297,7 @@ def plot_clipping(df: pd.DataFrame, root: Path, out: Path) -> bool:
                 [sum(by_step[s]) / len(by_step[s]) for s in steps],
                 marker=".",
                 color=f"C{i % 10}",
-                label=kind,
+                label=f"{kind[0]} lr={kind[1]:g}",
             )
         ax.set(title=group, xlabel="training step")
         ax.set_ylim(0, 1.05)
