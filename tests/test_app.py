@@ -4,7 +4,6 @@ what the README promises, and user mistakes get one clear line."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,13 +13,13 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+from app_helpers import TINY, run_train
 from mtl_clippy.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
 MODELS = sorted(p.stem for p in (CONFIGS / "model").glob("*.yaml"))
 OPTIMS = sorted(p.stem for p in (CONFIGS / "optim").glob("*.yaml"))
-TINY = ["data.train_rows=3000", "data.test_rows=1500", "data.batch_size=256"]
 
 
 def test_model_and_optimizer_choices_are_the_documented_ones():
@@ -88,18 +87,6 @@ def test_every_model_optimizer_pair_runs(model, optim, data_root, monkeypatch):
     assert on_disk["status"] == "completed" and on_disk["lr"] == cfg.optim.lr
 
 
-def _run(args: list[str], cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
-    env = {**os.environ, "MTL_CLIPPY_DISABLE_FUSED": "1", "PYTHONWARNINGS": "ignore"}
-    return subprocess.run(
-        [sys.executable, str(ROOT / "train.py"), *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-
-
 def _event_scalars(event_dir: Path) -> dict[str, list[float]]:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -109,7 +96,7 @@ def _event_scalars(event_dir: Path) -> dict[str, list[float]]:
 
 
 def test_train_py_single_run_writes_its_folder(tmp_path, data_root):
-    res = _run(
+    res = run_train(
         [
             *TINY,
             "trainer.max_epochs=2",
@@ -138,7 +125,7 @@ def test_train_py_single_run_writes_its_folder(tmp_path, data_root):
 
 
 def test_sweep_runs_jobs_and_writes_results_table(tmp_path, data_root):
-    res = _run(
+    res = run_train(
         [
             "-m",
             "model=sb,lr",
@@ -189,7 +176,7 @@ def test_sweep_runs_jobs_and_writes_results_table(tmp_path, data_root):
 
 def test_failing_job_does_not_stop_the_sweep(tmp_path, data_root):
     # model=lr with sparse embeddings cannot be trained by Adam: that job fails, the other runs.
-    res = _run(
+    res = run_train(
         [
             "-m",
             "model=lr",
@@ -222,7 +209,7 @@ def test_failing_job_does_not_stop_the_sweep(tmp_path, data_root):
 def test_user_mistakes_get_one_clear_message(args, expected, tmp_path):
     args = [a.replace("DIR", str(tmp_path / "empty")) for a in args]
     (tmp_path / "empty").mkdir()
-    res = _run(
+    res = run_train(
         [*args, *TINY, f"paths.log_dir={tmp_path}/outputs", f"paths.data_dir={tmp_path}/data"],
         cwd=tmp_path,
         timeout=300,

@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -16,12 +13,12 @@ import pytest
 import torch
 from torch import nn
 
+from app_helpers import TINY, run_train
 from mtl_clippy.callbacks import DivergenceMonitor, OptimizerTelemetry, TrainingDiverged
 from mtl_clippy.callbacks.telemetry import group_of
 from mtl_clippy.train import collapsed_tasks
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["data.train_rows=3000", "data.test_rows=1500", "data.batch_size=256"]
 DIVERGING = ["optim=adagrad", "optim.lr=1e6"]  # the loss explodes within a dozen steps
 
 
@@ -196,18 +193,6 @@ def test_telemetry_values_match_a_direct_computation():
 # ----------------------------------------------------------------------------- end to end
 
 
-def _run(args: list[str], cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "MTL_CLIPPY_DISABLE_FUSED": "1", "PYTHONWARNINGS": "ignore"}
-    return subprocess.run(
-        [sys.executable, str(ROOT / "train.py"), *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-
-
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("stability") / "data"
@@ -221,7 +206,7 @@ def _only_run(tmp_path: Path) -> Path:
 
 def test_a_diverging_run_is_a_result_not_a_crash(tmp_path, data_dir):
     # max_loss makes it diverge at once, in the first epoch: no checkpoint may exist at all
-    res = _run(
+    res = run_train(
         [
             *TINY,
             *DIVERGING,
@@ -245,7 +230,7 @@ def test_a_diverging_run_is_a_result_not_a_crash(tmp_path, data_dir):
 
 
 def test_spike_rule_after_warmup_catches_the_spike_and_skips_the_test(tmp_path, data_dir):
-    res = _run(
+    res = run_train(
         [
             *TINY,
             *DIVERGING,
@@ -266,7 +251,7 @@ def test_spike_rule_after_warmup_catches_the_spike_and_skips_the_test(tmp_path, 
 
 
 def test_sweep_records_the_diverged_job_and_runs_the_other(tmp_path, data_dir):
-    res = _run(
+    res = run_train(
         [
             "-m",
             "optim=adagrad",
@@ -293,7 +278,7 @@ def test_sweep_records_the_diverged_job_and_runs_the_other(tmp_path, data_dir):
 def test_telemetry_tags_reach_tensorboard(tmp_path, data_dir):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    res = _run(
+    res = run_train(
         [
             *TINY,
             "model=mmoe",
