@@ -144,3 +144,14 @@ def test_notebook_runs_on_a_sweep(sweep, monkeypatch):
     assert len(namespace["runs"]) == 5
     assert "| sb | clippy | 0.1 | 2 |" in namespace["table"]
     assert (sweep / "report" / "stability.png").is_file()
+
+
+def test_variant_keeps_runs_that_differ_beyond_model_optimizer_lr_and_seed_apart():
+    from mtl_clippy.report.sweep import variant_of
+
+    assert (
+        variant_of(["optim=clippy", "optim.lr=1", "model.norm=none", "seed=1", "experiment=x"])
+        == "model.norm=none"
+    )
+    assert variant_of(["model=sb", "paths.data_dir=/d", "hydra.sweep.dir=/s", "optim.lr=3"]) is None
+    assert variant_of(["data.hard=true", "model.norm=batch"]) == "data.hard=true,model.norm=batch"

@@ -34,7 +34,7 @@ from mtl_clippy.report.sweep import collect_results
 log = logging.getLogger(__name__)
 
 TASKS = ("click", "conversion")
-GROUP_KEYS = ["model", "optim", "lr"]
+GROUP_KEYS = ["model", "optim", "variant", "lr"]
 
 
 def _fmt(mean: float, std: float) -> str:
@@ -55,6 +55,7 @@ def summarise(df: pd.DataFrame) -> pd.DataFrame:
         return df
     metrics = [c for c in df.columns if c.startswith(("test_auc_", "test_logloss_"))]
     rows = []
+    df = df.assign(variant=df.get("variant", pd.Series(index=df.index, dtype=object)).fillna(""))
     for key, g in df.groupby(GROUP_KEYS, dropna=False, sort=True):
         ok = g[g["status"] == "completed"]
         row: dict[str, Any] = dict(zip(GROUP_KEYS, key, strict=True))
@@ -71,8 +72,13 @@ def summarise(df: pd.DataFrame) -> pd.DataFrame:
 
 def seed_study_table(summary: pd.DataFrame) -> str:
     """Markdown in the seed study's layout: Model | Optimizer | lr | AUCs | losses (mean ± std)."""
-    head = "| Model | Optimizer | lr | runs | click AUC | conversion AUC | click loss | conversion loss |"
-    lines = [head, "|---|---|---|---|---|---|---|---|"]
+    variants = "variant" in summary and summary["variant"].astype(bool).any()
+    head = (
+        "| Model | Optimizer |"
+        + (" Variant |" if variants else "")
+        + " lr | runs | click AUC | conversion AUC | click loss | conversion loss |"
+    )
+    lines = [head, "|---|---|" + ("---|" if variants else "") + "---|---|---|---|---|---|"]
     for r in summary.itertuples(index=False):
         d = r._asdict()
         runs = f"{d['runs']}" + (f" ({d['diverged']} diverged)" if d["diverged"] else "")
@@ -81,8 +87,11 @@ def seed_study_table(summary: pd.DataFrame) -> str:
             for m in ("auc", "logloss")
             for t in TASKS
         ]
+        variant = f" {d['variant'] or '-'} |" if variants else ""
         lines.append(
-            f"| {d['model']} | {d['optim']} | {d['lr']:g} | {runs} | " + " | ".join(cells) + " |"
+            f"| {d['model']} | {d['optim']} |{variant} {d['lr']:g} | {runs} | "
+            + " | ".join(cells)
+            + " |"
         )
     return "\n".join(lines) + "\n"
 
@@ -103,17 +112,21 @@ def stability_table(df: pd.DataFrame) -> str:
     d = df.copy()
     d["auc_mean"] = d[auc_cols].apply(pd.to_numeric, errors="coerce").mean(axis=1)
     d["is_collapsed"] = _collapsed(d)
+    d["variant"] = d.get("variant", pd.Series(index=d.index, dtype=object)).fillna("")
+    variants = d["variant"].astype(bool).any()
     lines = [
-        "| Model | Optimizer | lrs tried | stable lrs | diverged at | collapsed at | best stable lr | "
+        "| Model | Optimizer |"
+        + (" Variant |" if variants else "")
+        + " lrs tried | stable lrs | diverged at | collapsed at | best stable lr | "
         + " | ".join(f"{t} AUC there" for t in TASKS)
         + " |",
-        "|---|---|---|---|---|---|---|" + "---|" * len(TASKS),
+        "|---|---|" + ("---|" if variants else "") + "---|---|---|---|---|" + "---|" * len(TASKS),
     ]
 
     def lrs(values: list[float]) -> str:
         return ", ".join(f"{x:g}" for x in sorted(values)) or "-"
 
-    for (model, optim), g in d.groupby(["model", "optim"], sort=True):
+    for (model, optim, variant), g in d.groupby(["model", "optim", "variant"], sort=True):
         per_lr = g.groupby("lr")
         stable = [
             lr
@@ -135,7 +148,7 @@ def stability_table(df: pd.DataFrame) -> str:
                 for c in auc_cols
             ]
         lines.append(
-            f"| {model} | {optim} | {lrs(list(per_lr.groups))} | {lrs(stable)} | {lrs(diverged)} | "
+            f"| {model} | {optim} |{f' {variant or chr(45)} |' if variants else ''} {lrs(list(per_lr.groups))} | {lrs(stable)} | {lrs(diverged)} | "
             f"{lrs(collapsed)} | {'-' if best is None else f'{best:g}'} | "
             + " | ".join(cells)
             + " |"
@@ -238,7 +251,10 @@ def plot_stability(df: pd.DataFrame, out: Path) -> bool:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     floor = d["auc_mean"].min() if d["auc_mean"].notna().any() else 0.5
     floor = min(floor, 0.5) - 0.02
-    for i, (optim, g) in enumerate(d.groupby("optim", sort=True)):
+    d["series"] = d["optim"] + d.get("variant", pd.Series(index=d.index, dtype=object)).fillna(
+        ""
+    ).map(lambda v: f" ({v})" if v else "")
+    for i, (optim, g) in enumerate(d.groupby("series", sort=True)):
         colour = f"C{i}"
         ok = (
             g[g["status"] == "completed"]

@@ -22,7 +22,31 @@ from omegaconf import DictConfig
 log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.json"
-FIRST_COLUMNS = ["job", "model", "optim", "lr", "seed", "status"]
+FIRST_COLUMNS = ["job", "model", "optim", "variant", "lr", "seed", "status"]
+# Overrides that other columns already show, or that do not change what a run is.
+_NOT_VARIANT_KEYS = {
+    "experiment",
+    "model",
+    "optim",
+    "optim.lr",
+    "seed",
+    "data.data_dir",
+    "ckpt_path",
+}
+_NOT_VARIANT_PREFIXES = ("paths.", "hydra.", "hydra/")
+
+
+def variant_of(overrides: list[str]) -> str | None:
+    """The overrides that make a run differ beyond model, optimizer, lr and seed (for example
+    ``model.norm=none``), so that tables keep such runs apart."""
+    keep = []
+    for o in overrides:
+        key = o.split("=", 1)[0].lstrip("+~")
+        if "=" in o and key not in _NOT_VARIANT_KEYS and not key.startswith(_NOT_VARIANT_PREFIXES):
+            keep.append(o)
+    return ",".join(sorted(keep)) or None
+
+
 LAST_COLUMNS = ["best_val_auc_mean", "epochs", "steps", "wall_time_s", "samples_per_s", "error"]
 
 
@@ -31,6 +55,7 @@ def _row(path: Path, root: Path) -> dict[str, Any]:
     row: dict[str, Any] = {
         "job": str(path.parent.relative_to(root)) if path.parent != root else path.parent.name,
         **{k: m.get(k) for k in ("model", "optim", "lr", "seed", "status")},
+        "variant": variant_of(m.get("overrides") or []),
     }
     for key, value in sorted((m.get("test") or {}).items()):
         if key.startswith(("auc_", "logloss_")):
