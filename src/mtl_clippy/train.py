@@ -22,7 +22,14 @@ import lightning.pytorch as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from mtl_clippy.callbacks import DivergenceMonitor, ThroughputMeter, TrainingDiverged
+from mtl_clippy import resume as resume_mod
+from mtl_clippy.callbacks import (
+    AtomicCheckpointIO,
+    DivergenceMonitor,
+    ResumeState,
+    ThroughputMeter,
+    TrainingDiverged,
+)
 from mtl_clippy.errors import ConfigError, user_error_types
 
 log = logging.getLogger("mtl_clippy")
@@ -41,6 +48,7 @@ def register_resolvers() -> None:
     # resolved by the launcher, where ${hydra:runtime.cwd} is not available yet).
     if not OmegaConf.has_resolver("mtl_clippy.cwd"):
         OmegaConf.register_new_resolver("mtl_clippy.cwd", os.getcwd, use_cache=True)
+    resume_mod.register_resolvers()
 
 
 register_resolvers()
@@ -204,6 +212,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "output_dir": str(out_dir),
     }
     t_start = time.perf_counter()
+    ckpt_path, previous = _resume_point(cfg, out_dir)
+    if previous is not None:  # resume=true on a run that had already finished
+        log.info("this run had already completed; nothing to resume (%s)", out_dir)
+        return previous
+    summary["resumed_from"] = os.path.relpath(ckpt_path, out_dir) if ckpt_path else None
     try:
         pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
         datamodule, module = build(cfg)
@@ -215,8 +228,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             )
 
         throughput = ThroughputMeter()
-        loggers = _instantiate_all(cfg.get("logger"))
-        callbacks = [*_instantiate_all(cfg.get("callbacks")), throughput]
+        loggers = _instantiate_loggers(cfg.get("logger"), ckpt_path)
+        callbacks = [*_instantiate_all(cfg.get("callbacks")), throughput, ResumeState()]
         if not loggers:  # the learning-rate monitor needs a logger to write to
             callbacks = [
                 c for c in callbacks if not isinstance(c, pl.callbacks.LearningRateMonitor)
@@ -226,12 +239,16 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         )
         summary["precision"] = str(precision)
         trainer: pl.Trainer = hydra.utils.instantiate(
-            cfg.trainer, callbacks=callbacks, logger=loggers or False, precision=precision
+            cfg.trainer,
+            callbacks=callbacks,
+            logger=loggers or False,
+            precision=precision,
+            plugins=[AtomicCheckpointIO()],
         )
         monitor = next((c for c in callbacks if isinstance(c, DivergenceMonitor)), None)
         diverged = False
         try:
-            trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
         except TrainingDiverged:
             diverged = True
         if monitor is not None:
@@ -284,6 +301,60 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         if _is_global_zero():
             write_json_atomic(out_dir / METRICS_FILE, summary)
     return summary
+
+
+def _resume_point(cfg: DictConfig, out_dir: Path) -> tuple[str | None, dict[str, Any] | None]:
+    """The checkpoint to continue from (None: start afresh) and, when ``resume=true`` finds
+    the run already completed, its saved summary."""
+    if cfg.get("ckpt_path"):
+        path = Path(str(cfg.ckpt_path)).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"ckpt_path: no checkpoint file at {path}")
+        if resume_mod.checkpoint_step(path) is None:
+            raise ConfigError(f"ckpt_path: {path} is not a readable checkpoint")
+        return str(path), None
+    if not resume_mod.resume_requested(cfg):
+        return None, None
+    metrics = out_dir / METRICS_FILE
+    if metrics.is_file():
+        try:
+            previous = json.loads(metrics.read_text())
+        except ValueError:
+            previous = {}
+        if previous.get("status") in ("completed", "diverged"):
+            return None, previous
+    found = resume_mod.find_checkpoint(out_dir)
+    if found is not None:
+        log.info("resuming from %s", found)
+        return str(found), None
+    if _is_multirun():  # a sweep job that had not started (or saved nothing): start it
+        return None, None
+    raise ConfigError(
+        f"resume={cfg.resume}: found no checkpoint of an earlier run with the same overrides "
+        f"under {Path(cfg.paths.log_dir) / 'runs'} (compare the overrides in "
+        "<run>/.hydra/overrides.yaml); start it without resume=true, or name the run with "
+        "resume=<run folder> or a checkpoint with ckpt_path=<file>"
+    )
+
+
+def _instantiate_loggers(group: DictConfig | None, ckpt_path: str | None) -> list[Any]:
+    """The loggers; when resuming, TensorBoard hides what the killed run logged after the
+    checkpoint (``purge_step``), so the resumed run's curves continue without overlap."""
+    if not group:
+        return []
+    step = None
+    if ckpt_path:
+        found = resume_mod.checkpoint_step(Path(ckpt_path))
+        step = found[0] if found else None
+    loggers = []
+    for c in group.values():
+        if not c or "_target_" not in c:
+            continue
+        extra = {}
+        if step is not None and str(c["_target_"]).endswith("TensorBoardLogger"):
+            extra["purge_step"] = step
+        loggers.append(hydra.utils.instantiate(c, **extra))
+    return loggers
 
 
 def collapsed_tasks(test: Mapping[str, Any] | None) -> list[str]:

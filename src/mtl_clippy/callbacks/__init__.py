@@ -1,7 +1,16 @@
 """Lightning callbacks of the experiment app."""
 
+from mtl_clippy.callbacks.checkpointing import AtomicCheckpointIO, ResumeState, StepCheckpoint
 from mtl_clippy.callbacks.divergence import DivergenceMonitor, TrainingDiverged
 from mtl_clippy.callbacks.telemetry import OptimizerTelemetry
 from mtl_clippy.callbacks.throughput import ThroughputMeter
 
-__all__ = ["DivergenceMonitor", "OptimizerTelemetry", "ThroughputMeter", "TrainingDiverged"]
+__all__ = [
+    "AtomicCheckpointIO",
+    "DivergenceMonitor",
+    "OptimizerTelemetry",
+    "ResumeState",
+    "StepCheckpoint",
+    "ThroughputMeter",
+    "TrainingDiverged",
+]

@@ -202,10 +202,40 @@ class DivergenceMonitor(pl.Callback):
                     self._hook = None
                 raise TrainingDiverged(step, self.reason or "")
 
+    # -- checkpoint state (an exact resume needs the recent losses and the counts) -----------
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "recent": list(self._recent),
+            "pending": [(s, float(v.float().item())) for s, v in self._pending],
+            "seen": self._seen,
+            "max_logit": self.max_abs_logit,
+            "last_finite_loss": self.last_finite_loss,
+            "spikes": self.spikes,
+            "spike_steps": list(self.spike_steps),
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._loaded = dict(state_dict)
+
+    def _apply_loaded(self) -> None:
+        state, self._loaded = getattr(self, "_loaded", None), None
+        if not state:
+            return
+        self._recent.extend(state["recent"])
+        self._pending = [(int(s), torch.tensor(v)) for s, v in state["pending"]]
+        self._seen = int(state["seen"])
+        if state.get("max_logit") is not None:
+            self._max_logit = torch.tensor(float(state["max_logit"]))
+        self.last_finite_loss = state["last_finite_loss"]
+        self.spikes = int(state["spikes"])
+        self.spike_steps = list(state["spike_steps"])
+
     # -- Lightning hooks ---------------------------------------------------------------------
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.reset()
+        self._apply_loaded()
         if self.check_every_n_steps is None:
             self._every = 1 if pl_module.device.type == "cpu" else 16
         if self.track_logits:

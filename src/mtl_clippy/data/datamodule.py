@@ -167,6 +167,11 @@ class EpochBatchSampler(DistributedSampler):
         self.shard_size = n_rows // world_size
         self.num_samples = self.shard_size
         self.total_size = self.shard_size * world_size
+        self._skip: tuple[int, int] | None = None  # (epoch, batches) to skip after a resume
+
+    def skip_batches(self, epoch: int, batches: int) -> None:
+        """Resume mid-epoch: the next pass over ``epoch`` starts after its first ``batches``."""
+        self._skip = (int(epoch), int(batches))
 
     def __len__(self) -> int:
         if self.drop_last and self.shard_size >= self.batch_size:
@@ -176,15 +181,41 @@ class EpochBatchSampler(DistributedSampler):
     def __iter__(self):  # type: ignore[override]
         lo = self.rank * self.shard_size
         n_batches = len(self)
+        first = 0
+        if self._skip is not None and self._skip[0] == self.epoch:
+            first = min(self._skip[1], n_batches)
+        self._skip = None
         if not self.shuffle:
-            for b in range(n_batches):
+            for b in range(first, n_batches):
                 start = lo + b * self.batch_size
                 yield slice(start, min(start + self.batch_size, lo + self.shard_size))
             return
         rng = np.random.default_rng([self.seed, self.epoch])
         shard = rng.permutation(self.n_rows)[lo : lo + self.shard_size]
-        for b in range(n_batches):
+        for b in range(first, n_batches):
             yield np.sort(shard[b * self.batch_size : (b + 1) * self.batch_size])
+
+
+class ResumableDataLoader(DataLoader):
+    """The training loader, resumable mid-epoch (Lightning's ``state_dict`` protocol).
+
+    Its state is the epoch and the number of batches already trained on in it, read from the
+    trainer when a checkpoint is taken; loading it makes the sampler skip those batches of
+    that epoch. The order itself is a function of ``(seed, epoch)``, so nothing else is kept.
+    """
+
+    def __init__(self, *args: Any, position: Any = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._position = position  # () -> (epoch, batches done in it)
+
+    def state_dict(self) -> dict[str, int]:
+        epoch, done = self._position() if self._position is not None else (0, 0)
+        return {"epoch": int(epoch), "batches_done": int(done)}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        sampler = self.sampler
+        if isinstance(sampler, EpochBatchSampler):
+            sampler.skip_batches(state_dict["epoch"], state_dict["batches_done"])
 
 
 class AliExpressDataModule(L.LightningDataModule):
@@ -395,13 +426,33 @@ class AliExpressDataModule(L.LightningDataModule):
             len(dataset), self.batch_size if train else self.eval_batch_size,
             shuffle=train, seed=self.seed, rank=rank, world_size=world, drop_last=train,
         )  # fmt: skip
-        return DataLoader(
+        # Its own generator: creating an iterator then draws from it, never from the global
+        # torch generator (which dropout uses), so evaluation passes leave training's
+        # random stream alone and a resumed run draws the same numbers.
+        generator = torch.Generator().manual_seed(self.seed)
+        kwargs: dict[str, Any] = {}
+        cls: type[DataLoader] = DataLoader
+        if train:
+            cls, kwargs["position"] = ResumableDataLoader, self._train_position
+        return cls(
             dataset,
             sampler=sampler,
             batch_size=None,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,
+            generator=generator,
+            **kwargs,
+        )
+
+    def _train_position(self) -> tuple[int, int]:
+        """(epoch, training batches finished in it), read when a checkpoint is taken."""
+        trainer = self.trainer
+        if trainer is None:
+            return 0, 0
+        loop = trainer.fit_loop
+        return int(loop.epoch_progress.current.processed), int(
+            loop.epoch_loop.batch_progress.current.ready
         )
 
     def train_dataloader(self) -> DataLoader:

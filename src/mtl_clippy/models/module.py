@@ -356,10 +356,24 @@ class MultiTaskModule(pl.LightningModule):
         return torch.sigmoid(self(categorical, numerical))
 
     def on_train_start(self) -> None:
-        # The sanity check runs validation before training; start "best" from scratch.
+        # The sanity check runs validation before training; start "best" from scratch, or
+        # from the checkpoint's value when resuming.
         for metrics in self.val_metrics.values():
             metrics.reset()
         self.val_auc_best.reset()
+        resumed = getattr(self, "_resumed_val_auc_best", None)
+        if resumed is not None:
+            self.val_auc_best.update(resumed.to(self.device))
+            self._resumed_val_auc_best = None
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # torchmetrics states are not in the state_dict; keep the best validation AUC so
+        # far so that a resumed run logs the same val/auc_mean_best.
+        if self.val_auc_best.update_count:
+            checkpoint["val_auc_mean_best"] = self.val_auc_best.compute().detach().cpu()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._resumed_val_auc_best = checkpoint.get("val_auc_mean_best")
 
     # -- optimization --------------------------------------------------------------------------
 

@@ -1,0 +1,231 @@
+"""Resume after SIGKILL, determinism, and the pieces they rest on.
+
+The end-to-end tests run ``python train.py`` in subprocesses: one uninterrupted run, one run
+killed with SIGKILL in the middle of its second epoch and resumed with ``resume=true``; the
+resumed run must end with exactly (bit for bit) the same validation and test metrics, in the
+same folder and TensorBoard run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from app_helpers import ROOT, run_train
+from mtl_clippy.callbacks import AtomicCheckpointIO
+from mtl_clippy.data.datamodule import EpochBatchSampler
+from mtl_clippy.resume import find_checkpoint, run_identity
+
+# 2,700 training rows / 64 = 42 batches per epoch; a checkpoint every 25 steps puts step 50
+# in the middle of the second epoch (its 9th batch). SharedBottom has dropout, so the random
+# state matters as well as the data order and Clippy's accumulators.
+ARGS = [
+    "data.train_rows=3000",
+    "data.test_rows=1500",
+    "data.batch_size=64",
+    "trainer.max_epochs=3",
+    "callbacks.step_checkpoint.every_n_train_steps=25",
+    "callbacks.progress_bar.refresh_rate=0",
+]
+BATCHES_PER_EPOCH = 42
+KILL_AFTER = "step-0000050.ckpt"
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("resume_data")
+
+
+def _args(tmp: Path, data_dir: Path, *extra: str) -> list[str]:
+    return [*ARGS, f"paths.log_dir={tmp}/outputs", f"paths.data_dir={data_dir}", *extra]
+
+
+def _only_run(tmp: Path) -> Path:
+    runs = sorted((tmp / "outputs" / "runs").iterdir())
+    assert len(runs) == 1, runs
+    return runs[0]
+
+
+def _metrics(run: Path) -> dict:
+    return json.loads((run / "metrics.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, data_dir):
+    tmp = tmp_path_factory.mktemp("uninterrupted")
+    res = run_train(_args(tmp, data_dir), cwd=tmp)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return _metrics(_only_run(tmp))
+
+
+def _start_and_kill(args: list[str], cwd: Path, wait_for: str, timeout: float = 300) -> Path:
+    """Start ``train.py``, SIGKILL it as soon as checkpoint ``wait_for`` exists."""
+    env = {**os.environ, "MTL_CLIPPY_DISABLE_FUSED": "1", "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "train.py"), *args],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            if list(cwd.glob(f"outputs/runs/*/checkpoints/{wait_for}")):
+                proc.send_signal(signal.SIGKILL)
+                break
+            if proc.poll() is not None:
+                raise AssertionError(
+                    "the run ended before it could be killed: " + proc.stderr.read().decode()[-2000:]
+                )
+            time.sleep(0.002)
+        else:
+            raise AssertionError(f"no {wait_for} within {timeout} s")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        proc.stderr.close()
+    assert proc.returncode == -signal.SIGKILL
+    return _only_run(cwd)
+
+
+def test_kill_mid_epoch_then_resume_gives_identical_metrics(tmp_path, data_dir, uninterrupted):
+    run = _start_and_kill(_args(tmp_path, data_dir), tmp_path, KILL_AFTER)
+    assert not (run / "metrics.json").exists() or _metrics(run)["status"] != "completed"
+    # The newest checkpoint is the step checkpoint, inside the second epoch.
+    ckpt = find_checkpoint(run)
+    assert ckpt is not None and ckpt.name.startswith("step-")
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    assert state["global_step"] % BATCHES_PER_EPOCH != 0 and state["epoch"] >= 1
+
+    res = run_train(_args(tmp_path, data_dir, "resume=true"), cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert _only_run(tmp_path) == run  # the same folder, no new one
+    resumed = _metrics(run)
+    assert resumed["status"] == "completed"
+    assert resumed["resumed_from"].startswith(os.path.join("checkpoints", "step-"))
+    assert resumed["steps"] == uninterrupted["steps"] == 3 * BATCHES_PER_EPOCH
+    # Bit for bit: JSON floats round-trip exactly.
+    assert resumed["test"] == uninterrupted["test"]
+    assert resumed["val"] == uninterrupted["val"]
+    assert resumed["best"]["val/auc_mean"] == uninterrupted["best"]["val/auc_mean"]
+    assert resumed["best"]["epoch"] == uninterrupted["best"]["epoch"]
+    assert resumed["divergence"]["last_finite_loss"] == uninterrupted["divergence"]["last_finite_loss"]
+    # One TensorBoard run: event files of both processes in the one folder.
+    assert [p.name for p in run.iterdir() if p.name == "tensorboard"] == ["tensorboard"]
+    writers = {p.name.split(".")[-2] for p in (run / "tensorboard").glob("events.out.tfevents.*")}
+    assert len(writers) == 2  # the killed process and the resumed one
+    assert not list(run.rglob("*.tmp*")), "a temporary file was left behind"
+
+
+def test_resuming_a_completed_run_changes_nothing(tmp_path, data_dir):
+    args = _args(tmp_path, data_dir, "trainer.max_epochs=1")
+    assert run_train(args, cwd=tmp_path).returncode == 0
+    run = _only_run(tmp_path)
+    before = (run / "metrics.json").read_text()
+    res = run_train([*args, "resume=true"], cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert _only_run(tmp_path) == run
+    assert (run / "metrics.json").read_text() == before
+
+
+def test_resume_with_no_earlier_run_is_one_clear_error(tmp_path, data_dir):
+    res = run_train(_args(tmp_path, data_dir, "resume=true"), cwd=tmp_path)
+    assert res.returncode == 2
+    lines = [line for line in res.stderr.splitlines() if line.strip()]
+    assert lines[-1].startswith("error: resume=True: found no checkpoint"), res.stderr[-2000:]
+    assert "Traceback" not in res.stderr
+
+
+def test_same_seed_same_metrics_other_seed_other_metrics(tmp_path, data_dir, uninterrupted):
+    again = tmp_path / "again"
+    again.mkdir()
+    assert run_train(_args(again, data_dir), cwd=again).returncode == 0
+    repeat = _metrics(_only_run(again))
+    assert repeat["test"] == uninterrupted["test"] and repeat["val"] == uninterrupted["val"]
+
+    other = tmp_path / "other"
+    other.mkdir()
+    assert run_train(_args(other, data_dir, "seed=7"), cwd=other).returncode == 0
+    different = _metrics(_only_run(other))
+    assert different["test"]["auc_click"] != uninterrupted["test"]["auc_click"]
+    assert different["test"]["logloss_click"] != uninterrupted["test"]["logloss_click"]
+
+
+# ----------------------------------------------------------------------------- the pieces
+
+
+def test_sampler_skips_the_finished_batches_of_the_resumed_epoch_only():
+    full = EpochBatchSampler(1000, 64, shuffle=True, seed=3)
+    full.set_epoch(2)
+    expected = [b.tolist() for b in full]
+    resumed = EpochBatchSampler(1000, 64, shuffle=True, seed=3)
+    resumed.skip_batches(epoch=2, batches=5)
+    resumed.set_epoch(2)
+    assert [b.tolist() for b in resumed] == expected[5:]
+    assert [b.tolist() for b in resumed] == expected  # the next pass is whole again
+    other = EpochBatchSampler(1000, 64, shuffle=True, seed=3)
+    other.skip_batches(epoch=1, batches=5)  # a different epoch: nothing skipped
+    other.set_epoch(2)
+    assert [b.tolist() for b in other] == expected
+
+
+def test_find_checkpoint_takes_the_furthest_and_skips_damaged_files(tmp_path):
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    io = AtomicCheckpointIO()
+    io.save_checkpoint({"global_step": 84, "epoch": 1}, folder / "last.ckpt")
+    io.save_checkpoint({"global_step": 100, "epoch": 2}, folder / "step-0000100.ckpt")
+    io.save_checkpoint({"global_step": 126, "epoch": 2}, folder / "best.ckpt")
+    assert find_checkpoint(tmp_path).name == "step-0000100.ckpt"
+    # A newer file cut short (as by a kill during a plain write) is skipped with a warning.
+    data = (folder / "step-0000100.ckpt").read_bytes()
+    (folder / "step-0000110.ckpt").write_bytes(data[: len(data) // 2])
+    assert find_checkpoint(tmp_path).name == "step-0000100.ckpt"
+    assert find_checkpoint(tmp_path / "nothing") is None
+
+
+def test_atomic_checkpoint_write_leaves_the_old_file_when_saving_fails(tmp_path):
+    io = AtomicCheckpointIO()
+    target = tmp_path / "last.ckpt"
+    io.save_checkpoint({"global_step": 1}, target)
+
+    class Unpicklable:
+        def __reduce__(self):
+            raise RuntimeError("cannot save this")
+
+    with pytest.raises(RuntimeError):
+        io.save_checkpoint({"global_step": 2, "bad": Unpicklable()}, target)
+    assert torch.load(target, weights_only=True)["global_step"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
+
+
+def test_run_identity_ignores_how_a_run_starts():
+    a = run_identity(["model=ncf", "optim.lr=0.1", "resume=true", "hydra.run.dir=x"])
+    b = run_identity(["optim.lr=0.1", "model=ncf", "ckpt_path=/a/b.ckpt"])
+    assert a == b == ["model=ncf", "optim.lr=0.1"]
+    assert run_identity(["model=sb"]) != a
+
+
+def test_resume_state_round_trips_every_random_generator():
+    import random
+
+    from mtl_clippy.callbacks import ResumeState
+
+    cb = ResumeState()
+    state = cb.state_dict()
+    expected = (random.random(), np.random.rand(), torch.rand(1).item())
+    for _ in range(3):
+        random.random(), np.random.rand(), torch.rand(5)
+    cb.load_state_dict(state)
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
