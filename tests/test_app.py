@@ -229,9 +229,14 @@ def test_run_and_sweep_folders_are_unique_and_named(tmp_path):
     run_dir = OmegaConf.to_container(cfg.hydra.run, resolve=False)["dir"]
     assert "%f" in sweep_dir and "${mtl_clippy.pid:}" in sweep_dir  # microseconds + process
     assert (
-        "%f" in run_dir
+        "${mtl_clippy.run_dir:" in run_dir
         and "${hydra:runtime.choices.model}-${hydra:runtime.choices.optim}" in run_dir
     )
+    from mtl_clippy import resume
+
+    assert resume.STAMP.endswith("%f")  # a new run folder's name ends in microseconds
+    fresh = resume.run_dir(str(tmp_path), "ncf-adam", OmegaConf.create({"resume": False}))
+    assert Path(fresh).parent == tmp_path / "runs" and Path(fresh).name.endswith("_ncf-adam")
     # the same pattern, resolved in two processes started together, gives two folders
     code = (
         "import datetime, os; from omegaconf import OmegaConf; import mtl_clippy.train;"

@@ -164,8 +164,30 @@ def test_ranks_get_disjoint_equal_shards(shuffle):
         )
         assert len(batches) == len(sampler)
         shards.append(rows)
-    assert {len(s) for s in shards} == {1001 // world}
-    assert len(np.unique(np.concatenate(shards))) == 3 * (1001 // world)
+    if shuffle:  # training: equal shards, the 1001 % 3 left-over rows skipped
+        assert {len(s) for s in shards} == {1001 // world}
+        assert len(np.unique(np.concatenate(shards))) == 3 * (1001 // world)
+    else:  # evaluation: every row exactly once
+        assert sorted(len(s) for s in shards) == [333, 334, 334]
+        assert np.array_equal(np.sort(np.concatenate(shards)), np.arange(1001))
+
+
+def test_ranks_together_take_the_global_batch_of_one_process():
+    """Batch k of 2 ranks with batch 32 = batch k of 1 process with batch 64, each epoch."""
+    single = EpochBatchSampler(1000, 64, shuffle=True, seed=5, drop_last=True)
+    ranks = [
+        EpochBatchSampler(1000, 32, shuffle=True, seed=5, rank=r, world_size=2, drop_last=True)
+        for r in range(2)
+    ]
+    for epoch in range(2):
+        for s in (single, *ranks):
+            s.set_epoch(epoch)
+        per_rank = [list(r) for r in ranks]
+        expected = list(single)
+        assert len(expected) == len(per_rank[0]) == len(per_rank[1])
+        for k, batch in enumerate(expected):
+            together = np.sort(np.concatenate([per_rank[0][k], per_rank[1][k]]))
+            assert np.array_equal(together, batch)
 
 
 def test_one_gather_per_batch(generated, monkeypatch):

@@ -85,7 +85,8 @@ def _start_and_kill(args: list[str], cwd: Path, wait_for: str, timeout: float = 
                 break
             if proc.poll() is not None:
                 raise AssertionError(
-                    "the run ended before it could be killed: " + proc.stderr.read().decode()[-2000:]
+                    "the run ended before it could be killed: "
+                    + proc.stderr.read().decode()[-2000:]
                 )
             time.sleep(0.002)
         else:
@@ -120,7 +121,9 @@ def test_kill_mid_epoch_then_resume_gives_identical_metrics(tmp_path, data_dir, 
     assert resumed["val"] == uninterrupted["val"]
     assert resumed["best"]["val/auc_mean"] == uninterrupted["best"]["val/auc_mean"]
     assert resumed["best"]["epoch"] == uninterrupted["best"]["epoch"]
-    assert resumed["divergence"]["last_finite_loss"] == uninterrupted["divergence"]["last_finite_loss"]
+    assert (
+        resumed["divergence"]["last_finite_loss"] == uninterrupted["divergence"]["last_finite_loss"]
+    )
     # One TensorBoard run: event files of both processes in the one folder.
     assert [p.name for p in run.iterdir() if p.name == "tensorboard"] == ["tensorboard"]
     writers = {p.name.split(".")[-2] for p in (run / "tensorboard").glob("events.out.tfevents.*")}
@@ -224,8 +227,12 @@ def test_resume_state_round_trips_every_random_generator():
 
     cb = ResumeState()
     state = cb.state_dict()
-    expected = (random.random(), np.random.rand(), torch.rand(1).item())
+
+    def draw():
+        return random.random(), np.random.rand(), torch.rand(1).item()  # noqa: NPY002
+
+    expected = draw()
     for _ in range(3):
-        random.random(), np.random.rand(), torch.rand(5)
+        draw()
     cb.load_state_dict(state)
-    assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
+    assert draw() == expected

@@ -245,6 +245,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             precision=precision,
             plugins=[AtomicCheckpointIO()],
         )
+        if trainer.world_size > 1:
+            _ddp_children_run_this_job()
         monitor = next((c for c in callbacks if isinstance(c, DivergenceMonitor)), None)
         diverged = False
         try:
@@ -284,11 +286,15 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             summary["test"] = _split_metrics(results[0] if results else {}, "test")
             summary["collapsed"] = collapsed_tasks(summary["test"])
         summary["status"] = "completed"
+        params = OmegaConf.to_container(cfg, resolve=True)
+        final = {f"final/{k}": v for k, v in (summary["test"] or {}).items() if v is not None}
         for lg in trainer.loggers:
-            lg.log_hyperparams(
-                OmegaConf.to_container(cfg, resolve=True),  # type: ignore[arg-type]
-                {f"final/{k}": v for k, v in (summary["test"] or {}).items() if v is not None},
-            )
+            if isinstance(lg, pl.loggers.TensorBoardLogger):  # hparams tab with the results
+                lg.log_hyperparams(params, final)  # type: ignore[arg-type]
+            else:
+                lg.log_hyperparams(params)  # type: ignore[arg-type]
+                if final:
+                    lg.log_metrics(final, step=trainer.global_step)
             lg.finalize("success")
     except BaseException as exc:
         summary["status"] = "failed"
@@ -301,6 +307,24 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         if _is_global_zero():
             write_json_atomic(out_dir / METRICS_FILE, summary)
     return summary
+
+
+def _ddp_children_run_this_job() -> None:
+    """In a sweep, make Lightning's DDP launcher start the other ranks on this job alone.
+
+    Lightning starts rank k by re-running the command line (``sys.argv``) with
+    ``hydra.run.dir=<HydraConfig run.dir>``; in a sweep that would be the whole sweep, in the
+    wrong folder. Point both at this job: its overrides, and its output folder.
+    """
+    if not _is_multirun():
+        return
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import read_write
+
+    hc = HydraConfig.get()
+    sys.argv = [sys.argv[0], *hc.overrides.task]
+    with read_write(hc.run):
+        hc.run.dir = hc.runtime.output_dir
 
 
 def _resume_point(cfg: DictConfig, out_dir: Path) -> tuple[str | None, dict[str, Any] | None]:
@@ -420,6 +444,7 @@ def main(cfg: DictConfig) -> float | None:
     and its error) and the sweep goes on; the results table lists it.
     """
     multirun = _is_multirun()
+    env_before = {k: os.environ.get(k) for k in _DDP_ENV}
     try:
         summary = train(cfg)
     except user_error_types() as exc:
@@ -434,6 +459,11 @@ def main(cfg: DictConfig) -> float | None:
             log.exception("job failed")
             return None
         raise
+    finally:
+        if multirun:
+            _end_distributed(env_before)
+    if not _is_global_zero():  # other DDP ranks: rank 0 reports
+        return (summary.get("best") or {}).get("val/auc_mean")
     print()
     print(format_summary(summary))
     if summary.get("status") == "diverged":
@@ -449,6 +479,22 @@ def main(cfg: DictConfig) -> float | None:
         )
     print(f"\nrun folder: {cfg.paths.output_dir}")
     return (summary.get("best") or {}).get("val/auc_mean")
+
+
+#: Set by Lightning's DDP launcher in the launching process; a later job of the same sweep
+#: would take them as "the other ranks already exist" and wait for them forever.
+_DDP_ENV = ("LOCAL_RANK", "NODE_RANK", "RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def _end_distributed(env_before: Mapping[str, str | None]) -> None:
+    """After a sweep job: close its process group and restore the launcher's environment."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    for key, value in env_before.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
 
 
 def _is_multirun() -> bool:

@@ -77,7 +77,7 @@ class ResumeState(pl.Callback):
 
     def state_dict(self) -> dict[str, Any]:
         # Plain types and tensors only, so checkpoints load with torch.load(weights_only=True).
-        name, keys, pos, has_gauss, gauss = np.random.get_state()
+        name, keys, pos, has_gauss, gauss = np.random.get_state()  # noqa: NPY002 (the global state is what we keep)
         state: dict[str, Any] = {
             "python": random.getstate(),
             "numpy": [str(name), torch.from_numpy(keys.astype(np.int64)), int(pos),
@@ -91,7 +91,7 @@ class ResumeState(pl.Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         random.setstate(state_dict["python"])
         name, keys, pos, has_gauss, gauss = state_dict["numpy"]
-        np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+        np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))  # noqa: NPY002
         torch.set_rng_state(state_dict["torch"])
         if "cuda" in state_dict and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state_dict["cuda"])

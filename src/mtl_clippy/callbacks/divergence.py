@@ -191,7 +191,12 @@ class DivergenceMonitor(pl.Callback):
         if not self._pending:
             return
         steps = [s for s, _ in self._pending]
-        values = torch.stack([v.float() for _, v in self._pending]).cpu().tolist()
+        values = torch.stack([v.float() for _, v in self._pending])
+        if trainer is not None and trainer.world_size > 1:
+            # Every rank applies the rule to the same numbers (the mean loss over ranks), so
+            # all of them stop together: a rank stopping alone would hang the others.
+            values = trainer.strategy.reduce(values, reduce_op="mean")
+        values = values.cpu().tolist()
         self._pending.clear()
         for step, value in zip(steps, values):
             if self.observe(step, value):

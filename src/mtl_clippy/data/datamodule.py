@@ -130,11 +130,17 @@ class BatchDataset(Dataset):
 class EpochBatchSampler(DistributedSampler):
     """Yields whole batches of row indices: shuffled per epoch from ``(seed, epoch)``.
 
-    Each of ``world_size`` ranks gets a disjoint shard of ``n_rows // world_size`` rows (the
-    few left-over rows are skipped, different ones each epoch when shuffling). Within a
-    shuffled batch the indices are sorted, which makes the gather from a memory-mapped array
-    sequential without changing which rows form the batch. Without shuffling, batches are
-    contiguous slices.
+    Training (``shuffle=True``): each of ``world_size`` ranks gets ``n_rows // world_size``
+    rows of the epoch's permutation, interleaved: rank ``r`` takes positions ``r, r + w,
+    r + 2w, ...``. Batch ``k`` of all ranks together is then exactly batch ``k`` of a single
+    process whose batch is ``world_size`` times larger: a DDP run and a one-process run with
+    the same global batch see the same rows in the same steps. The few left-over rows are
+    skipped (different ones each epoch). Within a batch the indices are sorted, which makes
+    the gather from a memory-mapped array sequential without changing which rows form it.
+
+    Evaluation (``shuffle=False``): contiguous slices, every row exactly once; rank ``r``
+    takes rows ``[r n / w, (r + 1) n / w)``, so metrics gathered over the ranks are those of
+    the whole split.
 
     It subclasses ``DistributedSampler`` only so that Lightning sees it as already sharded and
     leaves it alone; ``set_epoch`` (called by Lightning each epoch) is inherited.
@@ -164,9 +170,13 @@ class EpochBatchSampler(DistributedSampler):
         self.num_replicas = world_size
         self.drop_last = drop_last
         self.epoch = 0
-        self.shard_size = n_rows // world_size
+        if shuffle:
+            self.lo, self.shard_size = 0, n_rows // world_size
+        else:
+            self.lo = rank * n_rows // world_size
+            self.shard_size = (rank + 1) * n_rows // world_size - self.lo
         self.num_samples = self.shard_size
-        self.total_size = self.shard_size * world_size
+        self.total_size = n_rows // world_size * world_size if shuffle else n_rows
         self._skip: tuple[int, int] | None = None  # (epoch, batches) to skip after a resume
 
     def skip_batches(self, epoch: int, batches: int) -> None:
@@ -179,7 +189,7 @@ class EpochBatchSampler(DistributedSampler):
         return -(-self.shard_size // self.batch_size)
 
     def __iter__(self):  # type: ignore[override]
-        lo = self.rank * self.shard_size
+        lo = self.lo
         n_batches = len(self)
         first = 0
         if self._skip is not None and self._skip[0] == self.epoch:
@@ -191,7 +201,7 @@ class EpochBatchSampler(DistributedSampler):
                 yield slice(start, min(start + self.batch_size, lo + self.shard_size))
             return
         rng = np.random.default_rng([self.seed, self.epoch])
-        shard = rng.permutation(self.n_rows)[lo : lo + self.shard_size]
+        shard = rng.permutation(self.n_rows)[: self.total_size][self.rank :: self.num_replicas]
         for b in range(first, n_batches):
             yield np.sort(shard[b * self.batch_size : (b + 1) * self.batch_size])
 

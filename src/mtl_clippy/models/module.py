@@ -341,14 +341,19 @@ class MultiTaskModule(pl.LightningModule):
         if not self.trainer.sanity_checking:  # the sanity check's numbers never count as best
             self.val_auc_best.update(values["val/auc_mean"])
             values["val/auc_mean_best"] = self.val_auc_best.compute()
-        self.log_dict(values)
+        self._log_epoch(values)
 
     def test_step(self, batch: Batch, batch_idx: int) -> None:
         """Accumulate the test metrics (computed and logged at the end of the epoch)."""
         self._update(self.test_metrics, batch)
 
     def on_test_epoch_end(self) -> None:
-        self.log_dict(self._compute(self.test_metrics, "test"))
+        self._log_epoch(self._compute(self.test_metrics, "test"))
+
+    def _log_epoch(self, values: dict[str, Tensor]) -> None:
+        # The metrics gathered every rank's predictions before computing, so each rank holds
+        # the same numbers; "max" over ranks keeps them exactly (a mean could round).
+        self.log_dict(values, sync_dist=True, reduce_fx="max")
 
     def predict_step(self, batch: Batch, batch_idx: int, dataloader_idx: int = 0) -> Tensor:
         """Per-task probabilities ``[batch, n_tasks]``; labels in the batch are ignored."""

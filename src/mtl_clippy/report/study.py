@@ -163,6 +163,8 @@ def read_scalars(run_dir: Path, prefix: str) -> dict[str, list[tuple[int, float]
     event_dir = run_dir / "tensorboard"
     if not event_dir.is_dir():
         return {}
+    # TensorBoard's reader logs every event file it moves past at INFO level.
+    logging.getLogger("tensorboard").setLevel(logging.WARNING)
     acc = EventAccumulator(str(event_dir), size_guidance={"scalars": 0})
     acc.Reload()
     return {

@@ -1,0 +1,60 @@
+"""Distributed data parallel on 2 CPU processes (gloo) against one process, end to end.
+
+With the same global batch (2 ranks x 64 rows vs 1 process x 128 rows), the ranks' batches
+together are the single process's batches (see EpochBatchSampler), DDP averages the ranks'
+gradients into the global batch's gradient, and the metrics gather every rank's predictions:
+the two runs must agree to float32 rounding. Dropout and batch normalisation are off, since
+their per-rank statistics and masks legitimately differ from a single process's.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from app_helpers import run_train
+
+COMMON = [
+    "data.train_rows=3000",
+    "data.test_rows=1500",
+    "trainer.max_epochs=2",
+    "trainer.precision=32-true",
+    "model.norm=none",
+    "model.dropout=0",
+    "logger=csv",
+    "callbacks.progress_bar.refresh_rate=0",
+]
+
+
+def _run(tmp: Path, data_dir: Path, *extra: str) -> tuple[Path, dict]:
+    res = run_train(
+        [*COMMON, f"paths.log_dir={tmp}/outputs", f"paths.data_dir={data_dir}", *extra], cwd=tmp
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    runs = list((tmp / "outputs" / "runs").iterdir())
+    assert len(runs) == 1, runs  # one output folder, whatever the number of processes
+    return runs[0], json.loads((runs[0] / "metrics.json").read_text())
+
+
+def test_two_process_ddp_matches_one_process_with_the_same_global_batch(tmp_path):
+    data_dir = tmp_path / "data"
+    (tmp_path / "single").mkdir()
+    (tmp_path / "ddp").mkdir()
+    _, single = _run(tmp_path / "single", data_dir, "data.batch_size=128")
+    run, ddp = _run(
+        tmp_path / "ddp", data_dir, "trainer=ddp", "trainer.devices=2", "data.batch_size=64"
+    )
+    assert single["status"] == ddp["status"] == "completed"
+    assert ddp["steps"] == single["steps"] == 2 * (2700 // 128)
+    for split in ("val", "test"):
+        assert set(ddp[split]) == set(single[split])
+        for key, value in single[split].items():
+            assert ddp[split][key] == pytest.approx(value, abs=1e-5), (split, key)
+    # One set of checkpoints, written by rank 0 only; the second rank has its own log file.
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["best.ckpt", "last.ckpt"]
+    assert (run / "train_ddp_process_1.log").is_file()
+    csv_files = list(run.rglob("metrics.csv"))
+    assert len(csv_files) == 1
+    assert "final/auc_click" in csv_files[0].read_text().splitlines()[0]
