@@ -259,3 +259,19 @@ def test_default_sizes_hold_several_hundred_test_conversions():
     dm = AliExpressDataModule(cache_dir="/nonexistent")
     assert dm.generator_config == config
     assert dm.batch_size == 2048 and dm.val_fraction == 0.1 and dm.seed == 42
+
+
+def test_encoded_ids_are_cached_and_memory_mapped(generated, cache_dir):
+    """A second data module (another DDP rank, a later run) maps the same encoded ids."""
+    again = AliExpressDataModule(cache_dir=str(cache_dir), **SMALL)
+    again.setup("fit")
+    for first, second in zip(generated._train + generated._test, again._train + again._test):
+        assert np.array_equal(np.asarray(first), np.asarray(second))
+    encoded_train, encoded_test = again._train[0], again._test[0]
+    assert isinstance(encoded_train, np.memmap) and isinstance(encoded_test, np.memmap)
+    assert encoded_train.dtype == np.int32
+    # what the cache holds is exactly the vocabulary encoding of the raw ids
+    raw = again._read("train").categorical
+    assert np.array_equal(np.asarray(encoded_train), again._encode(np.asarray(raw)))
+    folders = list((again.source_dir / ".mtl_clippy_cache").glob("*encoded-*"))
+    assert len(folders) == 1 and not folders[0].name.startswith(".")

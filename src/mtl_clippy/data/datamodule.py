@@ -18,9 +18,12 @@ With no ``data_dir`` it generates the built-in dataset (``synthetic.py``) once i
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
+import shutil
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +33,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from mtl_clippy.data.errors import DataError
-from mtl_clippy.data.reader import AliExpressSplit, read_split
+from mtl_clippy.data.reader import CACHE_DIRNAME, AliExpressSplit, read_split
 from mtl_clippy.data.schema import N_CATEGORICAL, DatasetMetadata
 from mtl_clippy.data.synthetic import GeneratorConfig, generate_dataset
 
@@ -48,6 +51,8 @@ def default_cache_dir() -> str:
 
 
 DEFAULT_CACHE_DIR = default_cache_dir()
+#: Version of the encoded-ids cache layout (bump when the encoding changes).
+ENCODED_CACHE_VERSION = 1
 #: Lookup tables are used for fields whose largest id is below this; sorted search above it.
 _DENSE_ID_LIMIT = 1 << 24
 
@@ -374,8 +379,7 @@ class AliExpressDataModule(L.LightningDataModule):
             Vocabulary.from_column(train.categorical[: self._n_fit, f])
             for f in range(N_CATEGORICAL)
         )
-        train_idx = self._encode(train.categorical)
-        test_idx = self._encode(test.categorical)
+        train_idx, test_idx = self._encoded(train, test)
         oov = [v.oov for v in self.vocabularies]
         self.oov_counts = {
             "val": (train_idx[self._n_fit :] == oov).sum(0).tolist(),
@@ -391,6 +395,50 @@ class AliExpressDataModule(L.LightningDataModule):
         self._test = (test_idx, test.numerical, test.labels)
         self.metadata = DatasetMetadata(
             vocab_sizes=tuple(v.size for v in self.vocabularies), extra=self._extra(n, len(test))
+        )
+
+    def _encoded(
+        self, train: AliExpressSplit, test: AliExpressSplit
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Vocabulary indices (int32) of both splits, memory-mapped from a cache when the
+        splits came from one: every DDP rank and loader worker then shares one copy in the
+        page cache instead of holding its own (768 MB per process for the 12 M NL rows)."""
+        if not (train.from_cache and test.from_cache):
+            return self._encode(train.categorical), self._encode(test.categorical)
+        key_parts = [ENCODED_CACHE_VERSION, self._n_fit, len(train), len(test)]
+        for split in (train, test):
+            st = split.source.stat()
+            key_parts += [str(split.source.resolve()), st.st_size, st.st_mtime_ns]
+        key = hashlib.sha1(json.dumps(key_parts).encode()).hexdigest()[:12]
+        root = self.cache_dir / "splits" if self.data_dir is not None else None
+        root = root or train.source.parent / CACHE_DIRNAME
+        folder = root / f"encoded-{key}"
+        try:
+            arrays = tuple(np.load(folder / f"{n}.npy", mmap_mode="r") for n in ("train", "test"))
+            if (
+                arrays[0].shape == train.categorical.shape
+                and arrays[1].shape == test.categorical.shape
+            ):
+                return arrays[0], arrays[1]
+        except (OSError, ValueError):
+            pass
+        encoded = self._encode(train.categorical), self._encode(test.categorical)
+        tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        try:
+            tmp.mkdir(parents=True)
+            for name, array in zip(("train", "test"), encoded, strict=True):
+                np.save(tmp / f"{name}.npy", array)
+            if folder.exists():
+                shutil.rmtree(folder)
+            os.rename(tmp, folder)  # atomic: another rank's rename may win, same content
+        except OSError as err:
+            log.warning("could not cache the encoded ids in %s (%s)", folder, err)
+            return encoded
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return (
+            np.load(folder / "train.npy", mmap_mode="r"),
+            np.load(folder / "test.npy", mmap_mode="r"),
         )
 
     def _encode(self, categorical: np.ndarray) -> np.ndarray:
