@@ -236,3 +236,24 @@ def test_resume_state_round_trips_every_random_generator():
         draw()
     cb.load_state_dict(state)
     assert draw() == expected
+
+
+def test_a_sweep_resumes_in_its_folder_and_keeps_finished_jobs(tmp_path, data_dir):
+    sweep_args = [
+        "-m",
+        "optim=clippy,adam",
+        *_args(tmp_path, data_dir, "trainer.max_epochs=1"),
+    ]
+    assert run_train(sweep_args, cwd=tmp_path).returncode == 0
+    (sweep,) = (tmp_path / "outputs" / "multirun").iterdir()
+    jobs = sorted(p for p in sweep.iterdir() if p.is_dir() and p.name[0].isdigit())
+    # Job 1 "was killed": its results are gone, its checkpoints are left.
+    before = (jobs[0] / "metrics.json").read_text()
+    (jobs[1] / "metrics.json").unlink()
+    res = run_train([*sweep_args, "resume=true", f"hydra.sweep.dir={sweep}"], cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert list((tmp_path / "outputs" / "multirun").iterdir()) == [sweep]
+    assert sorted(p for p in sweep.iterdir() if p.is_dir() and p.name[0].isdigit()) == jobs
+    assert (jobs[0] / "metrics.json").read_text() == before  # finished: left alone
+    redone = _metrics(jobs[1])
+    assert redone["status"] == "completed" and redone["resumed_from"] == "checkpoints/last.ckpt"
