@@ -17,6 +17,7 @@ line 1) and the column. Validation is vectorised: masks per block, first offende
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import json
 import logging
@@ -98,18 +99,28 @@ def read_split(
             memory beyond the final arrays is a few ranges per thread.
 
     Raises:
-        DataError: the file is missing, empty or malformed (the message says where).
+        DataError: the file is missing, unreadable, not CSV text, empty or malformed (the
+            message says where).
     """
     path = Path(path)
-    if not path.is_file():
-        raise DataError(path, "file not found", hint="check the data directory")
-    stat = path.stat()
-    folder = _cache_folder(path, cache_dir) if cache else None
-    if folder is not None:
-        cached = _load_cache(folder, stat)
-        if cached is not None:
-            return AliExpressSplit(*cached, source=path, from_cache=True)
-    categorical, numerical, labels = _parse(path, block_size)
+    try:
+        if path.is_dir():
+            raise DataError(path, "this is a folder, not a file", hint="expected a CSV file")
+        if not path.is_file():
+            raise DataError(path, "file not found", hint="check the data directory")
+        stat = path.stat()
+        folder = _cache_folder(path, cache_dir) if cache else None
+        if folder is not None:
+            cached = _load_cache(folder, stat)
+            if cached is not None:
+                return AliExpressSplit(*cached, source=path, from_cache=True)
+        categorical, numerical, labels = _parse(path, block_size)
+    except OSError as err:  # permission denied, I/O error, ...: the user's to fix
+        raise DataError(
+            path,
+            f"cannot read the file: {err.strerror or err}",
+            hint="check that it is a readable file",
+        ) from None
     if folder is not None:
         _write_cache(folder, path, stat, (categorical, numerical, labels))
     return AliExpressSplit(categorical, numerical, labels, source=path, from_cache=False)
@@ -298,7 +309,10 @@ def _check_header(path: Path) -> None:
         first = f.readline(1 << 20)
     if not first:
         raise DataError(path, "the file is empty", hint="expected a header line and data rows")
+    _check_text(path, first)
     text = first.decode("utf-8", errors="replace").lstrip("\ufeff").rstrip("\r\n")
+    if not text.strip():
+        raise DataError(path, "the header line is empty", line=1, hint=_EXPECTED_HEADER)
     got = [c.strip().strip('"') for c in text.split(",")]
     if got == list(COLUMNS):
         return
@@ -322,13 +336,53 @@ def _check_header(path: Path) -> None:
         "header is not the 82 processed AliExpress columns: " + "; ".join(parts),
         line=1,
         column=column,
-        hint="expected: search_id, categorical_1..16, numerical_1..63, click, conversion",
+        hint=_EXPECTED_HEADER,
     )
 
 
+_EXPECTED_HEADER = "expected: search_id, categorical_1..16, numerical_1..63, click, conversion"
+
+#: Leading bytes of files that users mistake for the CSV, and what to do with each.
+_NOT_CSV = (
+    (b"\x1f\x8b", "a gzip archive: decompress it first"),
+    (b"PK\x03\x04", "a zip archive: extract it, or prepare it with mtl_clippy.data.prepare"),
+    (b"\xff\xfe", "UTF-16 text: save it as UTF-8"),
+    (b"\xfe\xff", "UTF-16 text: save it as UTF-8"),
+)
+
+
+def _check_text(path: Path, head: bytes) -> None:
+    """Raise unless ``head`` (the first line) is UTF-8 text: a binary, compressed or UTF-16
+    file would otherwise be reported as a header of garbage names."""
+    for magic, what in _NOT_CSV:
+        if head.startswith(magic):
+            raise DataError(path, f"not a CSV text file: it looks like {what}", line=1)
+    bad = head.find(b"\x00")
+    try:
+        # Incremental: a character cut by readline's length limit is not an error.
+        codecs.getincrementaldecoder("utf-8")().decode(head if bad < 0 else head[:bad])
+    except UnicodeDecodeError as err:
+        bad = err.start
+    if bad >= 0:
+        raise DataError(
+            path,
+            f"not a CSV text file: byte {bad + 1} of the first line (0x{head[bad]:02x}) "
+            "is not UTF-8 text",
+            line=1,
+            hint="expected the processed AliExpress CSV; is this a binary file?",
+        )
+
+
 def _names(names: list[str], limit: int = 6) -> str:
-    shown = ", ".join(names[:limit])
+    shown = ", ".join(_printable(n) for n in names[:limit])
     return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def _printable(text: str, limit: int = 40) -> str:
+    """``text`` as is when it is a plain name, else quoted with control characters escaped
+    (a message stays one line), cut to ``limit`` characters."""
+    cut = text[:limit] + ("..." if len(text) > limit else "")
+    return cut if cut and cut.isprintable() else repr(cut)
 
 
 def _validate_block(
@@ -400,17 +454,22 @@ def _explain_arrow_error(path: Path, err: pa.ArrowInvalid, first_row: int = 0) -
             row: int | None = first_row + int(conversion.group(2)) - 1
         else:
             row = _first_unconvertible(path, column)
+        shown = _quoted(value)
         if column in CATEGORICAL_COLUMNS:
-            problem, hint = f"categorical id {value!r} is not a non-negative integer", None
+            problem, hint = f"categorical id {shown} is not a non-negative integer", None
         elif column in LABEL_COLUMNS:
-            problem, hint = f"label {value!r} is not 0 or 1", None
+            problem, hint = f"label {shown} is not 0 or 1", None
         else:
-            problem, hint = f"numerical value {value!r} is not a number", None
+            problem, hint = f"numerical value {shown} is not a number", None
         if value == "":
             problem, hint = "empty cell", "every cell must hold a number"
-        return DataError(
-            path, problem, line=None if row is None else row + 2, column=column, hint=hint
-        )
+        elif "\ufffd" in value:  # pyarrow shows bytes that are not UTF-8 as U+FFFD
+            problem = f"cell {shown} holds bytes that are not UTF-8 text"
+            hint = "is this a binary file, or text in another encoding?"
+        line = None if row is None else row + 2
+        if line is not None and column == COLUMNS[-1] and _cut_short(path, line):
+            hint = _CUT_SHORT  # a line cut within its last cell still has all its cells
+        return DataError(path, problem, line=line, column=column, hint=hint)
     width = _WIDTH_ERROR.search(message)
     if width:
         line = _first_line_with_wrong_width(path, len(COLUMNS))
@@ -418,8 +477,32 @@ def _explain_arrow_error(path: Path, err: pa.ArrowInvalid, first_row: int = 0) -
             path,
             f"expected {width.group(1)} comma-separated cells, got {width.group(2)}",
             line=line,
+            hint=_CUT_SHORT if line is not None and _cut_short(path, line) else None,
         )
     return DataError(path, f"cannot parse the CSV: {message}")
+
+
+_CUT_SHORT = "the file ends in the middle of this line: was it cut short by an interrupted copy?"
+
+
+def _quoted(value: str, limit: int = 40) -> str:
+    """A cell's text, quoted and escaped for a one-line message, cut to ``limit`` characters."""
+    return repr(value[:limit] + ("..." if len(value) > limit else ""))
+
+
+def _cut_short(path: Path, line: int, chunk: int = 1 << 24) -> bool:
+    """Whether ``line`` (editor numbering) is the file's last line and lacks its newline: the
+    mark of a file truncated by an interrupted copy or download."""
+    with open(path, "rb") as f:
+        size = f.seek(0, os.SEEK_END)
+        if size == 0:
+            return False
+        f.seek(size - 1)
+        if f.read(1) == b"\n":
+            return False
+        f.seek(0)
+        lines = 1 + sum(block.count(b"\n") for block in iter(lambda: f.read(chunk), b""))
+    return line == lines
 
 
 def _first_unconvertible(path: Path, column: str) -> int | None:
@@ -463,6 +546,7 @@ def _first_line_with_wrong_width(path: Path, expected: int, chunk: int = 1 << 26
     """
     line_base = 1  # editor number of the first line starting in the current block
     carry = 0  # commas seen so far on a line that started in an earlier block
+    pending = False  # bytes seen after the last newline so far
     with open(path, "rb") as f:
         while True:
             data = f.read(chunk)
@@ -481,7 +565,8 @@ def _first_line_with_wrong_width(path: Path, expected: int, chunk: int = 1 << 26
                     return line_base + int(bad[0])
             tail = int(commas[-1] - (ends[-1] if len(ends) else 0))
             carry = tail + (carry if not len(newlines) else 0)
+            pending = int(newlines[-1]) < len(buf) - 1 if len(newlines) else True
             line_base += len(newlines)
-        if carry and carry != expected - 1:
+        if pending and carry != expected - 1:
             return line_base  # a last line without a newline
     return None
