@@ -178,6 +178,7 @@ def runs(tmp_path_factory, good, cases) -> dict:
         "config_sweep": ["-m", *aliexpress, "data.hard=false,true", "optim.lr=-1,0.1", "optim.variable_relative_threshold=abc"],
         "truncated": ["data=aliexpress", f"data.data_dir={cases / 'truncated_last_line'}"],
         "sparse_adam": [*aliexpress, "model.sparse_embeddings=true", "optim=adam"],
+        "value_sweep": ["-m", *aliexpress, "data.batch_size=abc,0,256", "trainer.max_epochs=abc"],
     }  # fmt: skip
 
     def run(name: str):
@@ -248,13 +249,12 @@ def test_a_bad_data_file_in_a_single_run(runs):
 def test_invalid_optimizer_arguments_are_one_line(runs):
     _, root = runs["config_sweep"]
     jobs = _jobs(root, "data.hard", "optim.lr")
-    # ("optim: " names the config key once src/mtl_clippy/train.py keeps ConfigError's prefix)
     assert re.fullmatch(
-        r"ConfigError: (optim: )?ClippyAdagrad: lr must be >= 0, got -1",
+        r"ConfigError: optim: ClippyAdagrad: lr must be >= 0, got -1",
         jobs["False", "-1"]["error"],
     )
     assert re.fullmatch(
-        r"ConfigError: (optim: )?ClippyAdagrad: variable_relative_threshold must be a number, "
+        r"ConfigError: optim: ClippyAdagrad: variable_relative_threshold must be a number, "
         r"got 'abc'",
         jobs["False", "0.1"]["error"],
     )
@@ -273,18 +273,29 @@ def test_incompatible_options_in_a_single_run(runs):
     _assert_nothing_half_written(root)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="needs src/mtl_clippy/train.py build() to report the data module's ValueError as a "
-    "ConfigError (docs/errors.md, 'data.hard=true with data=aliexpress'); Hydra prints it now",
-)
 def test_generated_data_option_on_real_data_is_a_user_error(runs):
     _, root = runs["config_sweep"]
     for lr in ("-1", "0.1"):
         job = _jobs(root, "data.hard", "optim.lr")["True", lr]
-        assert job["status"] == "failed" and "hard" in job["error"]
-        # a user error: one line, no traceback (Hydra's multi-line report in a single run)
-        assert job["error"].startswith("ConfigError: ") and "traceback" not in job
+        assert job["status"] == "failed" and "traceback" not in job
+        assert job["error"] == (
+            "ConfigError: data: hard=True only applies to generated data (data_dir=None)"
+        )
+
+
+def test_values_of_the_wrong_type_name_their_key(runs):
+    """Caught before training: Lightning and the data loader would fail mid-run."""
+    _, root = runs["value_sweep"]
+    jobs = _jobs(root, "data.batch_size")
+    expected = {
+        "abc": "data.batch_size must be a positive whole number, got 'abc'",
+        "0": "data.batch_size must be a positive whole number, got 0",
+        "256": "trainer.max_epochs: expected a whole number, got 'abc'",
+    }
+    for value, message in expected.items():
+        assert jobs[value]["status"] == "failed" and "traceback" not in jobs[value]
+        assert jobs[value]["error"] == f"ConfigError: {message}"
+    _assert_nothing_half_written(root)
 
 
 # ----------------------------------------------------------------------------- bad overrides

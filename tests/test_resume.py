@@ -257,3 +257,18 @@ def test_a_sweep_resumes_in_its_folder_and_keeps_finished_jobs(tmp_path, data_di
     assert (jobs[0] / "metrics.json").read_text() == before  # finished: left alone
     redone = _metrics(jobs[1])
     assert redone["status"] == "completed" and redone["resumed_from"] == "checkpoints/last.ckpt"
+
+
+def test_a_ckpt_path_that_is_not_a_checkpoint_is_a_config_error(tmp_path):
+    from omegaconf import OmegaConf
+
+    from mtl_clippy.errors import ConfigError
+    from mtl_clippy.train import _resume_point
+
+    cfg = OmegaConf.create({"ckpt_path": str(tmp_path / "nope.ckpt"), "resume": False})
+    with pytest.raises(ConfigError, match="ckpt_path: no checkpoint file at"):
+        _resume_point(cfg, tmp_path)
+    (tmp_path / "junk.ckpt").write_text("not a checkpoint")
+    cfg.ckpt_path = str(tmp_path / "junk.ckpt")
+    with pytest.raises(ConfigError, match="is not a readable checkpoint"):
+        _resume_point(cfg, tmp_path)

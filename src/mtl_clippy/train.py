@@ -149,7 +149,7 @@ def build(cfg: DictConfig) -> tuple[pl.LightningDataModule, pl.LightningModule]:
     """
     from mtl_clippy.models import MultiTaskModule
 
-    datamodule = hydra.utils.instantiate(cfg.data)
+    datamodule = _instantiate_config(cfg.data, "data")
     datamodule.prepare_data()
     datamodule.setup("fit")
     scheduler = cfg.get("scheduler") or None
@@ -172,9 +172,39 @@ def build(cfg: DictConfig) -> tuple[pl.LightningDataModule, pl.LightningModule]:
     return datamodule, module
 
 
+#: Trainer options that must be whole numbers (Lightning would fail on them mid-fit).
+_TRAINER_INTS = ("max_epochs", "min_epochs", "max_steps", "log_every_n_steps",
+                 "check_val_every_n_epoch", "num_nodes", "accumulate_grad_batches")  # fmt: skip
+
+
+def _check_trainer_values(trainer_cfg: DictConfig) -> None:
+    for key in _TRAINER_INTS:
+        value = trainer_cfg.get(key)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+            raise ConfigError(f"trainer.{key}: expected a whole number, got {value!r}")
+
+
+def _instantiate_config(node: DictConfig, key: str, **kwargs: Any) -> Any:
+    """``hydra.utils.instantiate``, with a value the target rejects reported as a
+    ``ConfigError`` naming the config key (Hydra would print a multi-line report)."""
+    from hydra.errors import InstantiationException
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    try:
+        return hydra.utils.instantiate(node, **kwargs)
+    except InstantiationException as exc:
+        if isinstance(exc.__cause__, TypeError | ValueError | MisconfigurationException):
+            message = _cause(exc)
+            if message.split(" ", 1)[0] in node:  # "batch_size must be ..." -> data.batch_size
+                raise ConfigError(f"{key}.{message}") from exc
+            raise ConfigError(f"{key}: {message}") from exc
+        raise
+
+
 def _cause(exc: BaseException) -> str:
-    """The innermost message of an exception chain (Hydra wraps instantiation errors)."""
-    while exc.__cause__ is not None:
+    """The innermost message of an exception chain (Hydra wraps instantiation errors); a
+    ConfigError's own message, which names the config key, is kept."""
+    while exc.__cause__ is not None and not isinstance(exc, ConfigError):
         exc = exc.__cause__
     return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
 
@@ -238,8 +268,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             cfg.trainer.get("precision", "32-true"), str(cfg.trainer.get("accelerator", "auto"))
         )
         summary["precision"] = str(precision)
-        trainer: pl.Trainer = hydra.utils.instantiate(
+        _check_trainer_values(cfg.trainer)
+        trainer: pl.Trainer = _instantiate_config(
             cfg.trainer,
+            "trainer",
             callbacks=callbacks,
             logger=loggers or False,
             precision=precision,

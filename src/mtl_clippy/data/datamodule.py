@@ -57,6 +57,10 @@ ENCODED_CACHE_VERSION = 1
 _DENSE_ID_LIMIT = 1 << 24
 
 
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int | np.integer) and not isinstance(value, bool) and value > 0
+
+
 class Vocabulary:
     """Seen ids of one categorical field, and the vectorised id -> index mapping.
 
@@ -274,6 +278,18 @@ class AliExpressDataModule(L.LightningDataModule):
         progress: bool = True,
     ) -> None:
         super().__init__()
+        for name, value, optional in (
+            ("train_rows", train_rows, True),
+            ("test_rows", test_rows, True),
+            ("batch_size", batch_size, False),
+            ("eval_batch_size", eval_batch_size, True),
+        ):
+            if (value is not None or not optional) and not _positive_int(value):
+                raise ValueError(f"{name} must be a positive whole number, got {value!r}")
+        if not (isinstance(num_workers, int) and num_workers >= 0):
+            raise ValueError(f"num_workers must be a whole number >= 0, got {num_workers!r}")
+        if not isinstance(val_fraction, int | float) or isinstance(val_fraction, bool):
+            raise ValueError(f"val_fraction must be a number in [0, 1), got {val_fraction!r}")
         if not 0.0 <= val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
         self.data_dir = None if data_dir is None else Path(data_dir).expanduser()
@@ -319,7 +335,7 @@ class AliExpressDataModule(L.LightningDataModule):
 
     def _read(self, name: str) -> AliExpressSplit:
         path = self.source_dir / f"{name}.csv"
-        if not path.is_file():
+        if not path.exists():  # (a folder of that name reaches the reader, which says so)
             present = None
             if self.source_dir.is_dir():
                 present = ", ".join(sorted(p.name for p in self.source_dir.iterdir())[:8])
