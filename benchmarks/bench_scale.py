@@ -8,7 +8,9 @@ Run: ``python benchmarks/bench_scale.py [--rows 5000000] [--test-rows 500000] [-
 3. ``epoch``: ``python train.py data=aliexpress data.data_dir=<generated>`` for one epoch of
    shared-bottom + Clippy (validation on the last 10 % of the train rows, no test), exactly
    what a user runs on the real NL files, memory-mapping the cache written in step 2.
-4. With ``--ddp``, the same epoch with ``trainer=ddp trainer.devices=2`` and half the batch
+4. ``epoch_300k``, the baseline measured in the same run: the same epoch on the first
+   300,000 rows; the ratio of throughputs shows whether the data's size costs speed.
+5. With ``--ddp``, the same epoch with ``trainer=ddp trainer.devices=2`` and half the batch
    per rank (the same global batch).
 
 Memory is sampled every 0.2 s from ``/proc/<pid>/status`` over the process and all its
@@ -177,6 +179,14 @@ def main() -> None:
             ROOT,
         )  # fmt: skip
         results["epoch"] = epoch(data, tmp / "logs", [], args.threads)
+        # The baseline, in the same run: the same epoch on the first 300,000 rows (the
+        # built-in dataset's size). Throughput should not fall with the data's size.
+        small = tmp / "small"
+        small.mkdir()
+        (small / "cache").symlink_to(tmp / "logs" / "cache", target_is_directory=True)
+        results["epoch_300k"] = epoch(
+            data, small, ["data.train_rows=300000", "data.test_rows=30000"], args.threads
+        )
         if args.ddp:
             ddp_logs = tmp / "ddp"
             ddp_logs.mkdir()
@@ -187,7 +197,9 @@ def main() -> None:
             )  # fmt: skip
 
     e = results["epoch"]
-    fit_rows = int(args.rows * 0.9)
+    results["throughput_ratio_vs_300k"] = round(
+        e["samples_per_s"] / max(results["epoch_300k"]["samples_per_s"], 1), 2
+    )
     nl_fit = int(NL_TRAIN * 0.9)
     mapped_here = (args.rows + args.test_rows) * MAPPED_BYTES_PER_ROW / 2**20
     mapped_nl = (NL_TRAIN + NL_TEST) * MAPPED_BYTES_PER_ROW / 2**20
@@ -204,13 +216,17 @@ def main() -> None:
           f"({results['csv_gib']} GiB CSV; generated in {results['generate_s']} s)\n")  # fmt: skip
     print("| phase | wall s | peak RSS MiB | private (anon) MiB | file-backed MiB | samples/s |")
     print("|---|---|---|---|---|---|")
-    for name in ("first_read", "epoch", "epoch_ddp2"):
+    for name in ("first_read", "epoch_300k", "epoch", "epoch_ddp2"):
         if name in results:
             r = results[name]
             print(
                 f"| {name} | {r['wall_s']} | {r['peak_rss_mib']:,} | {r['peak_anon_mib']:,} | "
                 f"{r['peak_file_mib']:,} | {r.get('samples_per_s', '')} |"
             )
+    print(
+        f"\nthroughput at {args.rows:,} rows / at 300,000 rows (same run): "
+        f"{results['throughput_ratio_vs_300k']}x"
+    )
     x = results["nl_extrapolation"]
     print(
         f"\nNL ({NL_TRAIN:,} train + {NL_TEST:,} test rows): memory-mapped arrays "
