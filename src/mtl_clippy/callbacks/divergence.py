@@ -192,7 +192,7 @@ class DivergenceMonitor(pl.Callback):
             return
         steps = [s for s, _ in self._pending]
         values = torch.stack([v.float() for _, v in self._pending])
-        if trainer is not None and trainer.world_size > 1:
+        if trainer is not None and getattr(trainer, "world_size", 1) > 1:
             # Every rank applies the rule to the same numbers (the mean loss over ranks), so
             # all of them stop together: a rank stopping alone would hang the others.
             values = trainer.strategy.reduce(values, reduce_op="mean")
