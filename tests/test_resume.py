@@ -128,6 +128,15 @@ def test_kill_mid_epoch_then_resume_gives_identical_metrics(tmp_path, data_dir, 
     assert [p.name for p in run.iterdir() if p.name == "tensorboard"] == ["tensorboard"]
     writers = {p.name.split(".")[-2] for p in (run / "tensorboard").glob("events.out.tfevents.*")}
     assert len(writers) == 2  # the killed process and the resumed one
+    # TensorBoard shows one continuous run: what the killed process logged after its
+    # checkpoint is purged, so every step appears once and each epoch is validated once.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run / "tensorboard"), size_guidance={"scalars": 0})
+    acc.Reload()
+    steps = [e.step for e in acc.Scalars("train/loss")]
+    assert steps == sorted(set(steps)) and steps[-1] >= 3 * BATCHES_PER_EPOCH - 10
+    assert len(acc.Scalars("val/auc_mean")) == 3
     assert not list(run.rglob("*.tmp*")), "a temporary file was left behind"
 
 
