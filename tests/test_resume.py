@@ -281,3 +281,31 @@ def test_a_ckpt_path_that_is_not_a_checkpoint_is_a_config_error(tmp_path):
     cfg.ckpt_path = str(tmp_path / "junk.ckpt")
     with pytest.raises(ConfigError, match="is not a readable checkpoint"):
         _resume_point(cfg, tmp_path)
+
+
+def test_a_resumed_csv_logger_keeps_the_rows_before_the_checkpoint(tmp_path):
+    import csv
+
+    from omegaconf import OmegaConf
+
+    from mtl_clippy.train import _instantiate_loggers
+
+    folder = tmp_path / "csv"
+    folder.mkdir()
+    with open(folder / "metrics.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["epoch", "step", "train/loss"])
+        w.writeheader()
+        w.writerows({"epoch": 0, "step": s, "train/loss": 1.0 / (s + 1)} for s in range(0, 80, 10))
+    ckpt = tmp_path / "step.ckpt"
+    AtomicCheckpointIO().save_checkpoint({"global_step": 50, "epoch": 1}, ckpt)
+    group = OmegaConf.create(
+        {"csv": {"_target_": "lightning.pytorch.loggers.CSVLogger", "save_dir": str(tmp_path),
+                 "name": "csv", "version": ""}}
+    )  # fmt: skip
+    (logger,) = _instantiate_loggers(group, str(ckpt))
+    logger.log_metrics({"train/loss": 0.5, "val/auc": 0.7}, step=50)
+    logger.save()
+    with open(folder / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["step"]) for r in rows] == [0, 10, 20, 30, 40, 50]
+    assert rows[-1]["val/auc"] == "0.7" and rows[0]["val/auc"] == ""

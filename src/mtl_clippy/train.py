@@ -407,10 +407,40 @@ def _instantiate_loggers(group: DictConfig | None, ckpt_path: str | None) -> lis
         if not c or "_target_" not in c:
             continue
         extra = {}
-        if step is not None and str(c["_target_"]).endswith("TensorBoardLogger"):
+        target = str(c["_target_"])
+        if step is not None and target.endswith("TensorBoardLogger"):
             extra["purge_step"] = step
+        if step is not None and target.endswith("CSVLogger"):
+            loggers.append(_resumed_csv_logger(c, step))
+            continue
         loggers.append(hydra.utils.instantiate(c, **extra))
     return loggers
+
+
+def _resumed_csv_logger(node: DictConfig, step: int) -> Any:
+    """A CSV logger that keeps the rows logged before ``step`` (Lightning's CSV writer deletes
+    an existing metrics.csv when it starts; the killed run's rows after the checkpoint go)."""
+    import csv
+
+    logger = hydra.utils.instantiate(node)
+    path = Path(logger.log_dir) / "metrics.csv"
+    header: list[str] = []
+    rows: list[dict[str, str]] = []
+    if path.is_file() and _is_global_zero():
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            header = list(reader.fieldnames or [])
+            rows = [r for r in reader if r.get("step") and int(float(r["step"])) < step]
+    writer = logger.experiment  # the writer starts here (and deletes the old file)
+    if rows and _is_global_zero():
+        writer.metrics_keys = sorted(header)
+        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+        with open(tmp, "w", newline="") as f:
+            out = csv.DictWriter(f, fieldnames=writer.metrics_keys)
+            out.writeheader()
+            out.writerows(rows)
+        os.replace(tmp, path)
+    return logger
 
 
 def collapsed_tasks(test: Mapping[str, Any] | None) -> list[str]:
