@@ -41,6 +41,14 @@ class ThroughputMeter(pl.Callback):
         self._last = now
         self.samples += int(batch[0].shape[0]) * trainer.world_size
 
+    # Kept in checkpoints, so that a resumed run reports the throughput of the whole run.
+    def state_dict(self) -> dict[str, Any]:
+        return {"samples": self.samples, "train_time_s": self.train_time_s}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.samples = int(state_dict["samples"])
+        self.train_time_s = float(state_dict["train_time_s"])
+
     @property
     def samples_per_s(self) -> float | None:
         return self.samples / self.train_time_s if self.train_time_s > 0 else None
