@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -23,3 +25,35 @@ def run_train(args: list[str], cwd: Path, timeout: int = 600) -> subprocess.Comp
         text=True,
         timeout=timeout,
     )
+
+
+def start_and_kill(args: list[str], cwd: Path, wait_for: str, timeout: float = 300) -> None:
+    """Start `python train.py ARGS` in ``cwd`` and SIGKILL it, with every process it started
+    (DDP ranks), as soon as a checkpoint named ``wait_for`` exists in one of its runs."""
+    env = {**os.environ, "MTL_CLIPPY_DISABLE_FUSED": "1", "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "train.py"), *args],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,  # its own process group: the ranks it starts die with it
+    )
+    deadline = time.monotonic() + timeout
+    try:
+        while not list(cwd.glob(f"outputs/runs/*/checkpoints/{wait_for}")):
+            if proc.poll() is not None:
+                raise AssertionError(
+                    "the run ended before it could be killed: "
+                    + proc.stderr.read().decode()[-2000:]
+                )
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no {wait_for} within {timeout} s")
+            time.sleep(0.002)
+        os.killpg(proc.pid, signal.SIGKILL)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        proc.stderr.close()
+    assert proc.returncode == -signal.SIGKILL

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from app_helpers import run_train
+from app_helpers import run_train, start_and_kill
 
 COMMON = [
     "data.train_rows=3000",
@@ -63,14 +63,6 @@ def test_two_process_ddp_matches_one_process_with_the_same_global_batch(tmp_path
 @pytest.mark.slow
 def test_ddp_run_killed_mid_epoch_resumes_to_the_same_metrics(tmp_path):
     """SIGKILL to every process of a 2-rank run, then resume=true: the same numbers."""
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
-
-    from app_helpers import ROOT
-
     data_dir = tmp_path / "data"
     args = [
         "trainer=ddp",
@@ -85,21 +77,7 @@ def test_ddp_run_killed_mid_epoch_resumes_to_the_same_metrics(tmp_path):
     killed = tmp_path / "killed"
     killed.mkdir()
     cmd = [*COMMON, f"paths.log_dir={killed}/outputs", f"paths.data_dir={data_dir}", *args]
-    env = {**os.environ, "MTL_CLIPPY_DISABLE_FUSED": "1", "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.Popen(
-        [sys.executable, str(ROOT / "train.py"), *cmd],
-        cwd=killed,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,  # its own process group: both ranks
-    )
-    deadline = time.monotonic() + 300
-    while not list(killed.glob("outputs/runs/*/checkpoints/step-0000060.ckpt")):
-        assert proc.poll() is None and time.monotonic() < deadline
-        time.sleep(0.002)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    start_and_kill(cmd, killed, "step-0000060.ckpt")
     res = run_train([*cmd, "resume=true"], cwd=killed)
     assert res.returncode == 0, res.stderr[-3000:]
     (run,) = (killed / "outputs" / "runs").iterdir()

@@ -10,17 +10,13 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from app_helpers import ROOT, run_train
+from app_helpers import run_train, start_and_kill
 from mtl_clippy.callbacks import AtomicCheckpointIO
 from mtl_clippy.data.datamodule import EpochBatchSampler
 from mtl_clippy.resume import find_checkpoint, run_identity
@@ -67,41 +63,9 @@ def uninterrupted(tmp_path_factory, data_dir):
     return _metrics(_only_run(tmp))
 
 
-def _start_and_kill(args: list[str], cwd: Path, wait_for: str, timeout: float = 300) -> Path:
-    """Start ``train.py``, SIGKILL it as soon as checkpoint ``wait_for`` exists."""
-    env = {**os.environ, "MTL_CLIPPY_DISABLE_FUSED": "1", "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.Popen(
-        [sys.executable, str(ROOT / "train.py"), *args],
-        cwd=cwd,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    deadline = time.monotonic() + timeout
-    try:
-        while time.monotonic() < deadline:
-            if list(cwd.glob(f"outputs/runs/*/checkpoints/{wait_for}")):
-                proc.send_signal(signal.SIGKILL)
-                break
-            if proc.poll() is not None:
-                raise AssertionError(
-                    "the run ended before it could be killed: "
-                    + proc.stderr.read().decode()[-2000:]
-                )
-            time.sleep(0.002)
-        else:
-            raise AssertionError(f"no {wait_for} within {timeout} s")
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
-        proc.stderr.close()
-    assert proc.returncode == -signal.SIGKILL
-    return _only_run(cwd)
-
-
 def test_kill_mid_epoch_then_resume_gives_identical_metrics(tmp_path, data_dir, uninterrupted):
-    run = _start_and_kill(_args(tmp_path, data_dir), tmp_path, KILL_AFTER)
+    start_and_kill(_args(tmp_path, data_dir), tmp_path, KILL_AFTER)
+    run = _only_run(tmp_path)
     assert not (run / "metrics.json").exists() or _metrics(run)["status"] != "completed"
     # The newest checkpoint is the step checkpoint, inside the second epoch.
     ckpt = find_checkpoint(run)
