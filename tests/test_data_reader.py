@@ -207,3 +207,29 @@ def test_arrays_grow_when_later_rows_are_shorter_than_the_first(tmp_path, monkey
         np.testing.assert_array_equal(ours, theirs)
     assert len(split) == 4300
     assert grown  # the growth path ran
+
+
+def test_processes_reading_an_uncached_file_together_parse_it_once(tmp_path):
+    """DDP ranks under srun or parallel sweep jobs start together: one parses, the others
+    wait for its cache and map it."""
+    import subprocess
+    import sys
+
+    from mtl_clippy.data import generate_dataset
+
+    generate_dataset(tmp_path / "d", 40_000, 1_000, seed=1)
+    code = (
+        "import sys; from mtl_clippy.data.reader import read_split;"
+        "print(read_split(sys.argv[1], cache_dir=sys.argv[2]).from_cache)"
+    )
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code, str(tmp_path / "d" / "train.csv"), str(tmp_path / "c")],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(3)
+    ]
+    outs = sorted(p.communicate()[0].strip() for p in procs)
+    assert outs == ["False", "True", "True"]  # exactly one parse
+    assert len(list((tmp_path / "c").iterdir())) == 1

@@ -18,6 +18,7 @@ line 1) and the column. Validation is vectorised: masks per block, first offende
 from __future__ import annotations
 
 import codecs
+import contextlib
 import hashlib
 import json
 import logging
@@ -114,19 +115,49 @@ def read_split(
             cached = _load_cache(folder, stat)
             if cached is not None:
                 return AliExpressSplit(*cached, source=path, from_cache=True)
-        categorical, numerical, labels = _parse(path, block_size)
+        with _parse_lock(path, folder):
+            # Processes started together (DDP ranks under srun, parallel sweep jobs) parse a
+            # file once: the others wait here, then map the cache the first one wrote.
+            if folder is not None:
+                cached = _load_cache(folder, stat)
+                if cached is not None:
+                    return AliExpressSplit(*cached, source=path, from_cache=True)
+            categorical, numerical, labels = _parse(path, block_size)
+            if folder is not None:
+                _write_cache(folder, path, stat, (categorical, numerical, labels))
     except OSError as err:  # permission denied, I/O error, ...: the user's to fix
         raise DataError(
             path,
             f"cannot read the file: {err.strerror or err}",
             hint="check that it is a readable file",
         ) from None
-    if folder is not None:
-        _write_cache(folder, path, stat, (categorical, numerical, labels))
     return AliExpressSplit(categorical, numerical, labels, source=path, from_cache=False)
 
 
 # ----------------------------------------------------------------------------- cache
+
+
+@contextlib.contextmanager
+def _parse_lock(source: Path, folder: Path | None):
+    """An exclusive advisory lock (``fcntl.flock``) on the source file while one process
+    parses it and writes its cache; no lock file is created. Where locks are unavailable,
+    every process parses, as before."""
+    if folder is None:
+        yield
+        return
+    try:
+        import fcntl
+
+        handle = open(source, "rb")
+    except (ImportError, OSError):
+        yield
+        return
+    try:
+        with contextlib.suppress(OSError):
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+    finally:
+        handle.close()  # releases the lock
 
 
 def _cache_folder(path: Path, cache_dir: str | os.PathLike[str] | None) -> Path:
