@@ -439,3 +439,13 @@ def test_a_cut_short_first_cell_on_the_last_line_is_found(tmp_path, good):
         read_split(path, cache=False)
     assert info.value.line == len(lines)
     assert "got 1 (the file ends in the middle of this line" in str(info.value)
+
+
+@pytest.mark.parametrize("value", ["abc", 0, -2, 1.5, True])
+def test_threads_must_be_a_positive_whole_number(value):
+    from mtl_clippy.errors import ConfigError
+    from mtl_clippy.train import _threads
+
+    with pytest.raises(ConfigError, match=r"^threads: expected a positive whole number or null"):
+        _threads(value)
+    assert _threads(None) is None and _threads(3) == 3

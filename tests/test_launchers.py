@@ -45,6 +45,12 @@ def test_joblib_launcher_runs_the_jobs_in_parallel_processes(tmp_path):
     assert len(jobs) == 2
     for job in jobs:
         assert json.loads((job / "metrics.json").read_text())["status"] == "completed"
+    # each job got its share of the cores (2 jobs at once: joblib limits its workers)
+    import os
+
+    cores = len(os.sched_getaffinity(0))
+    for job in jobs:
+        assert json.loads((job / "metrics.json").read_text())["threads"] == max(1, cores // 2)
     pids = [_job_pids(job) for job in jobs]
     assert pids[0] and pids[1] and not pids[0] & pids[1]  # two worker processes
     df = pd.read_csv(sweep / "results.csv")

@@ -248,6 +248,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         return previous
     summary["resumed_from"] = os.path.relpath(ckpt_path, out_dir) if ckpt_path else None
     try:
+        threads = _threads(cfg.get("threads"))
+        if threads:
+            torch.set_num_threads(threads)
+        summary["threads"] = torch.get_num_threads()
         pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
         datamodule, module = build(cfg)
         extra = getattr(datamodule.metadata, "extra", {}) or {}
@@ -339,6 +343,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         if _is_global_zero():
             write_json_atomic(out_dir / METRICS_FILE, summary)
     return summary
+
+
+def _threads(value: Any) -> int | None:
+    """The ``threads`` setting, checked (None: leave torch's default)."""
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+        raise ConfigError(f"threads: expected a positive whole number or null, got {value!r}")
+    return value
 
 
 def _ddp_children_run_this_job() -> None:
