@@ -13,18 +13,22 @@ from mtl_clippy.models.layers import MLP, FeatureEmbedding, as_metadata
 
 
 class _MixtureOfExperts(nn.Module):
-    """Experts over the input layer, softmax gates mixing them, one tower per task."""
+    """Experts over the input layer, softmax gates mixing them, one tower per task.
+
+    Subclasses choose ``gate_per_task``: a gate for each task (MMoE) or one shared (OMoE).
+    """
+
+    gate_per_task: bool = True
 
     def __init__(
         self,
         metadata: DatasetMetadata | Mapping[str, Any],
-        embed_dim: int,
-        n_experts: int,
-        expert_dims: Sequence[int],
-        tower_dims: Sequence[int],
-        dropout: float,
-        sparse_embeddings: bool,
-        gate_per_task: bool,
+        embed_dim: int = 128,
+        n_experts: int = 8,
+        expert_dims: Sequence[int] = (512, 256),
+        tower_dims: Sequence[int] = (128, 64),
+        dropout: float = 0.2,
+        sparse_embeddings: bool = False,
     ) -> None:
         super().__init__()
         meta = as_metadata(metadata)
@@ -34,7 +38,7 @@ class _MixtureOfExperts(nn.Module):
         self.embedding = FeatureEmbedding(meta, embed_dim, sparse=sparse_embeddings)
         d_in = self.embedding.output_dim
         self.experts = nn.ModuleList(MLP(d_in, expert_dims, dropout) for _ in range(n_experts))
-        n_gates = meta.n_tasks if gate_per_task else 1
+        n_gates = meta.n_tasks if self.gate_per_task else 1
         self.gates = nn.ModuleList(nn.Linear(d_in, n_experts) for _ in range(n_gates))
         self.towers = nn.ModuleList(
             MLP(self.experts[0].output_dim, tower_dims, dropout, output_dim=1)
@@ -63,26 +67,7 @@ class MMoE(_MixtureOfExperts):
     ``forward(categorical [B, F], numerical [B, N]) -> logits [B, n_tasks]``.
     """
 
-    def __init__(
-        self,
-        metadata: DatasetMetadata | Mapping[str, Any],
-        embed_dim: int = 128,
-        n_experts: int = 8,
-        expert_dims: Sequence[int] = (512, 256),
-        tower_dims: Sequence[int] = (128, 64),
-        dropout: float = 0.2,
-        sparse_embeddings: bool = False,
-    ) -> None:
-        super().__init__(
-            metadata,
-            embed_dim,
-            n_experts,
-            expert_dims,
-            tower_dims,
-            dropout,
-            sparse_embeddings,
-            gate_per_task=True,
-        )
+    gate_per_task = True
 
 
 class OMoE(_MixtureOfExperts):
@@ -93,23 +78,4 @@ class OMoE(_MixtureOfExperts):
     ``forward(categorical [B, F], numerical [B, N]) -> logits [B, n_tasks]``.
     """
 
-    def __init__(
-        self,
-        metadata: DatasetMetadata | Mapping[str, Any],
-        embed_dim: int = 128,
-        n_experts: int = 8,
-        expert_dims: Sequence[int] = (512, 256),
-        tower_dims: Sequence[int] = (128, 64),
-        dropout: float = 0.2,
-        sparse_embeddings: bool = False,
-    ) -> None:
-        super().__init__(
-            metadata,
-            embed_dim,
-            n_experts,
-            expert_dims,
-            tower_dims,
-            dropout,
-            sparse_embeddings,
-            gate_per_task=False,
-        )
+    gate_per_task = False
