@@ -68,8 +68,8 @@ def test_kill_mid_epoch_then_resume_gives_identical_metrics(tmp_path, data_dir, 
     run = _only_run(tmp_path)
     assert not (run / "metrics.json").exists() or _metrics(run)["status"] != "completed"
     # The newest checkpoint is the step checkpoint, inside the second epoch.
-    ckpt = find_checkpoint(run)
-    assert ckpt is not None and ckpt.name.startswith("step-")
+    ckpt, _ = find_checkpoint(run)
+    assert ckpt.name.startswith("step-")
     state = torch.load(ckpt, map_location="cpu", weights_only=True)
     assert state["global_step"] % BATCHES_PER_EPOCH != 0 and state["epoch"] >= 1
 
@@ -163,11 +163,11 @@ def test_find_checkpoint_takes_the_furthest_and_skips_damaged_files(tmp_path):
     io.save_checkpoint({"global_step": 84, "epoch": 1}, folder / "last.ckpt")
     io.save_checkpoint({"global_step": 100, "epoch": 2}, folder / "step-0000100.ckpt")
     io.save_checkpoint({"global_step": 126, "epoch": 2}, folder / "best.ckpt")
-    assert find_checkpoint(tmp_path).name == "step-0000100.ckpt"
+    assert find_checkpoint(tmp_path) == (folder / "step-0000100.ckpt", 100)
     # A newer file cut short (as by a kill during a plain write) is skipped with a warning.
     data = (folder / "step-0000100.ckpt").read_bytes()
     (folder / "step-0000110.ckpt").write_bytes(data[: len(data) // 2])
-    assert find_checkpoint(tmp_path).name == "step-0000100.ckpt"
+    assert find_checkpoint(tmp_path) == (folder / "step-0000100.ckpt", 100)
     assert find_checkpoint(tmp_path / "nothing") is None
 
 
@@ -260,13 +260,11 @@ def test_a_resumed_csv_logger_keeps_the_rows_before_the_checkpoint(tmp_path):
         w = csv.DictWriter(f, fieldnames=["epoch", "step", "train/loss"])
         w.writeheader()
         w.writerows({"epoch": 0, "step": s, "train/loss": 1.0 / (s + 1)} for s in range(0, 80, 10))
-    ckpt = tmp_path / "step.ckpt"
-    AtomicCheckpointIO().save_checkpoint({"global_step": 50, "epoch": 1}, ckpt)
     group = OmegaConf.create(
         {"csv": {"_target_": "lightning.pytorch.loggers.CSVLogger", "save_dir": str(tmp_path),
                  "name": "csv", "version": ""}}
     )  # fmt: skip
-    (logger,) = _instantiate_loggers(group, str(ckpt))
+    (logger,) = _instantiate_loggers(group, 50)
     logger.log_metrics({"train/loss": 0.5, "val/auc": 0.7}, step=50)
     logger.save()
     with open(folder / "metrics.csv", newline="") as f:

@@ -119,9 +119,10 @@ def checkpoint_step(path: Path) -> tuple[int, int] | None:
         return None
 
 
-def find_checkpoint(run_dir: Path) -> Path | None:
+def find_checkpoint(run_dir: Path) -> tuple[Path, int] | None:
     """The checkpoint of ``run_dir`` that is furthest into training (``last.ckpt`` from the
-    end of an epoch, or ``step-*.ckpt`` from inside one); ``best.ckpt`` is never newer."""
+    end of an epoch, or ``step-*.ckpt`` from inside one; ``best.ckpt`` is never newer) and
+    its global step."""
     folder = run_dir / "checkpoints"
     if not folder.is_dir():
         return None
@@ -133,4 +134,7 @@ def find_checkpoint(run_dir: Path) -> Path | None:
         if step is not None:
             # at equal steps prefer last.ckpt: it was taken after that epoch's validation
             found.append((step[0], int(path.name.startswith("last")), path))
-    return max(found)[2] if found else None
+    if not found:
+        return None
+    step, _, path = max(found)
+    return path, step

@@ -15,7 +15,7 @@ import time
 import traceback
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import hydra
 import lightning.pytorch as pl
@@ -242,7 +242,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "output_dir": str(out_dir),
     }
     t_start = time.perf_counter()
-    ckpt_path, previous = _resume_point(cfg, out_dir)
+    ckpt_path, ckpt_step, previous = _resume_point(cfg, out_dir)
     if previous is not None:  # resume=true on a run that had already finished
         log.info("this run had already completed; nothing to resume (%s)", out_dir)
         return previous
@@ -262,7 +262,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             )
 
         throughput = ThroughputMeter()
-        loggers = _instantiate_loggers(cfg.get("logger"), ckpt_path)
+        loggers = _instantiate_loggers(cfg.get("logger"), ckpt_step)
         callbacks = [*_instantiate_all(cfg.get("callbacks")), throughput, ResumeState()]
         if not loggers:  # the learning-rate monitor needs a logger to write to
             callbacks = [
@@ -370,18 +370,25 @@ def _ddp_children_run_this_job() -> None:
         hc.run.dir = hc.runtime.output_dir
 
 
-def _resume_point(cfg: DictConfig, out_dir: Path) -> tuple[str | None, dict[str, Any] | None]:
-    """The checkpoint to continue from (None: start afresh) and, when ``resume=true`` finds
-    the run already completed, its saved summary."""
+class _ResumePoint(NamedTuple):
+    ckpt_path: str | None = None  # the checkpoint to continue from (None: start afresh)
+    step: int | None = None  # its global step
+    previous: dict[str, Any] | None = None  # resume=true on a finished run: its summary
+
+
+def _resume_point(cfg: DictConfig, out_dir: Path) -> _ResumePoint:
+    """Where this run starts: a checkpoint (``ckpt_path``, or the newest of this run folder
+    with ``resume=true``), afresh, or nowhere because it had already finished."""
     if cfg.get("ckpt_path"):
         path = Path(str(cfg.ckpt_path)).expanduser()
         if not path.is_file():
             raise ConfigError(f"ckpt_path: no checkpoint file at {path}")
-        if resume_mod.checkpoint_step(path) is None:
+        found = resume_mod.checkpoint_step(path)
+        if found is None:
             raise ConfigError(f"ckpt_path: {path} is not a readable checkpoint")
-        return str(path), None
+        return _ResumePoint(str(path), found[0])
     if not resume_mod.resume_requested(cfg):
-        return None, None
+        return _ResumePoint()
     metrics = out_dir / METRICS_FILE
     if metrics.is_file():
         try:
@@ -389,13 +396,13 @@ def _resume_point(cfg: DictConfig, out_dir: Path) -> tuple[str | None, dict[str,
         except ValueError:
             previous = {}
         if previous.get("status") in ("completed", "diverged"):
-            return None, previous
-    found = resume_mod.find_checkpoint(out_dir)
-    if found is not None:
-        log.info("resuming from %s", found)
-        return str(found), None
+            return _ResumePoint(previous=previous)
+    newest = resume_mod.find_checkpoint(out_dir)
+    if newest is not None:
+        log.info("resuming from %s", newest[0])
+        return _ResumePoint(str(newest[0]), newest[1])
     if _is_multirun():  # a sweep job that had not started (or saved nothing): start it
-        return None, None
+        return _ResumePoint()
     raise ConfigError(
         f"resume={cfg.resume}: found no checkpoint of an earlier run with the same overrides "
         f"under {Path(cfg.paths.log_dir) / 'runs'} (compare the overrides in "
@@ -404,28 +411,20 @@ def _resume_point(cfg: DictConfig, out_dir: Path) -> tuple[str | None, dict[str,
     )
 
 
-def _instantiate_loggers(group: DictConfig | None, ckpt_path: str | None) -> list[Any]:
-    """The loggers; when resuming, TensorBoard hides what the killed run logged after the
-    checkpoint (``purge_step``), so the resumed run's curves continue without overlap."""
-    if not group:
-        return []
-    step = None
-    if ckpt_path:
-        found = resume_mod.checkpoint_step(Path(ckpt_path))
-        step = found[0] if found else None
-    loggers = []
-    for c in group.values():
-        if not c or "_target_" not in c:
-            continue
-        extra = {}
-        target = str(c["_target_"])
-        if step is not None and target.endswith("TensorBoardLogger"):
-            extra["purge_step"] = step
+def _instantiate_loggers(group: DictConfig | None, step: int | None) -> list[Any]:
+    """The loggers. Resuming from global step ``step``, TensorBoard hides what the killed run
+    logged from that step on (``purge_step``) and the CSV file keeps the rows before it, so
+    the resumed run's curves continue without overlap."""
+
+    def make(node: DictConfig) -> Any:
+        target = str(node["_target_"])
         if step is not None and target.endswith("CSVLogger"):
-            loggers.append(_resumed_csv_logger(c, step))
-            continue
-        loggers.append(hydra.utils.instantiate(c, **extra))
-    return loggers
+            return _resumed_csv_logger(node, step)
+        if step is not None and target.endswith("TensorBoardLogger"):
+            return hydra.utils.instantiate(node, purge_step=step)
+        return hydra.utils.instantiate(node)
+
+    return [make(c) for c in (group or {}).values() if c and "_target_" in c]
 
 
 def _resumed_csv_logger(node: DictConfig, step: int) -> Any:
