@@ -22,8 +22,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +31,12 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from mtl_clippy.data.errors import DataError
-from mtl_clippy.data.reader import CACHE_DIRNAME, AliExpressSplit, read_split
+from mtl_clippy.data.reader import (
+    CACHE_DIRNAME,
+    AliExpressSplit,
+    read_split,
+    save_arrays_atomic,
+)
 from mtl_clippy.data.schema import N_CATEGORICAL, DatasetMetadata
 from mtl_clippy.data.synthetic import GeneratorConfig, generate_dataset
 
@@ -439,19 +442,9 @@ class AliExpressDataModule(L.LightningDataModule):
         except (OSError, ValueError):
             pass
         encoded = self._encode(train.categorical), self._encode(test.categorical)
-        tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-        try:
-            tmp.mkdir(parents=True)
-            for name, array in zip(("train", "test"), encoded, strict=True):
-                np.save(tmp / f"{name}.npy", array)
-            if folder.exists():
-                shutil.rmtree(folder)
-            os.rename(tmp, folder)  # atomic: another rank's rename may win, same content
-        except OSError as err:
-            log.warning("could not cache the encoded ids in %s (%s)", folder, err)
+        # another rank may rename its copy first: same content either way
+        if not save_arrays_atomic(folder, {"train": encoded[0], "test": encoded[1]}):
             return encoded
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
         return (
             np.load(folder / "train.npy", mmap_mode="r"),
             np.load(folder / "test.npy", mmap_mode="r"),

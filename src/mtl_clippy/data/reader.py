@@ -29,6 +29,7 @@ import uuid
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -186,32 +187,45 @@ def _load_cache(folder: Path, stat: os.stat_result) -> tuple[np.ndarray, ...] | 
     return arrays
 
 
-def _write_cache(
-    folder: Path, source: Path, stat: os.stat_result, arrays: tuple[np.ndarray, ...]
-) -> None:
-    """Write the cache under a temporary name, then rename it into place (atomic)."""
+def save_arrays_atomic(
+    folder: Path, arrays: dict[str, np.ndarray], meta: dict[str, Any] | None = None
+) -> bool:
+    """Write ``<name>.npy`` per array (and ``cache.json`` from ``meta``) into a temporary
+    folder beside ``folder``, then rename it into place: readers see a whole cache or none.
+
+    Returns False, with a warning, if it could not be written (read-only folder, full disk,
+    or another process renamed its own copy first): the arrays in hand stay valid.
+    """
     tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     try:
         tmp.mkdir(parents=True)
-        for name, array in zip(_ARRAYS, arrays, strict=True):
+        for name, array in arrays.items():
             np.save(tmp / f"{name}.npy", array)
-        meta = {
-            "schema_version": CACHE_SCHEMA_VERSION,
-            "source": str(source.resolve()),
-            "source_size": stat.st_size,
-            "source_mtime_ns": stat.st_mtime_ns,
-            "rows": int(arrays[0].shape[0]),
-        }
-        (tmp / "cache.json").write_text(json.dumps(meta, indent=2))
+        if meta is not None:
+            (tmp / "cache.json").write_text(json.dumps(meta, indent=2))
         if folder.exists():
             shutil.rmtree(folder)
         os.rename(tmp, folder)
+        return True
     except OSError as err:
-        # Read-only folder, full disk, or another process renamed its cache first: the
-        # arrays in hand are valid either way, so warn and go on without this cache.
         log.warning("could not write the cache %s (%s); continuing without it", folder, err)
+        return False
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _write_cache(
+    folder: Path, source: Path, stat: os.stat_result, arrays: tuple[np.ndarray, ...]
+) -> None:
+    """The parse cache of ``source``: its arrays plus what identifies the source."""
+    meta = {
+        "schema_version": CACHE_SCHEMA_VERSION,
+        "source": str(source.resolve()),
+        "source_size": stat.st_size,
+        "source_mtime_ns": stat.st_mtime_ns,
+        "rows": int(arrays[0].shape[0]),
+    }
+    save_arrays_atomic(folder, dict(zip(_ARRAYS, arrays, strict=True)), meta)
 
 
 # ----------------------------------------------------------------------------- parsing
