@@ -41,6 +41,7 @@ from torchmetrics.functional.classification import binary_auroc
 from mtl_clippy.callbacks import ThroughputMeter
 from mtl_clippy.data import AliExpressDataModule, DatasetMetadata
 from mtl_clippy.models import LogisticRegression, MultiTaskModule, SharedBottom
+from mtl_clippy.models.module import rank_scores
 from mtl_clippy.optim import ClippyAdagrad
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -74,7 +75,11 @@ def test_auc(model: nn.Module, dm: AliExpressDataModule) -> tuple[float, float]:
         labels.append(y)
     model.train()
     lg, lb = torch.cat(logits), torch.cat(labels).long()
-    return tuple(float(binary_auroc(lg[:, t], lb[:, t])) for t in range(lg.shape[1]))  # type: ignore[return-value]
+    # rank_scores: the logits' order in (0, 1), as the module's metrics rank them (torchmetrics
+    # would apply a sigmoid, which in float32 ties every logit above ~17)
+    return tuple(  # type: ignore[return-value]
+        float(binary_auroc(rank_scores(lg[:, t]), lb[:, t])) for t in range(lg.shape[1])
+    )
 
 
 def run_baseline(dm: AliExpressDataModule, seed: int) -> dict:

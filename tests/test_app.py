@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import hydra
 import pandas as pd
 import pytest
 from hydra import compose, initialize_config_dir
@@ -36,20 +37,222 @@ def _compose(tmp_path: Path, overrides: list[str]):
     return cfg
 
 
-@pytest.mark.parametrize("group, choices", [("model", MODELS), ("optim", OPTIMS)])
-def test_every_config_composes_and_instantiates(group, choices, tmp_path):
-    import hydra
+GROUPS = ("data", "model", "optim", "scheduler", "trainer", "logger", "callbacks", "experiment")
+SAMPLE_DIR = ROOT / "tests" / "data" / "aliexpress_sample"
 
-    for choice in choices:
-        cfg = _compose(tmp_path, [f"{group}={choice}"])
-        assert cfg[group]["_target_"]
-        target = hydra.utils.get_class(cfg[group]["_target_"])
-        assert target is not None
-    for choice in ("synthetic", "aliexpress"):
-        cfg = _compose(tmp_path, [f"data={choice}"])
-        assert cfg.data._target_ == "mtl_clippy.data.AliExpressDataModule"
-    for choice in ("default", "cpu", "gpu", "ddp"):
-        assert _compose(tmp_path, [f"trainer={choice}"]).trainer._target_.endswith("Trainer")
+
+def _choices(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONFIGS / group).glob("*.yaml"))
+
+
+def test_scheduler_and_norm_options_are_there():
+    assert set(_choices("scheduler")) >= {"none", "cosine", "plateau", "warmup_cosine"}
+    for model in MODELS:  # every model config says which normalisation it uses
+        assert "norm" in OmegaConf.load(CONFIGS / "model" / f"{model}.yaml"), model
+
+
+@pytest.fixture(scope="module")
+def tiny_metadata(data_root, tmp_path_factory):
+    """The metadata of the default data on TINY rows, for the models."""
+    import mtl_clippy.train as app
+
+    cfg = _compose(tmp_path_factory.mktemp("meta"), TINY)
+    OmegaConf.update(cfg, "paths.data_dir", str(data_root / "data"))
+    return app.build(cfg)[0].metadata
+
+
+@pytest.mark.parametrize("group", GROUPS)
+def test_every_config_composes_and_instantiates(group, tmp_path, data_root, tiny_metadata):
+    """Every choice of every config group composes, and the objects it describes are built
+    (data module on tiny data, model, optimizer on the model's parameters, scheduler on that
+    optimizer, callbacks, loggers into tmp_path, trainer); nothing is trained."""
+    import lightning.pytorch as pl
+    import torch
+
+    import mtl_clippy.train as app
+
+    base = [*TINY, f"paths.data_dir={data_root}/data"]
+    meta = tiny_metadata
+    seen: set[str] = set()  # a config group's sweep value, composed once for every experiment
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        for choice in _choices(group):
+            extra = (
+                [f"data.data_dir={SAMPLE_DIR}"] if (group, choice) == ("data", "aliexpress") else []
+            )
+            cfg = _compose_here(
+                tmp_path / choice, [f"{group}={choice}", *base, *extra], group == "experiment"
+            )
+            if group == "data":
+                dm = app._instantiate_config(cfg.data, "data")
+                dm.prepare_data()
+                dm.setup("fit")
+                cat, num, labels = next(iter(dm.val_dataloader()))
+                assert cat.shape[1] == len(dm.metadata.vocab_sizes) == 16, choice
+                assert num.shape[1] == 63 and labels.shape[1] == len(dm.metadata.tasks)
+            elif group in ("model", "optim", "scheduler"):
+                _check_module(app.build_module(cfg, meta), cfg, meta, torch)
+            elif group == "experiment":
+                _check_experiment(app, cfg, meta, tmp_path / choice, base, torch, seen)
+            elif group == "trainer":
+                app._check_trainer_values(cfg.trainer)
+                accelerator = cfg.trainer.accelerator
+                if accelerator == "gpu" and not torch.cuda.is_available():
+                    accelerator = "cpu"  # every other key is still checked by the Trainer
+                trainer = hydra.utils.instantiate(
+                    cfg.trainer,
+                    accelerator=accelerator,
+                    precision=app.resolve_precision(cfg.trainer.precision, accelerator),
+                    logger=False,
+                    callbacks=[],
+                )
+                assert isinstance(trainer, pl.Trainer)
+                assert trainer.max_epochs == cfg.trainer.max_epochs
+                assert trainer.world_size == cfg.trainer.devices * cfg.trainer.get("num_nodes", 1)
+            elif group == "logger":
+                loggers = app._instantiate_loggers(cfg.logger, None)
+                assert len(loggers) == len(cfg.logger or {}), choice
+                for lg in loggers:
+                    assert isinstance(lg, pl.loggers.Logger)
+                    lg.log_metrics({"x": 1.0}, step=0)
+                    lg.finalize("success")
+                    assert Path(lg.log_dir).is_relative_to(tmp_path / choice)
+            elif group == "callbacks":
+                callbacks = app._instantiate_all(cfg.callbacks)
+                assert len(callbacks) == len(cfg.callbacks or {}), choice
+                assert all(isinstance(c, pl.Callback) for c in callbacks)
+            else:  # pragma: no cover - a new group needs its own check here
+                raise AssertionError(f"no instantiation check for config group {group}")
+
+
+def _compose_here(tmp_path: Path, overrides: list[str], with_hydra: bool = False):
+    """Compose inside an open ``initialize_config_dir`` (one per test: fast)."""
+    cfg = compose(config_name="train", overrides=overrides, return_hydra_config=with_hydra)
+    OmegaConf.update(cfg, "paths.output_dir", str(tmp_path / "run"), force_add=True)
+    return cfg
+
+
+def _check_module(module, cfg, meta, torch) -> None:
+    """The model runs forward, its optimizer holds its parameters and the scheduler drives
+    that optimizer."""
+    module.eval()
+    cat = torch.zeros(4, len(meta.vocab_sizes), dtype=torch.long)
+    with torch.no_grad():
+        assert module(cat, torch.rand(4, 63)).shape == (4, len(meta.tasks))
+    optimizer = module.build_optimizer()
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    assert held == {id(p) for p in module.parameters()}
+    scheduler = module.build_scheduler(optimizer, total_steps=10)
+    assert (scheduler is None) == (not cfg.get("scheduler"))
+    if scheduler is not None:
+        assert scheduler.optimizer is optimizer
+        assert module.hparams["scheduler_interval"] == cfg.scheduler.get("interval", "epoch")
+
+
+def _check_experiment(app, cfg, meta, tmp_path, base, torch, seen: set[str]) -> None:
+    """An experiment (``cfg``, composed with its Hydra config) builds, and so does every value
+    its sweep lists (a config group's value composed, any other value set on ``cfg``:
+    composing is slow)."""
+    import yaml
+
+    experiment = cfg.hydra.runtime.choices.experiment
+    params = OmegaConf.to_container(cfg.hydra.sweeper.params)
+    assert params, f"experiment {experiment} is a sweep"
+    _check_module(app.build_module(cfg, meta), cfg, meta, torch)
+    groups = {p.name for p in CONFIGS.iterdir() if p.is_dir()}
+    for key, values in params.items():
+        for value in str(values).split(","):
+            if key in groups:
+                if f"{key}={value}" in seen:
+                    continue
+                seen.add(f"{key}={value}")
+                run = _compose_here(tmp_path, [f"experiment={experiment}", f"{key}={value}", *base])
+            else:
+                missing = object()
+                assert OmegaConf.select(cfg, key, default=missing) is not missing, key
+                run = cfg.copy()
+                OmegaConf.update(run, key, yaml.safe_load(value))
+                if not key.startswith("model."):  # the optimizer's check needs no big model
+                    run.model = {"_target_": "mtl_clippy.models.LogisticRegression"}
+            _check_module(app.build_module(run, meta), run, meta, torch)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["model=lr", "model.norm=batch"], "model.norm: logistic regression has no hidden"),
+        (
+            ["model=mmoe", "model.norm=group"],
+            "model.norm must be one of ['batch', 'layer', 'none']",
+        ),
+        (["model=sb", "model.embed_dim=0"], "model.embed_dim must be >= 1"),
+        (
+            ["model.sparse_embeddings=true", "trainer.gradient_clip_val=1.0"],
+            "trainer.gradient_clip_val=1.0: Lightning's gradient clipping cannot take",
+        ),
+    ],
+)
+def test_bad_model_values_name_their_key(overrides, message, tmp_path, data_root):
+    import mtl_clippy.train as app
+    from mtl_clippy.errors import ConfigError
+
+    cfg = _compose(tmp_path, [*overrides, *TINY])
+    OmegaConf.update(cfg, "paths.data_dir", str(data_root / "data"))
+    with pytest.raises(ConfigError) as err:
+        app.build(cfg)
+    assert str(err.value).startswith(message) and "\n" not in str(err.value), str(err.value)
+
+
+def test_readme_configuration_options_exist():
+    """Every option the README's Configuration table names is a key of some choice of its
+    group (a documented option that no config has cannot be set)."""
+    import re
+
+    table = (ROOT / "README.md").read_text().split("## Configuration", 1)[1].split("\n\n")[2]
+    named = re.findall(r"`((?:" + "|".join(GROUPS) + r")(?:\.\w+)+)`", table)
+    assert len(named) > 10
+    for option in named:
+        group, *path = option.split(".")
+        trees = [
+            OmegaConf.to_container(OmegaConf.load(f)) for f in (CONFIGS / group).glob("*.yaml")
+        ]
+
+        def has(tree, path=path):
+            for part in path:
+                if not isinstance(tree, dict) or part not in tree:
+                    return False
+                tree = tree[part]
+            return True
+
+        assert any(has(t or {}) for t in trees), f"README names {option}, no {group} config has it"
+
+
+def test_job_folder_names_leave_out_exactly_the_excluded_keys():
+    """Every key that configs/hydra/default.yaml keeps out of a job folder's name exists (a
+    key of the config or a config group), and is really left out; other overrides stay."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        cfg = compose(config_name="train", return_hydra_config=True)
+        excluded = list(cfg.hydra.job.config.override_dirname.exclude_keys)
+        loader = GlobalHydra.instance().config_loader()
+        tree = OmegaConf.to_container(cfg, resolve=False)
+        for key in excluded:
+            if "/" in key:
+                parent, _, name = key.rpartition("/")
+                assert name in loader.list_groups(parent), f"no config group {key}"
+            else:
+                node = tree
+                for part in key.split("."):
+                    assert isinstance(node, dict) and part in node, f"no key {key}"
+                    node = node[part]
+        values = {"resume": "true", "hydra/launcher": "basic"}
+        overrides = [f"{k}={values.get(k, '/somewhere')}" for k in excluded if "hydra." not in k]
+        named = compose(
+            config_name="train",
+            overrides=[*overrides, "seed=3", "model.norm=none"],
+            return_hydra_config=True,
+        ).hydra.job.override_dirname
+    assert named == "model.norm=none,seed=3"
 
 
 @pytest.fixture(scope="module")

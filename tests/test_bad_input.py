@@ -322,7 +322,7 @@ def test_a_typo_in_an_override_is_one_line(args, expected, tmp_path):
 @pytest.mark.parametrize(
     ("args", "expected"),
     [
-        (["data.dat_dir=x"], "override 'data.dat_dir=x': data has no key 'dat_dir' (did you mean data_dir or cache_dir?)"),
+        (["data.dat_dir=x"], "override 'data.dat_dir=x': data has no key 'dat_dir' (did you mean data_dir or data_seed or cache_dir?)"),
         (["optim=adam", "optim.clip=1"], "override 'optim.clip=1': optim has no key 'clip' (to add it, write +optim.clip=1)"),
         (["seed.x=1"], "override 'seed.x=1': seed is 42, not a node with keys"),
         (["+model.embed_dim=3"], "override '+model.embed_dim=3': model.embed_dim already exists (to change it, write model.embed_dim=3)"),

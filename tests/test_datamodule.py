@@ -79,11 +79,15 @@ def test_validation_is_the_tail_of_the_train_file(generated):
 
 
 def test_vocabularies_come_from_training_rows_and_unseen_ids_go_to_oov(generated):
+    """Ids seen at least min_count (default 5) times in the training rows are kept; any other,
+    rare in training or unseen, maps to the OOV slot."""
     train = read_split(generated.source_dir / "train.csv")
     test = read_split(generated.source_dir / "test.csv")
     fit = train.categorical[:5400]
     f = 11  # the largest field: many ids are unseen in 5400 rows
-    seen = np.unique(fit[:, f])
+    ids, counts = np.unique(fit[:, f], return_counts=True)
+    seen = ids[counts >= generated.min_count]
+    assert (counts < generated.min_count).any()  # some training ids go to the OOV slot too
     assert generated.metadata.vocab_sizes[f] == len(seen) + 1
     expected_oov = (~np.isin(test.categorical[:, f], seen)).sum()
     assert expected_oov > 0

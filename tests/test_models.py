@@ -21,7 +21,7 @@ from model_fixtures import (
 )
 from mtl_clippy.data.schema import DatasetMetadata
 from mtl_clippy.models import FeatureEmbedding, product_logit
-from mtl_clippy.models.layers import has_sparse_embeddings
+from mtl_clippy.models.layers import NORMS, has_sparse_embeddings
 
 
 @pytest.fixture(scope="module")
@@ -267,4 +267,86 @@ def test_norm_none_removes_batchnorm_and_still_trains():
         plain(cat, num).sum().backward()
         assert all(p.grad is not None for p in plain.parameters())
     with pytest.raises(ValueError, match="norm must be one of"):
-        SharedBottom(metadata=meta, norm="layer")
+        SharedBottom(metadata=meta, norm="group")
+
+
+NORM_BACKBONES = [name for name in BACKBONES if name != "LogisticRegression"]
+NORM_LAYERS = {"batch": torch.nn.BatchNorm1d, "layer": torch.nn.LayerNorm}
+
+
+@pytest.mark.parametrize("norm", NORMS)
+@pytest.mark.parametrize("name", NORM_BACKBONES)
+def test_norm_option_of_every_backbone(name, norm, data):
+    """``norm`` builds, trains (forward and backward) and puts its layer after every hidden
+    Linear of every MLP block: BatchNorm present iff norm=batch, LayerNorm iff norm=layer."""
+    torch.manual_seed(0)
+    model = build(name, data.metadata, norm=norm).train()
+    kinds = [type(m) for m in model.modules()]
+    for kind, layer in NORM_LAYERS.items():
+        assert (layer in kinds) == (norm == kind), (name, norm, kind)
+    for mlp in (m for m in model.modules() if isinstance(m, models.MLP)):
+        blocks = sum(isinstance(m, torch.nn.ReLU) for m in mlp)  # one ReLU per hidden block
+        normed = [m for m in mlp if isinstance(m, tuple(NORM_LAYERS.values()))]
+        assert len(normed) == (0 if norm == "none" else blocks), (name, norm)
+        for i, m in enumerate(mlp):  # right after its Linear, with the Linear's width
+            if isinstance(m, tuple(NORM_LAYERS.values())):
+                assert isinstance(mlp[i - 1], torch.nn.Linear)
+                assert m.weight.shape == (mlp[i - 1].out_features,)
+    cat, num, labels = batch(data)
+    logits = model(cat, num)
+    assert logits.shape == (64, data.metadata.n_tasks) and torch.isfinite(logits).all()
+    F.binary_cross_entropy_with_logits(logits, labels).backward()
+    for pname, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), (name, norm, pname)
+
+
+@pytest.mark.parametrize("name", NORM_BACKBONES)
+def test_norm_parameter_count_and_default(name):
+    """Each norm adds exactly 2 parameters per hidden unit (weight and bias), none adds none;
+    the default is batch, as before the option existed (the published sizes' counts hold)."""
+    meta = DatasetMetadata(vocab_sizes=(7,) * 16)
+    cls = getattr(models, name)
+    sizes = {k: v for k, v in backbone_config(name).items() if k != "_target_"}
+
+    def count(**kw):
+        torch.manual_seed(0)
+        model = cls(metadata=meta, **sizes, **kw)
+        return model, sum(p.numel() for p in model.parameters())
+
+    plain, n_none = count(norm="none")
+    hidden = sum(
+        m.out_features
+        for mlp in plain.modules()
+        if isinstance(mlp, models.MLP)
+        for i, m in enumerate(mlp)
+        if isinstance(m, torch.nn.Linear) and i + 1 < len(mlp)  # not a tower's -> 1 head
+    )
+    assert hidden > 0
+    assert count(norm="batch")[1] == count(norm="layer")[1] == n_none + 2 * hidden
+    default, n_default = count()
+    assert n_default == n_none + 2 * hidden
+    assert any(isinstance(m, torch.nn.BatchNorm1d) for m in default.modules())
+
+
+def test_logistic_regression_rejects_a_norm():
+    meta = DatasetMetadata(vocab_sizes=(3,) * 16)
+    models.LogisticRegression(meta, norm="none")
+    for norm in ("batch", "layer"):
+        with pytest.raises(ValueError, match=r"^norm: logistic regression has no hidden layer"):
+            models.LogisticRegression(meta, norm=norm)
+
+
+def test_model_configs_carry_the_constructor_default_norm():
+    """configs/model/*.yaml name ``norm`` with the value the backbone defaults to (so the
+    config changes no result), and its values are the ones the MLP accepts."""
+    import inspect
+    from pathlib import Path
+
+    import hydra
+    from omegaconf import OmegaConf
+
+    for path in sorted((Path(__file__).parents[1] / "configs" / "model").glob("*.yaml")):
+        cfg = OmegaConf.load(path)
+        default = inspect.signature(hydra.utils.get_class(cfg._target_)).parameters["norm"].default
+        assert cfg.norm == default, path.name
+        assert cfg.norm in NORMS

@@ -90,6 +90,7 @@ def check_overrides(
         return str(bad)
     modes = {o.typed.partition("=")[2].strip() for o in items if o.key == "hydra.mode"}
     multirun = multirun or "MULTIRUN" in modes
+    hydra_keys = {o.key for o in items if _is_hydra_key(o.key)}
     items = [o for o in items if not _is_hydra_key(o.key)]
 
     from hydra import compose, initialize_config_dir
@@ -117,7 +118,36 @@ def check_overrides(
                 for value in o.values:
                     if value not in options:
                         return _no_such_option(o.key, value, options)
+    if ("hydra.sweep.dir" if multirun else "hydra.run.dir") not in hydra_keys:
+        return _separate_processes_without_run_dir(cfg, multirun)
     return None
+
+
+#: Environment variables of launchers that start each process as a command of its own
+#: (SLURM's srun, torchrun, LSF, MPI); only where one is set is Lightning imported to decide.
+_LAUNCHER_PREFIXES = ("SLURM_", "LSB_", "OMPI_", "PMI_")
+_LAUNCHER_VARS = ("WORLD_SIZE", "LOCAL_RANK", "TORCHELASTIC_RUN_ID")
+
+
+def _separate_processes_without_run_dir(cfg: Any, multirun: bool) -> str | None:
+    """Several ``python train.py`` started separately (srun, torchrun, one per node) would
+    each name a new run (or sweep) folder by its own start time: they must be given one."""
+    import os
+
+    resuming = cfg.get("ckpt_path") or cfg.get("resume") not in (None, False, "false", "False", "")
+    if resuming and not multirun:
+        return None  # the folder of the run they continue, the same for all (resume.py)
+    num_nodes = cfg.trainer.get("num_nodes", 1)
+    several_nodes = isinstance(num_nodes, int) and num_nodes > 1
+    if not several_nodes and not any(
+        k.startswith(_LAUNCHER_PREFIXES) or k in _LAUNCHER_VARS for k in os.environ
+    ):
+        return None
+    from mtl_clippy import launch
+
+    if not launch.started_separately(num_nodes):
+        return None
+    return launch.separate_run_dir_message("hydra.sweep.dir" if multirun else "hydra.run.dir")
 
 
 # ----------------------------------------------------------------------------- parsing

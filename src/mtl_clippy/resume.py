@@ -22,6 +22,8 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from mtl_clippy.errors import ConfigError
+
 log = logging.getLogger("mtl_clippy")
 
 #: Overrides that choose how a run starts, not what it computes; ignored when matching.
@@ -98,7 +100,23 @@ def _choose_run_dir(runs: Path, name: str, resume: Any, ckpt_path: Any, _root_: 
                 saved = _saved_overrides(folder / ".hydra" / "overrides.yaml")
                 if saved is not None and run_identity(saved) == wanted and has_checkpoint(folder):
                     return str(folder)
+    _check_one_folder_for_all_ranks(_root_)
     return str(runs / f"{datetime.datetime.now().strftime(STAMP)}_{name}")
+
+
+def _check_one_folder_for_all_ranks(_root_: DictConfig) -> None:
+    """A new run folder's name holds the time of its start: processes started separately
+    (srun, torchrun, one command per node) would each make their own and write their own
+    results. Every one of them stops here, before any folder exists, rather than hang or
+    scatter the run; they agree on a folder named on the command line."""
+    from mtl_clippy import launch
+
+    try:
+        num_nodes = (_root_.get("trainer") or {}).get("num_nodes", 1)
+    except Exception:
+        num_nodes = 1
+    if launch.started_separately(num_nodes):
+        raise ConfigError(launch.separate_run_dir_message())
 
 
 def register_resolvers() -> None:

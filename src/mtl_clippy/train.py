@@ -20,8 +20,10 @@ from typing import Any, NamedTuple
 import hydra
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
+from mtl_clippy import launch
 from mtl_clippy import resume as resume_mod
 from mtl_clippy.callbacks import (
     AtomicCheckpointIO,
@@ -49,6 +51,7 @@ def register_resolvers() -> None:
     if not OmegaConf.has_resolver("mtl_clippy.cwd"):
         OmegaConf.register_new_resolver("mtl_clippy.cwd", os.getcwd, use_cache=True)
     resume_mod.register_resolvers()
+    launch.register_resolvers()
 
 
 register_resolvers()
@@ -147,29 +150,84 @@ def build(cfg: DictConfig) -> tuple[pl.LightningDataModule, pl.LightningModule]:
     Configuration problems surface here, before any training, as ``ConfigError`` naming the
     config key.
     """
-    from mtl_clippy.models import MultiTaskModule
-
     datamodule = _instantiate_config(cfg.data, "data")
     datamodule.prepare_data()
     datamodule.setup("fit")
-    scheduler = cfg.get("scheduler") or None
+    module = build_module(cfg, datamodule.metadata)
+    _check_gradient_clipping(cfg, module)
+    return datamodule, module
+
+
+def _check_gradient_clipping(cfg: DictConfig, module: pl.LightningModule) -> None:
+    """Lightning's gradient clipping (by norm or by value) fails on sparse gradients."""
+    from mtl_clippy.models.layers import has_sparse_embeddings
+
+    clip = (cfg.get("trainer") or {}).get("gradient_clip_val")
+    if clip is not None and clip > 0 and has_sparse_embeddings(module):
+        raise ConfigError(
+            f"trainer.gradient_clip_val={clip}: Lightning's gradient clipping cannot take the "
+            "sparse embedding gradients of model.sparse_embeddings=true; set one of them off "
+            "(ClippyAdagrad clips its own updates)"
+        )
+
+
+def build_module(cfg: DictConfig, metadata: Any) -> pl.LightningModule:
+    """The LightningModule of a config's model, optim, scheduler and task_weights for data of
+    ``metadata``; its optimizer and scheduler are built once to check them (``ConfigError``
+    naming the key)."""
+    from mtl_clippy.models import MultiTaskModule
+
+    scheduler, interval, monitor = scheduler_settings(cfg.get("scheduler"))
     try:
         module = MultiTaskModule(
             backbone=cfg.model,
-            metadata=datamodule.metadata,
+            metadata=metadata,
             optimizer=cfg.optim,
             scheduler=scheduler,
+            scheduler_interval=interval,
+            scheduler_monitor=monitor,
             task_weights=cfg.get("task_weights"),
         )
     except (TypeError, ValueError) as exc:
-        raise ConfigError(f"model: {_cause(exc)}") from exc
-    # Build the optimizer once now, so that invalid optimizer arguments or an optimizer that
-    # cannot take the model's sparse gradients is reported before training starts.
+        raise ConfigError(_keyed("model", _cause(exc), cfg.model)) from exc
+    # Build the optimizer and the scheduler once now, so that invalid arguments, or an
+    # optimizer that cannot take the model's sparse gradients, are reported before training.
     try:
-        module.configure_optimizers()
+        optimizer = module.build_optimizer()
     except (TypeError, ValueError) as exc:
-        raise ConfigError(f"optim: {_cause(exc)}") from exc
-    return datamodule, module
+        raise ConfigError(_keyed("optim", _cause(exc), cfg.optim)) from exc
+    try:  # the trainer fills total_steps: null at fit time; any whole number checks the rest
+        module.build_scheduler(optimizer, total_steps=1000)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(_keyed("scheduler", _cause(exc), cfg.scheduler)) from exc
+    return module
+
+
+#: Keys of a scheduler config that say how Lightning steps it; not scheduler arguments.
+SCHEDULER_KEYS = ("interval", "monitor")
+
+
+def scheduler_settings(node: Any) -> tuple[dict[str, Any] | None, str, str]:
+    """(the scheduler's partial config without ``interval`` / ``monitor``, its interval,
+    its monitor) of a ``scheduler`` config; (None, "epoch", "val/auc_mean") without one."""
+    if not node:
+        return None, "epoch", "val/auc_mean"
+    cfg = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
+    interval = cfg.pop("interval", "epoch")
+    monitor = cfg.pop("monitor", "val/auc_mean")
+    if interval not in ("step", "epoch"):
+        raise ConfigError(f"scheduler.interval: expected 'step' or 'epoch', got {interval!r}")
+    if not isinstance(monitor, str) or not monitor:
+        raise ConfigError(f"scheduler.monitor: expected a metric name, got {monitor!r}")
+    return cfg, interval, monitor
+
+
+def _keyed(group: str, message: str, node: Any) -> str:
+    """``"norm must be ..."`` -> ``"model.norm must be ..."`` when the message starts with a
+    key of the group's config (or ``"model: ..."`` otherwise)."""
+    first = message.split(" ", 1)[0].rstrip(":")
+    keys = set(node or ()) | (set(SCHEDULER_KEYS) if group == "scheduler" else set())
+    return f"{group}.{message}" if first in keys else f"{group}: {message}"
 
 
 #: Trainer options that must be whole numbers (Lightning would fail on them mid-fit).
@@ -225,6 +283,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "steps": 0,
         "wall_time_s": None,
         "samples_per_s": None,
+        "optimizer_path": None,
         "val": {},
         "best": {},
         "test": None,
@@ -242,6 +301,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "output_dir": str(out_dir),
     }
     t_start = time.perf_counter()
+    # Lightning's rank-zero utilities (its loggers, rank_zero_only) take the rank that the
+    # Trainer will give this process from now on, not only once the Trainer exists.
+    rank_zero_only.rank = launch.global_rank(
+        cfg.trainer.get("devices"), cfg.trainer.get("num_nodes", 1)
+    )
+    trainer: pl.Trainer | None = None
     ckpt_path, ckpt_step, previous = _resume_point(cfg, out_dir)
     if previous is not None:  # resume=true on a run that had already finished
         log.info("this run had already completed; nothing to resume (%s)", out_dir)
@@ -260,6 +325,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             summary["bayes"].update(
                 {f"logloss_{k}": v for k, v in extra.get("bayes_logloss", {}).items()}
             )
+        # share of categorical cells mapped to the OOV slot, per split (and per field)
+        summary["oov_rate"] = getattr(datamodule, "oov_rate", None) or None
 
         throughput = ThroughputMeter()
         loggers = _instantiate_loggers(cfg.get("logger"), ckpt_step)
@@ -281,6 +348,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             precision=precision,
             plugins=[AtomicCheckpointIO()],
         )
+        if trainer.world_size == 1 and launch.started_separately(trainer.num_nodes):
+            raise ConfigError(
+                f"trainer: this is one of {launch.launched_world_size()} processes started "
+                "together (srun, torchrun), but the trainer runs on one process; use "
+                "trainer=ddp with trainer.devices=<processes per node> trainer.num_nodes=<nodes>"
+            )
         if trainer.world_size > 1:
             _ddp_children_run_this_job()
         monitor = next((c for c in callbacks if isinstance(c, DivergenceMonitor)), None)
@@ -295,6 +368,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         summary["epochs"] = int(trainer.current_epoch)
         summary["steps"] = int(trainer.global_step)
         summary["samples_per_s"] = throughput.samples_per_s
+        # Which ClippyAdagrad implementation the steps ran (None for other optimizers).
+        opt = trainer.optimizers[0] if trainer.optimizers else None
+        summary["optimizer_path"] = getattr(opt, "implementation", lambda: None)()
         summary["val"] = _split_metrics(trainer.callback_metrics, "val")
 
         ckpt_cb = trainer.checkpoint_callback
@@ -340,7 +416,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         raise
     finally:
         summary["wall_time_s"] = round(time.perf_counter() - t_start, 3)
-        if _is_global_zero():
+        if _is_global_zero(trainer):
             write_json_atomic(out_dir / METRICS_FILE, summary)
     return summary
 
@@ -465,8 +541,14 @@ def collapsed_tasks(test: Mapping[str, Any] | None) -> list[str]:
     )
 
 
-def _is_global_zero() -> bool:
-    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0
+def _is_global_zero(trainer: pl.Trainer | None = None) -> bool:
+    """Lightning's global rank 0: the trainer's, or before it exists ``rank_zero_only.rank``,
+    which ``train`` sets to the rank Lightning will give this process (``mtl_clippy.launch``:
+    ``SLURM_PROCID`` under srun, ``RANK`` under torchrun, else ``NODE_RANK`` and
+    ``LOCAL_RANK``)."""
+    if trainer is not None:
+        return bool(trainer.is_global_zero)
+    return rank_zero_only.rank == 0
 
 
 # ----------------------------------------------------------------------------- reporting

@@ -24,6 +24,8 @@ import torch
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from mtl_clippy.callbacks.divergence import check_pending_losses
+
 
 class StepCheckpoint(ModelCheckpoint):
     """Keep the newest checkpoint taken every ``every_n_train_steps`` optimizer steps.
@@ -31,6 +33,11 @@ class StepCheckpoint(ModelCheckpoint):
     Files are ``<dirpath>/step-<step>.ckpt``; only the newest is kept. The last batch of an
     epoch is skipped: the epoch-end checkpoint (after validation) covers it, and a checkpoint
     between the last batch and validation could not resume that epoch's validation.
+
+    Before saving, the losses a :class:`~mtl_clippy.callbacks.DivergenceMonitor` has kept but
+    not read yet (it reads them every 16 steps on a GPU) are checked: if one of those steps
+    diverged, the monitor raises and no checkpoint is written, so a step checkpoint never holds
+    weights from after a divergence.
     """
 
     def __init__(self, dirpath: str, every_n_train_steps: int = 100, **kwargs: Any) -> None:
@@ -63,6 +70,8 @@ class StepCheckpoint(ModelCheckpoint):
     ) -> None:
         if batch_idx + 1 >= trainer.num_training_batches:
             return
+        if trainer.global_step % self._every_n_train_steps == 0:  # a step it may save at
+            check_pending_losses(trainer)  # raises TrainingDiverged: nothing saved
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
 

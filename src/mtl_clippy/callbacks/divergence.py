@@ -23,6 +23,13 @@ is applied to each of them in order, so the step recorded is exact whatever the 
 On a CPU reading a value costs nothing, so ``check_every_n_steps: null`` (auto) checks every
 step there; on an accelerator it checks every 16 steps (one sync per 16 steps).
 
+**Checkpoints hold only checked steps.** ``StepCheckpoint`` calls :func:`check_pending_losses`
+before it saves, and the monitor's own checkpoint state (``state_dict``, written with every
+full checkpoint of a run it watches) checks the kept losses first: a divergent step among them
+raises before anything is written, so no checkpoint ever holds weights from after a
+divergence. Losses kept in a checkpoint written outside a run (or by an older version) are
+restored on the module's device, where the next check stacks them with the new ones.
+
 **How the run ends.** On divergence the monitor sets ``trainer.should_stop`` and raises
 :class:`TrainingDiverged`, which ``mtl_clippy.train`` catches and records as status
 ``diverged``. ``should_stop`` alone is not enough: Lightning keeps training until
@@ -49,7 +56,7 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor
 
-__all__ = ["DivergenceMonitor", "TrainingDiverged"]
+__all__ = ["DivergenceMonitor", "TrainingDiverged", "check_pending_losses"]
 
 
 class TrainingDiverged(Exception):
@@ -122,6 +129,7 @@ class DivergenceMonitor(pl.Callback):
         self._every = self.check_every_n_steps or 1
         self._max_logit: Tensor | None = None
         self._hook: Any = None
+        self._trainer: pl.Trainer | None = None  # the run being watched (on_fit_start..teardown)
         self.last_finite_loss: float | None = None
         self.spikes = 0
         self.spike_steps: list[int] = []
@@ -210,6 +218,10 @@ class DivergenceMonitor(pl.Callback):
     # -- checkpoint state (an exact resume needs the recent losses and the counts) -----------
 
     def state_dict(self) -> dict[str, Any]:
+        # Lightning asks for this state while it writes a full checkpoint: check the kept losses
+        # first, so that a divergence among them raises before the checkpoint is written.
+        if self._trainer is not None and self._pending and not self.diverged:
+            self.check(self._trainer)
         return {
             "recent": list(self._recent),
             "pending": [(s, float(v.float().item())) for s, v in self._pending],
@@ -223,15 +235,19 @@ class DivergenceMonitor(pl.Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._loaded = dict(state_dict)
 
-    def _apply_loaded(self) -> None:
+    def _apply_loaded(self, device: torch.device | str = "cpu") -> None:
+        """Take over the state of ``load_state_dict``; its tensors go on ``device`` (the
+        module's), where the losses of the coming steps are and will be stacked with them."""
         state, self._loaded = getattr(self, "_loaded", None), None
         if not state:
             return
         self._recent.extend(state["recent"])
-        self._pending = [(int(s), torch.tensor(v)) for s, v in state["pending"]]
+        self._pending = [
+            (int(s), torch.tensor(float(v), device=device)) for s, v in state["pending"]
+        ]
         self._seen = int(state["seen"])
         if state.get("max_logit") is not None:
-            self._max_logit = torch.tensor(float(state["max_logit"]))
+            self._max_logit = torch.tensor(float(state["max_logit"]), device=device)
         self.last_finite_loss = state["last_finite_loss"]
         self.spikes = int(state["spikes"])
         self.spike_steps = list(state["spike_steps"])
@@ -240,13 +256,18 @@ class DivergenceMonitor(pl.Callback):
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.reset()
-        self._apply_loaded()
+        self._trainer = trainer
         if self.check_every_n_steps is None:
             self._every = 1 if pl_module.device.type == "cpu" else 16
         if self.track_logits:
             target = getattr(pl_module, "backbone", None)
             target = target if isinstance(target, torch.nn.Module) else pl_module
             self._hook = target.register_forward_hook(self._logit_hook)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Here, not in on_fit_start: every strategy has restored the checkpoint by now (some
+        # restore it after on_fit_start), and the module is on its device.
+        self._apply_loaded(pl_module.device)
 
     def _logit_hook(self, module: torch.nn.Module, args: Any, output: Any) -> None:
         if not module.training or not isinstance(output, Tensor) or output.numel() == 0:
@@ -288,3 +309,17 @@ class DivergenceMonitor(pl.Callback):
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
+        if stage == "fit":
+            self._trainer = None
+
+
+def check_pending_losses(trainer: pl.Trainer) -> None:
+    """Check the losses every :class:`DivergenceMonitor` of ``trainer`` has kept but not read.
+
+    Call it before saving a checkpoint: it raises :class:`TrainingDiverged` (and the
+    checkpoint must not be written) if one of those steps diverged. A collective under DDP:
+    every rank calls it at the same step.
+    """
+    for callback in getattr(trainer, "callbacks", []):
+        if isinstance(callback, DivergenceMonitor):
+            callback.check(trainer)

@@ -14,21 +14,17 @@ from mtl_clippy.data.errors import DataError
 from mtl_clippy.data.schema import DatasetMetadata
 
 if TYPE_CHECKING:
-    from mtl_clippy.data.datamodule import (
-        AliExpressDataModule,
-        BatchDataset,
-        EpochBatchSampler,
-        Vocabulary,
-    )
+    from mtl_clippy.data.datamodule import AliExpressDataModule, BatchDataset, EpochBatchSampler
     from mtl_clippy.data.prepare import prepare_raw
     from mtl_clippy.data.reader import AliExpressSplit, read_split
     from mtl_clippy.data.synthetic import GeneratorConfig, generate_dataset
+    from mtl_clippy.data.vocab import Vocabulary
 
 _LAZY = {
     "AliExpressDataModule": "datamodule",
     "BatchDataset": "datamodule",
     "EpochBatchSampler": "datamodule",
-    "Vocabulary": "datamodule",
+    "Vocabulary": "vocab",
     "prepare_raw": "prepare",
     "AliExpressSplit": "reader",
     "read_split": "reader",

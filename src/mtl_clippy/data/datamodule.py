@@ -6,10 +6,15 @@ With no ``data_dir`` it generates the built-in dataset (``synthetic.py``) once i
 
 * Validation is the last ``val_fraction`` of the train file's rows (the data is time-ordered);
   test is ``test.csv``.
-* Vocabularies come from the training rows (train file minus validation): each field's seen
-  ids are numbered ``0..n-1`` in increasing id order and every other id (unseen in training,
-  in validation or test) maps to the field's out-of-vocabulary slot ``n`` (counted, logged
-  once). ``metadata.vocab_sizes[f] = n + 1``.
+* Vocabularies come from the training rows (train file minus validation): each field's ids
+  seen at least ``min_count`` times (default 5) are numbered ``0..n-1`` in increasing id
+  order and every other id maps to the field's out-of-vocabulary slot ``n``: rare training
+  ids as well as ids unseen in training, so the OOV row is trained on the rare ids and an
+  unseen validation or test id reads a learned vector, not its random initialisation.
+  ``metadata.vocab_sizes[f] = n + 1``. The share of OOV cells per split (and field) is
+  ``dm.oov_rate``, recorded in ``metrics.json``.
+* Every cache (generated data, parse caches, encoded ids) is written once, by the first
+  process that needs it, under a lock; the others wait and memory-map its copy (``cache.py``).
 * A batch is one fancy-index gather from the arrays (memory-mapped where cached): the sampler
   yields whole index arrays (or slices) and the dataset returns whole batches, so there is no
   per-row ``__getitem__`` and no collate. Shuffling is per epoch from ``(seed, epoch)``;
@@ -18,8 +23,6 @@ With no ``data_dir`` it generates the built-in dataset (``synthetic.py``) once i
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 from pathlib import Path
@@ -31,14 +34,18 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from mtl_clippy.data.errors import DataError
-from mtl_clippy.data.reader import (
-    CACHE_DIRNAME,
-    AliExpressSplit,
-    read_split,
-    save_arrays_atomic,
+from mtl_clippy.data.reader import AliExpressSplit, read_split
+from mtl_clippy.data.schema import DatasetMetadata
+from mtl_clippy.data.synthetic import GeneratorConfig, dataset_meta, generate_dataset
+from mtl_clippy.data.vocab import (
+    DEFAULT_MIN_COUNT,
+    Vocabulary,
+    build_vocabularies,
+    count_equal,
+    encode_all,
+    encoded_ids,
+    oov_rates,
 )
-from mtl_clippy.data.schema import N_CATEGORICAL, DatasetMetadata
-from mtl_clippy.data.synthetic import GeneratorConfig, generate_dataset
 
 log = logging.getLogger(__name__)
 
@@ -54,53 +61,10 @@ def default_cache_dir() -> str:
 
 
 DEFAULT_CACHE_DIR = default_cache_dir()
-#: Version of the encoded-ids cache layout (bump when the encoding changes).
-ENCODED_CACHE_VERSION = 1
-#: Lookup tables are used for fields whose largest id is below this; sorted search above it.
-_DENSE_ID_LIMIT = 1 << 24
 
 
 def _positive_int(value: Any) -> bool:
     return isinstance(value, int | np.integer) and not isinstance(value, bool) and value > 0
-
-
-class Vocabulary:
-    """Seen ids of one categorical field, and the vectorised id -> index mapping.
-
-    Seen ids get indices ``0..n-1`` in increasing id order; anything else gets ``n`` (OOV).
-    """
-
-    def __init__(self, seen_ids: np.ndarray) -> None:
-        self.ids = np.asarray(seen_ids, dtype=np.int64)
-        self.oov = len(self.ids)
-        self._lut: np.ndarray | None = None
-        if self.oov and self.ids[-1] < _DENSE_ID_LIMIT:
-            lut = np.full(int(self.ids[-1]) + 2, self.oov, dtype=np.int32)
-            lut[self.ids] = np.arange(self.oov, dtype=np.int32)
-            self._lut = lut  # the last entry catches every id above the largest seen
-
-    @classmethod
-    def from_column(cls, column: np.ndarray) -> Vocabulary:
-        """The vocabulary of the ids present in ``column`` (non-negative integers)."""
-        if len(column) == 0:
-            return cls(np.empty(0, np.int64))
-        top = int(column.max())
-        if top < _DENSE_ID_LIMIT:
-            return cls(np.flatnonzero(np.bincount(column, minlength=top + 1)))
-        return cls(np.unique(column))
-
-    @property
-    def size(self) -> int:
-        """Embedding rows needed: the seen ids plus the OOV slot."""
-        return self.oov + 1
-
-    def encode(self, column: np.ndarray) -> np.ndarray:
-        """int32 indices of raw ids (unseen ids -> the OOV slot)."""
-        if self._lut is not None:
-            return self._lut[np.minimum(column, len(self._lut) - 1)]
-        pos = np.minimum(np.searchsorted(self.ids, column), max(self.oov - 1, 0))
-        hit = self.ids[pos] == column if self.oov else np.zeros(len(column), bool)
-        return np.where(hit, pos, self.oov).astype(np.int32)
 
 
 class BatchDataset(Dataset):
@@ -253,6 +217,9 @@ class AliExpressDataModule(L.LightningDataModule):
         batch_size / eval_batch_size: rows per training / evaluation batch (eval defaults to
             the training size).
         val_fraction: share of the train file's last rows held out for validation.
+        min_count: ids seen fewer times than this in the training rows map to their field's
+            OOV slot (with ids unseen in training), so that slot is trained; 1 keeps every
+            training id (the OOV row then never trains).
         seed: seeds the per-epoch shuffling.
         hard: generate the ``hard`` representation (same truth; see synthetic.py).
         num_workers / pin_memory: passed to the DataLoaders.
@@ -271,6 +238,7 @@ class AliExpressDataModule(L.LightningDataModule):
         batch_size: int = 2048,
         eval_batch_size: int | None = None,
         val_fraction: float = 0.1,
+        min_count: int = DEFAULT_MIN_COUNT,
         seed: int = 42,
         hard: bool = False,
         num_workers: int = 0,
@@ -295,6 +263,8 @@ class AliExpressDataModule(L.LightningDataModule):
             raise ValueError(f"val_fraction must be a number in [0, 1), got {val_fraction!r}")
         if not 0.0 <= val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        if not _positive_int(min_count):
+            raise ValueError(f"min_count must be a whole number >= 1, got {min_count!r}")
         self.data_dir = None if data_dir is None else Path(data_dir).expanduser()
         self.cache_dir = Path(cache_dir).expanduser()
         self.train_rows = train_rows
@@ -302,6 +272,7 @@ class AliExpressDataModule(L.LightningDataModule):
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
         self.val_fraction = val_fraction
+        self.min_count = int(min_count)
         self.seed = seed
         self.hard = hard
         self.num_workers = num_workers
@@ -322,6 +293,8 @@ class AliExpressDataModule(L.LightningDataModule):
         self.metadata: DatasetMetadata | None = None
         self.vocabularies: tuple[Vocabulary, ...] = ()
         self.oov_counts: dict[str, list[int]] = {}
+        self.oov_rate: dict[str, Any] = {}
+        self.encoded_from_cache: bool | None = None  # None: encoded in memory (no parse cache)
         self._train: tuple[np.ndarray, ...] | None = None
         self._test: tuple[np.ndarray, ...] | None = None
         self._n_fit = 0
@@ -361,14 +334,18 @@ class AliExpressDataModule(L.LightningDataModule):
     # ------------------------------------------------------------------ lightning hooks
 
     def prepare_data(self) -> None:
-        """Generate the built-in dataset if missing, and build the parse caches (rank 0)."""
-        if self.data_dir is None and not (self.source_dir / "meta.json").is_file():
+        """Generate the built-in dataset if missing, and build the parse caches (rank 0).
+
+        Processes that do this together (parallel sweep jobs) generate the data once: the
+        first under the folder's lock, the others wait and use its files."""
+        if self.data_dir is None and dataset_meta(self.source_dir) is None:
             assert self.generator_config is not None
             c = self.generator_config
             log.info("generating the built-in dataset into %s (once)", self.source_dir)
             generate_dataset(
                 self.source_dir, c.train_rows, c.test_rows, c.seed, hard=c.hard,
                 click_rate=c.click_rate, conversion_rate=c.conversion_rate, progress=self.progress,
+                replace=False,
             )  # fmt: skip
         for name in ("train", "test"):
             self._read(name)
@@ -377,7 +354,7 @@ class AliExpressDataModule(L.LightningDataModule):
         """Read both splits, split off validation, build vocabularies and metadata (once)."""
         if self.metadata is not None:
             return
-        if self.data_dir is None and not (self.source_dir / "meta.json").is_file():
+        if self.data_dir is None and dataset_meta(self.source_dir) is None:
             self.prepare_data()  # used without a Trainer
         cap_train = self.train_rows if self.data_dir is not None else None
         cap_test = self.test_rows if self.data_dir is not None else None
@@ -394,22 +371,30 @@ class AliExpressDataModule(L.LightningDataModule):
             )
         self._n_fit = n - n_val
 
-        self.vocabularies = tuple(
-            Vocabulary.from_column(train.categorical[: self._n_fit, f])
-            for f in range(N_CATEGORICAL)
-        )
+        self.vocabularies = build_vocabularies(train.categorical[: self._n_fit], self.min_count)
         train_idx, test_idx = self._encoded(train, test)
-        oov = [v.oov for v in self.vocabularies]
+        oov = np.array([v.oov for v in self.vocabularies])
         self.oov_counts = {
-            "val": (train_idx[self._n_fit :] == oov).sum(0).tolist(),
-            "test": (test_idx == oov).sum(0).tolist(),
+            "train": count_equal(train_idx[: self._n_fit], oov),
+            "val": count_equal(train_idx[self._n_fit :], oov),
+            "test": count_equal(test_idx, oov),
         }
+        rows = {"train": self._n_fit, "val": n - self._n_fit, "test": len(test)}
+        self.oov_rate = oov_rates(self.oov_counts, rows, self.min_count)
         for split, counts in self.oov_counts.items():
             if sum(counts):
                 log.info(
-                    "%s: %d categorical values unseen in training mapped to the OOV slot (per field: %s)",
-                    split, sum(counts), counts,
+                    "%s: %d categorical values (%.3g %%) seen fewer than %d times in training "
+                    "mapped to the OOV slot (per field: %s)",
+                    split, sum(counts), 100 * self.oov_rate[split], self.min_count, counts,
                 )  # fmt: skip
+        if self.oov_rate["untrained"]:
+            log.warning(
+                "%s: ids unseen in training occur in validation or test, but no training id "
+                "of the field is seen fewer than data.min_count=%d times, so the OOV row they "
+                "read never trains; raise data.min_count",
+                ", ".join(self.oov_rate["untrained"]), self.min_count,
+            )  # fmt: skip
         self._train = (train_idx, train.numerical, train.labels)
         self._test = (test_idx, test.numerical, test.labels)
         self.metadata = DatasetMetadata(
@@ -422,49 +407,25 @@ class AliExpressDataModule(L.LightningDataModule):
         """Vocabulary indices (int32) of both splits, memory-mapped from a cache when the
         splits came from one: every DDP rank and loader worker then shares one copy in the
         page cache instead of holding its own (768 MB per process for the 12 M NL rows)."""
-        if not (train.from_cache and test.from_cache):
-            return self._encode(train.categorical), self._encode(test.categorical)
-        key_parts = [ENCODED_CACHE_VERSION, self._n_fit, len(train), len(test)]
-        for split in (train, test):
-            st = split.source.stat()
-            key_parts += [str(split.source.resolve()), st.st_size, st.st_mtime_ns]
-        key = hashlib.sha1(json.dumps(key_parts).encode()).hexdigest()[:12]
         root = self.cache_dir / "splits" if self.data_dir is not None else None
-        root = root or train.source.parent / CACHE_DIRNAME
-        folder = root / f"encoded-{key}"
-        try:
-            arrays = tuple(np.load(folder / f"{n}.npy", mmap_mode="r") for n in ("train", "test"))
-            if (
-                arrays[0].shape == train.categorical.shape
-                and arrays[1].shape == test.categorical.shape
-            ):
-                return arrays[0], arrays[1]
-        except (OSError, ValueError):
-            pass
-        encoded = self._encode(train.categorical), self._encode(test.categorical)
-        # another rank may rename its copy first: same content either way
-        if not save_arrays_atomic(folder, {"train": encoded[0], "test": encoded[1]}):
-            return encoded
-        return (
-            np.load(folder / "train.npy", mmap_mode="r"),
-            np.load(folder / "test.npy", mmap_mode="r"),
+        train_idx, test_idx, self.encoded_from_cache = encoded_ids(
+            train, test, self._n_fit, self.min_count, self._encode, root=root
         )
+        return train_idx, test_idx
 
     def _encode(self, categorical: np.ndarray) -> np.ndarray:
-        out = np.empty(categorical.shape, dtype=np.int32)
-        for f, vocabulary in enumerate(self.vocabularies):
-            out[:, f] = vocabulary.encode(categorical[:, f])
-        return out
+        """int32 vocabulary indices of raw ids ``[N, 16]``."""
+        return encode_all(categorical, self.vocabularies)
 
     def _extra(self, n_train_file: int, n_test: int) -> dict[str, Any]:
         extra: dict[str, Any] = {
             "source": "synthetic" if self.data_dir is None else str(self.data_dir),
             "rows": {"train": self._n_fit, "val": n_train_file - self._n_fit, "test": n_test},
+            "min_count": self.min_count,
             "oov": {k: int(sum(v)) for k, v in self.oov_counts.items()},
         }
-        meta_path = self.source_dir / "meta.json"
-        if meta_path.is_file():  # generated data (built-in or from the command line)
-            meta = json.loads(meta_path.read_text())
+        meta = dataset_meta(self.source_dir)
+        if meta is not None:  # generated data (built-in or from the command line)
             capped = self.data_dir is not None and self.test_rows is not None
             if not capped:  # the Bayes figures hold for the whole test split only
                 extra["bayes_auc"] = meta.get("bayes_auc")

@@ -7,9 +7,11 @@ block into preallocated row-major arrays: a block of a few thousand rows fits in
 column-to-row transposition costs no strided main-memory traffic.
 
 The first read stores the arrays as ``.npy`` files plus a ``cache.json`` (schema version,
-source size and modification time, row count); later reads memory-map them. The cache is
-written under a temporary name and renamed, so an interrupted or failed read never leaves a
-partial cache, and a changed source (size or mtime) invalidates it.
+source size and modification time, row count); later reads memory-map them. Processes that
+read an uncached file together parse it once: the first takes the cache's lock and writes it
+(under a temporary name, renamed when complete), the others wait and map its copy
+(``cache.py``). An interrupted or failed read never leaves a partial cache, a complete cache
+is never replaced while it is current, and a changed source (size or mtime) invalidates it.
 
 Bad input raises :class:`~mtl_clippy.data.errors.DataError` naming the file, the line (header =
 line 1) and the column. Validation is vectorised: masks per block, first offender reported.
@@ -18,14 +20,11 @@ line 1) and the column. Validation is vectorised: masks per block, first offende
 from __future__ import annotations
 
 import codecs
-import contextlib
 import hashlib
 import json
 import logging
 import os
 import re
-import shutil
-import uuid
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +35,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
+from mtl_clippy.data import cache as cache_mod
 from mtl_clippy.data.errors import DataError
 from mtl_clippy.data.schema import (
     CATEGORICAL_COLUMNS,
@@ -62,7 +62,8 @@ class AliExpressSplit:
 
     ``categorical`` int64 [N, 16] raw ids; ``numerical`` float32 [N, 63]; ``labels`` float32
     [N, 2] (click, conversion). ``from_cache`` tells whether the arrays were memory-mapped
-    from a previous read's cache.
+    from a previous read's cache (False: this read parsed the file); ``cached`` whether they
+    are memory-mapped from a current cache (a previous one, or the one this read wrote).
     """
 
     categorical: np.ndarray
@@ -70,6 +71,11 @@ class AliExpressSplit:
     labels: np.ndarray
     source: Path
     from_cache: bool = False
+    cached: bool = False
+
+    def __post_init__(self) -> None:
+        if self.from_cache:
+            object.__setattr__(self, "cached", True)
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -79,7 +85,12 @@ class AliExpressSplit:
         if n is None or n >= len(self):
             return self
         return AliExpressSplit(
-            self.categorical[:n], self.numerical[:n], self.labels[:n], self.source, self.from_cache
+            self.categorical[:n],
+            self.numerical[:n],
+            self.labels[:n],
+            self.source,
+            self.from_cache,
+            self.cached,
         )
 
 
@@ -111,21 +122,27 @@ def read_split(
         if not path.is_file():
             raise DataError(path, "file not found", hint="check the data directory")
         stat = path.stat()
-        folder = _cache_folder(path, cache_dir) if cache else None
-        if folder is not None:
+        if not cache:
+            return AliExpressSplit(*_parse(path, block_size), source=path, from_cache=False)
+        folder = _cache_folder(path, cache_dir)
+        cached = _load_cache(folder, stat)
+        if cached is not None:
+            return AliExpressSplit(*cached, source=path, from_cache=True)
+        with cache_mod.exclusive(folder) as held:
+            # Processes started together (DDP ranks under srun, parallel sweep jobs) parse a
+            # file once: the others wait here, then map the cache the first one wrote.
+            stat = path.stat()  # as it is now: it may have changed while this one waited
             cached = _load_cache(folder, stat)
             if cached is not None:
                 return AliExpressSplit(*cached, source=path, from_cache=True)
-        with _parse_lock(path, folder):
-            # Processes started together (DDP ranks under srun, parallel sweep jobs) parse a
-            # file once: the others wait here, then map the cache the first one wrote.
-            if folder is not None:
-                cached = _load_cache(folder, stat)
-                if cached is not None:
-                    return AliExpressSplit(*cached, source=path, from_cache=True)
             categorical, numerical, labels = _parse(path, block_size)
-            if folder is not None:
-                _write_cache(folder, path, stat, (categorical, numerical, labels))
+            now = path.stat()
+            if (now.st_size, now.st_mtime_ns) != (stat.st_size, stat.st_mtime_ns):
+                log.warning("%s changed while it was read; not caching it", path)
+            elif _write_cache(folder, path, stat, (categorical, numerical, labels), held):
+                written = _load_cache(folder, stat)
+                if written is not None:  # mapped: processes share it in the page cache
+                    return AliExpressSplit(*written, source=path, from_cache=False, cached=True)
     except OSError as err:  # permission denied, I/O error, ...: the user's to fix
         raise DataError(
             path,
@@ -136,29 +153,6 @@ def read_split(
 
 
 # ----------------------------------------------------------------------------- cache
-
-
-@contextlib.contextmanager
-def _parse_lock(source: Path, folder: Path | None):
-    """An exclusive advisory lock (``fcntl.flock``) on the source file while one process
-    parses it and writes its cache; no lock file is created. Where locks are unavailable,
-    every process parses, as before."""
-    if folder is None:
-        yield
-        return
-    try:
-        import fcntl
-
-        handle = open(source, "rb")
-    except (ImportError, OSError):
-        yield
-        return
-    try:
-        with contextlib.suppress(OSError):
-            fcntl.flock(handle, fcntl.LOCK_EX)
-        yield
-    finally:
-        handle.close()  # releases the lock
 
 
 def _cache_folder(path: Path, cache_dir: str | os.PathLike[str] | None) -> Path:
@@ -190,34 +184,28 @@ def _load_cache(folder: Path, stat: os.stat_result) -> tuple[np.ndarray, ...] | 
 def save_arrays_atomic(
     folder: Path, arrays: dict[str, np.ndarray], meta: dict[str, Any] | None = None
 ) -> bool:
-    """Write ``<name>.npy`` per array (and ``cache.json`` from ``meta``) into a temporary
-    folder beside ``folder``, then rename it into place: readers see a whole cache or none.
+    """Make ``folder`` hold ``<name>.npy`` per array (and ``cache.json`` from ``meta``), first
+    writer wins: under ``folder``'s lock, a folder already there (complete: folders only ever
+    appear whole) is kept and used, never replaced; otherwise the arrays are written to a
+    temporary folder beside it and renamed into place (``cache.publish``).
 
-    Returns False, with a warning, if it could not be written (read-only folder, full disk,
-    or another process renamed its own copy first): the arrays in hand stay valid.
+    Returns True when ``folder`` holds a complete copy (this one or an earlier writer's), or
+    False, with a warning, if it could not be written (read-only folder, full disk): the
+    arrays in hand stay valid.
     """
-    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    try:
-        tmp.mkdir(parents=True)
-        for name, array in arrays.items():
-            np.save(tmp / f"{name}.npy", array)
-        if meta is not None:
-            (tmp / "cache.json").write_text(json.dumps(meta, indent=2))
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.rename(tmp, folder)
-        return True
-    except OSError as err:
-        log.warning("could not write the cache %s (%s); continuing without it", folder, err)
-        return False
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with cache_mod.exclusive(folder) as held:
+        if folder.is_dir():
+            return True
+        return cache_mod.publish(folder, cache_mod.array_filler(arrays, meta), held=held) or (
+            folder.is_dir()
+        )
 
 
 def _write_cache(
-    folder: Path, source: Path, stat: os.stat_result, arrays: tuple[np.ndarray, ...]
-) -> None:
-    """The parse cache of ``source``: its arrays plus what identifies the source."""
+    folder: Path, source: Path, stat: os.stat_result, arrays: tuple[np.ndarray, ...], held: bool
+) -> bool:
+    """The parse cache of ``source``: its arrays plus what identifies the source. Called under
+    the cache's lock after finding no current cache: a stale or damaged one is replaced."""
     meta = {
         "schema_version": CACHE_SCHEMA_VERSION,
         "source": str(source.resolve()),
@@ -225,7 +213,8 @@ def _write_cache(
         "source_mtime_ns": stat.st_mtime_ns,
         "rows": int(arrays[0].shape[0]),
     }
-    save_arrays_atomic(folder, dict(zip(_ARRAYS, arrays, strict=True)), meta)
+    fill = cache_mod.array_filler(dict(zip(_ARRAYS, arrays, strict=True)), meta)
+    return cache_mod.publish(folder, fill, held=held)
 
 
 # ----------------------------------------------------------------------------- parsing

@@ -40,9 +40,7 @@ import functools
 import json
 import logging
 import os
-import shutil
 import time
-import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -51,6 +49,7 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 from tqdm.auto import tqdm
 
+from mtl_clippy.data import cache as cache_mod
 from mtl_clippy.data.schema import (
     COLUMNS,
     ID_COLUMN,
@@ -393,6 +392,7 @@ def generate_dataset(
     click_rate: float = GeneratorConfig.click_rate,
     conversion_rate: float = GeneratorConfig.conversion_rate,
     progress: bool = False,
+    replace: bool = True,
 ) -> dict:
     """Generate a dataset into ``out`` (created; files written to a temporary folder first).
 
@@ -401,25 +401,67 @@ def generate_dataset(
     and conversion probabilities per row, float64 [N, 2]) and ``meta.json``. Returns the
     content of ``meta.json`` (including ``bayes_auc`` and ``bayes_logloss`` per task on the
     test split).
+
+    It runs under ``out``'s lock (``cache.exclusive``), so processes that generate into one
+    folder together never break each other. ``replace=True`` (the command line) replaces an
+    existing ``out``; ``replace=False`` (the data module) keeps a complete one and returns its
+    ``meta.json``: the first process generates, the others wait for it and use its files.
+    A process that has the old files open or memory-mapped keeps reading them.
     """
     config = GeneratorConfig(train_rows, test_rows, seed, hard, click_rate, conversion_rate)
-    start = time.perf_counter()
-    bar = tqdm(total=4, desc=f"generating {out}", disable=not progress)
-    model = _calibrate(_draw_model(seed), config)
-    bar.update()
-    train = _draw_split(model, np.random.default_rng([seed, 1]), train_rows, 0)
-    test = _draw_split(model, np.random.default_rng([seed, 2]), test_rows, len(train.search_id))
-    if hard:
-        _harden(train, seed, 1, int(SHIFT_START * train_rows))
-        _harden(test, seed, 2, 0)
-    bar.update()
-
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    tmp.mkdir()
-    try:
+    with cache_mod.exclusive(out) as held:
+        if not replace:
+            existing = dataset_meta(out)
+            if existing is not None:
+                return existing
         meta: dict = {"generator_version": GENERATOR_VERSION, "config": asdict(config)}
+        fill = functools.partial(
+            _write_dataset, meta=meta, config=config, raw=raw, country=country,
+            progress=progress, out=out,
+        )  # fmt: skip
+        if not cache_mod.publish(out, fill, held=held, replace=replace or held):
+            existing = dataset_meta(out)  # a writer without the lock was first
+            if existing is not None:
+                return existing
+    log.info("generated %s in %.1f s", out, meta["seconds"])
+    return meta
+
+
+def dataset_meta(folder: str | os.PathLike[str]) -> dict | None:
+    """The ``meta.json`` of a complete generated dataset in ``folder``, or None."""
+    try:
+        meta = json.loads((Path(folder) / "meta.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return meta if isinstance(meta, dict) and "layout" in meta else None
+
+
+def _write_dataset(
+    tmp: Path,
+    *,
+    meta: dict,
+    config: GeneratorConfig,
+    raw: bool,
+    country: str,
+    progress: bool,
+    out: Path,
+) -> None:
+    """Draw the dataset of ``config`` and write its files into ``tmp``, completing ``meta``
+    (``meta.json`` last)."""
+    start = time.perf_counter()
+    seed = config.seed
+    bar = tqdm(total=4, desc=f"generating {out}", disable=not progress)
+    try:
+        model = _calibrate(_draw_model(seed), config)
+        bar.update()
+        rng_train, rng_test = np.random.default_rng([seed, 1]), np.random.default_rng([seed, 2])
+        train = _draw_split(model, rng_train, config.train_rows, 0)
+        test = _draw_split(model, rng_test, config.test_rows, len(train.search_id))
+        if config.hard:
+            _harden(train, seed, 1, int(SHIFT_START * config.train_rows))
+            _harden(test, seed, 2, 0)
+        bar.update()
         for name, split in (("train", train), ("test", test)):
             if raw:
                 user, item = _raw_tables(split)
@@ -451,14 +493,8 @@ def generate_dataset(
         meta["layout"] = "raw" if raw else "processed"
         meta["seconds"] = round(time.perf_counter() - start, 2)
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
-        if out.exists():
-            shutil.rmtree(out)
-        os.rename(tmp, out)
     finally:
         bar.close()
-        shutil.rmtree(tmp, ignore_errors=True)
-    log.info("generated %s in %.1f s", out, meta["seconds"])
-    return meta
 
 
 def main(argv: list[str] | None = None) -> None:

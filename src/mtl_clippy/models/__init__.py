@@ -14,6 +14,7 @@ from mtl_clippy.models.backbones import (
 )
 from mtl_clippy.models.layers import MLP, FeatureEmbedding
 from mtl_clippy.models.module import MultiTaskModule, TaskMetrics
+from mtl_clippy.models.schedules import WarmupCosineLR
 
 __all__ = [
     "AITM",
@@ -29,5 +30,6 @@ __all__ = [
     "SharedBottom",
     "SingleTask",
     "TaskMetrics",
+    "WarmupCosineLR",
     "product_logit",
 ]

@@ -98,15 +98,25 @@ class FeatureEmbedding(nn.Module):
         return torch.cat(fields, dim=1) if len(fields) > 1 else fields[0]
 
 
-NORMS = ("batch", "none")
+#: The normalisation layer of every hidden block (the ``norm`` option of every deep backbone).
+NORMS = ("batch", "layer", "none")
+
+
+def check_norm(norm: str) -> str:
+    """``norm`` if it is one of :data:`NORMS`; ``ValueError`` naming the option otherwise."""
+    if norm not in NORMS:
+        raise ValueError(f"norm must be one of {list(NORMS)}, got {norm!r}")
+    return norm
 
 
 class MLP(nn.Sequential):
     """Stack of ``Linear -> BatchNorm1d -> ReLU -> Dropout`` blocks, optionally a final ``Linear``.
 
     The block is the one of the published AliExpress models. ``output_dim`` adds a plain
-    ``Linear`` head (a tower's ``-> 1``); without it the output width is ``hidden_dims[-1]``.
-    ``norm="none"`` drops the BatchNorm layers: heavy-tailed inputs then reach the loss
+    ``Linear`` head (a tower's ``-> 1``, never normalised); without it the output width is
+    ``hidden_dims[-1]``. ``norm`` is the normalisation after each hidden ``Linear``:
+    ``"batch"`` (``BatchNorm1d``, as published), ``"layer"`` (``LayerNorm``: per row, so it
+    does not depend on the batch) or ``"none"``: heavy-tailed inputs then reach the loss
     unnormalised, the setting in which plain training blows up (the stability study's
     ``lr_stability_hard`` experiment).
     """
@@ -119,14 +129,15 @@ class MLP(nn.Sequential):
         output_dim: int | None = None,
         norm: str = "batch",
     ) -> None:
-        if norm not in NORMS:
-            raise ValueError(f"norm must be one of {list(NORMS)}, got {norm!r}")
+        check_norm(norm)
         layers: list[nn.Module] = []
         width = input_dim
         for h in hidden_dims:
             block: list[nn.Module] = [nn.Linear(width, h)]
             if norm == "batch":
                 block.append(nn.BatchNorm1d(h))
+            elif norm == "layer":
+                block.append(nn.LayerNorm(h))
             layers += [*block, nn.ReLU(), nn.Dropout(dropout)]
             width = h
         if output_dim is not None:

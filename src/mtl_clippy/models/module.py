@@ -10,6 +10,7 @@ working model without the data.
 from __future__ import annotations
 
 import functools
+import math
 import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -158,16 +159,41 @@ def _supports_sparse(optimizer: torch.optim.Optimizer) -> bool:
 # --------------------------------------------------------------------------------------------
 
 
+def rank_scores(logits: Tensor) -> Tensor:
+    """An order-preserving code of float32 logits in (0, 1), float64: what the AUC ranks.
+
+    The AUC depends on the order of the scores only. Handing torchmetrics logits is wrong (it
+    applies a sigmoid to a batch only when some value of the batch lies outside [0, 1], so
+    batches whose logits all fall inside [0, 1] would be ranked on another scale), and so are
+    float32 probabilities (``sigmoid`` rounds to exactly 1.0 above a logit of about 17, which
+    ties scores the model ranks apart; even float64 probabilities tie distinct float32 logits
+    above about 24). This code ties two logits exactly when they are equal: the float32 bit
+    pattern read as a sign-magnitude integer (``-m`` for negative numbers, ``+m`` otherwise,
+    so -0.0 and +0.0 are one value) is increasing in the float's value, and shifted and
+    divided by 2**32 it is exact in float64 and lies in (0, 1) for every float32, infinities
+    and NaN included (a NaN logit never reaches torchmetrics as NaN; see ``TaskMetrics``).
+    bfloat16 and float16 logits are widened to float32 first, which is exact.
+    """
+    bits = logits.detach().float().contiguous().view(torch.int32).to(torch.int64)
+    magnitude = bits & 0x7FFFFFFF
+    key = torch.where(bits < 0, -magnitude, magnitude)
+    return (key + 2**31).to(torch.float64) / 2**32
+
+
 class TaskMetrics(nn.Module):
     """Exact epoch metrics of one task: AUC, log loss and calibration.
 
-    * AUC: ``BinaryAUROC(thresholds=None)`` keeps every prediction, so it is exact.
+    * AUC: ``BinaryAUROC(thresholds=None)`` keeps every prediction, so it is exact. It is fed
+      :func:`rank_scores` of the logits, an order-preserving code in (0, 1) (never logits,
+      never rounded probabilities), so the AUC is the Mann-Whitney AUC of the logits
+      themselves, ties counted half, however the epoch is split into batches.
     * log loss: mean BCE over every row of the epoch (a ``MeanMetric`` of per-row losses).
     * calibration: ``sum(predicted probabilities) / sum(labels)`` (mean predicted over mean
       observed rate; 1 is calibrated).
 
-    AUC is undefined when the epoch holds a single class; :meth:`compute` then returns NaN and
-    warns. Calibration is NaN when the epoch has no positives. Updates never sync the host.
+    AUC is undefined when the epoch holds a single class, and meaningless when some logit is
+    NaN; :meth:`compute` then returns NaN and warns. Calibration is NaN when the epoch has no
+    positives. Updates never sync the host.
     """
 
     def __init__(self) -> None:
@@ -177,20 +203,32 @@ class TaskMetrics(nn.Module):
         self.predicted = SumMetric(nan_strategy="disable")
         self.observed = SumMetric(nan_strategy="disable")
         self.count = SumMetric(nan_strategy="disable")
+        self.nan_logits = SumMetric(nan_strategy="disable")
+
+    def _metrics(self) -> tuple[Any, ...]:
+        return (
+            self.auroc,
+            self.logloss,
+            self.predicted,
+            self.observed,
+            self.count,
+            self.nan_logits,
+        )
 
     def update(self, logits: Tensor, labels: Tensor) -> None:
         """Add one batch of a task's logits ``[B]`` and 0/1 labels ``[B]``."""
         logits = logits.detach().float()
         labels = labels.detach().float()
-        self.auroc.update(logits, labels.long())
+        self.auroc.update(rank_scores(logits), labels.long())
         self.logloss.update(F.binary_cross_entropy_with_logits(logits, labels, reduction="none"))
         self.predicted.update(torch.sigmoid(logits))
         self.observed.update(labels)
         self.count.update(torch.ones_like(labels))
+        self.nan_logits.update(torch.isnan(logits).float())
 
     def reset(self) -> None:
         """Forget the accumulated epoch."""
-        for metric in (self.auroc, self.logloss, self.predicted, self.observed, self.count):
+        for metric in self._metrics():
             metric.reset()
 
     def compute(self, name: str) -> dict[str, Tensor]:
@@ -199,7 +237,14 @@ class TaskMetrics(nn.Module):
         count = self.count.compute()
         logloss = self.logloss.compute()
         nan = torch.full_like(logloss, float("nan"))
-        if bool(positives > 0) and bool(positives < count):
+        nan_logits = int(self.nan_logits.compute())
+        if nan_logits:
+            auc = nan
+            rank_zero_warn(
+                f"{name}: AUC is undefined because {nan_logits} of {int(count)} logits are NaN; "
+                "logging NaN"
+            )
+        elif bool(positives > 0) and bool(positives < count):
             auc = self.auroc.compute().to(logloss)
         else:
             auc = nan
@@ -358,7 +403,8 @@ class MultiTaskModule(pl.LightningModule):
     def predict_step(self, batch: Batch, batch_idx: int, dataloader_idx: int = 0) -> Tensor:
         """Per-task probabilities ``[batch, n_tasks]``; labels in the batch are ignored."""
         categorical, numerical = batch[0], batch[1]
-        return torch.sigmoid(self(categorical, numerical))
+        # float32 probabilities also under bf16 autocast (a bfloat16 sigmoid ties most scores)
+        return torch.sigmoid(self(categorical, numerical).float())
 
     def on_train_start(self) -> None:
         # The sanity check runs validation before training; start "best" from scratch, or
@@ -386,8 +432,27 @@ class MultiTaskModule(pl.LightningModule):
         """Build the optimizer (and scheduler) from the stored configs.
 
         Raises ``ValueError`` before training when the backbone has sparse embeddings and the
-        optimizer cannot take sparse gradients.
+        optimizer cannot take sparse gradients. The scheduler is stepped every
+        ``scheduler_interval`` (``"epoch"`` or ``"step"``); a ``ReduceLROnPlateau`` watches
+        ``scheduler_monitor``.
         """
+        optimizer = self.build_optimizer()
+        if self.hparams["scheduler"] is None:
+            return optimizer
+        scheduler = self.build_scheduler(optimizer)
+        entry: dict[str, Any] = {
+            "scheduler": scheduler,
+            "interval": self.hparams["scheduler_interval"],
+        }
+        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            entry["monitor"] = self.hparams["scheduler_monitor"]
+            every = getattr(self._trainer, "check_val_every_n_epoch", None)
+            if entry["interval"] == "epoch" and entry["monitor"].startswith("val/") and every:
+                entry["frequency"] = int(every)  # only after the epochs that validate
+        return {"optimizer": optimizer, "lr_scheduler": entry}
+
+    def build_optimizer(self) -> torch.optim.Optimizer:
+        """The optimizer of the stored config over this module's parameters."""
         cfg = self.hparams["optimizer"]
         if cfg is None:
             raise ValueError(
@@ -404,14 +469,64 @@ class MultiTaskModule(pl.LightningModule):
                 f"or use an optimizer that supports them: "
                 f"{', '.join(p.rsplit('.', 1)[-1] for p in SPARSE_CAPABLE_OPTIMIZERS)}."
             )
-        sched_cfg = self.hparams["scheduler"]
-        if sched_cfg is None:
-            return optimizer
-        scheduler = _instantiate_partial(sched_cfg)(optimizer)
-        entry: dict[str, Any] = {
-            "scheduler": scheduler,
-            "interval": self.hparams["scheduler_interval"],
-        }
+        return optimizer
+
+    def build_scheduler(
+        self, optimizer: torch.optim.Optimizer, total_steps: int | None = None
+    ) -> Any:
+        """The stored scheduler config called with ``optimizer`` (``None`` without one).
+
+        A scheduler argument ``total_steps: null`` (e.g. ``WarmupCosineLR``, ``OneCycleLR``)
+        is filled with ``total_steps``, by default the attached trainer's
+        ``estimated_stepping_batches`` (the optimizer steps of the whole run). A
+        ``ReduceLROnPlateau`` must watch a metric this module logs, in the direction in which
+        it improves; ``ValueError`` otherwise (its message starts with the option's name).
+        """
+        cfg = self.hparams["scheduler"]
+        if cfg is None:
+            return None
+        cfg = dict(cfg)
+        if "total_steps" in cfg and cfg["total_steps"] is None:
+            cfg["total_steps"] = self._total_steps() if total_steps is None else int(total_steps)
+        scheduler = _instantiate_partial(cfg)(optimizer)
         if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-            entry["monitor"] = self.hparams["scheduler_monitor"]
-        return {"optimizer": optimizer, "lr_scheduler": entry}
+            self._check_plateau(scheduler)
+        return scheduler
+
+    def monitorable_metrics(self) -> list[str]:
+        """The names this module logs, which a ``ReduceLROnPlateau`` can watch."""
+        names = ["train/loss", *(f"train/loss_{t}" for t in self.tasks)]
+        for kind in ("auc", "logloss", "calibration"):
+            names += [f"val/{kind}_{t}" for t in self.tasks]
+        return [*names, "val/auc_mean", "val/auc_mean_best"]
+
+    def _check_plateau(self, scheduler: torch.optim.lr_scheduler.ReduceLROnPlateau) -> None:
+        monitor = self.hparams["scheduler_monitor"]
+        known = self.monitorable_metrics()
+        if monitor not in known:
+            raise ValueError(
+                f"monitor: {monitor!r} is not a metric of this run; choose from {', '.join(known)}"
+            )
+        if self.hparams["scheduler_interval"] == "step" and not monitor.startswith("train/"):
+            raise ValueError(
+                f"monitor: {monitor} is computed once per epoch, but the scheduler is stepped "
+                "every step (interval=step); watch a train/ metric or set interval=epoch"
+            )
+        kind = monitor.rsplit("/", 1)[-1]
+        better = "max" if kind.startswith("auc") else "min" if "loss" in kind else None
+        if better is not None and scheduler.mode != better:
+            raise ValueError(
+                f"mode: {scheduler.mode} is the wrong direction for {monitor} (better is "
+                f"{'higher' if better == 'max' else 'lower'}); set mode={better}"
+            )
+
+    def _total_steps(self) -> int:
+        from mtl_clippy.errors import ConfigError
+
+        steps = self.trainer.estimated_stepping_batches
+        if not math.isfinite(steps):
+            raise ConfigError(
+                "scheduler.total_steps: the run has no fixed length (trainer.max_epochs=-1 "
+                "and no trainer.max_steps), so it cannot be filled in; set it"
+            )
+        return max(1, int(steps))

@@ -10,8 +10,11 @@ implementations of one step are provided; they compute the same numbers:
   ``torch._foreach_*`` kernels (one launch per operation for all parameters of a device and
   dtype; best on GPUs, where launches dominate);
 * ``_fused_clippy``: the per-tensor math written once and compiled by ``torch.compile`` into a
-  reduction kernel and an update kernel per tensor (two passes over memory: the physical
-  minimum for an update that needs a reduction first). Fastest on CPUs with a C++ compiler.
+  reduction loop and an update loop per tensor (two passes over memory: the physical minimum
+  for an update that needs a reduction first), on chunks of flattened tensors with dynamic
+  sizes and the options as data, so that new shapes and option sets reuse the compiled code.
+  Fastest on CPUs with a C++ compiler. Only a compilation failure makes it give way to an
+  eager path (with one warning); ``ClippyAdagrad.implementation()`` records what ran.
 
 Sparse (embedding) gradients take their own path that touches only the rows in the gradient.
 None of the paths synchronises the host with the device: the clipping factor of each tensor is
@@ -20,10 +23,13 @@ left in ``state[p]["clipping_factor"]`` as a 0-dim tensor on the parameter's dev
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import logging
 import math
 import os
 import shutil
+import types
 import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -110,18 +116,21 @@ class ClippyAdagrad(Optimizer):
         fused: use the ``torch.compile``-fused implementation. ``None`` (default, with
             ``foreach=None``) picks it for float32/float64 dense parameters when
             ``torch.compile`` works on the parameters' device (a C++ compiler on CPU, Triton on
-            CUDA) and the first compilation succeeds; otherwise the multi-tensor path is used on
-            CUDA and the single-tensor path on CPU (the faster eager choice on each, as measured
-            in ``benchmarks/bench_optimizer.py``). ``foreach=False`` asks for the single-tensor
-            path.
-            The first fused step compiles (tens of seconds on a small CPU, cached on disk for
-            later runs). Set the environment variable ``MTL_CLIPPY_DISABLE_FUSED=1`` to rule it
-            out globally. ``fused=True`` with ``foreach=True`` is an error.
+            CUDA); otherwise the multi-tensor path is used on CUDA and the single-tensor path
+            on CPU (the faster eager choice on each, as measured in
+            ``benchmarks/bench_optimizer.py``). ``foreach=False`` asks for the single-tensor
+            path. If compiling fails (a compiler error, not an error of the step), the tensors
+            concerned take that eager path, with one ``RuntimeWarning`` per process.
+            The first fused steps of a process compile a few kernels, whatever the model
+            (tens of seconds on a small CPU, cached on disk for later runs). Set the environment
+            variable ``MTL_CLIPPY_DISABLE_FUSED=1`` to rule it out globally. ``fused=True`` with
+            ``foreach=True`` is an error.
 
     After every step, ``optimizer.state[p]["clipping_factor"]`` holds :math:`\sigma` of that
     tensor (0-dim, on the parameter's device; read it without forcing a sync by logging it
     lazily), ``optimizer.state[p]["sum"]`` the accumulator and ``optimizer.state[p]["step"]``
-    the number of steps taken.
+    the number of steps taken. ``optimizer.implementation()`` says which implementations the
+    steps ran and whether the compiled one ever fell back (``metrics.json``: ``optimizer_path``).
 
     Reference: J. Tang, Y. Drori, D. Chang, M. Sathiamoorthy, J. Gilmer, L. Wei, X. Yi, L. Hong,
     E. H. Chi. "Improving Training Stability for Multitask Ranking Models in Recommender
@@ -184,7 +193,9 @@ class ClippyAdagrad(Optimizer):
                 self._init_state(p, group)
         # Scratch memory reused across tensors and steps, keyed by (device, dtype).
         # Not part of the optimizer's state (nothing in it survives a step).
-        self._workspace: dict[tuple, Tensor] = {}
+        self._workspace: dict[tuple, Any] = {}
+        # What each param group's steps ran (see implementation()); not part of the state.
+        self._paths: dict[int, dict[str, Any]] = {}
 
     # ------------------------------------------------------------------ setup and state
 
@@ -226,6 +237,7 @@ class ClippyAdagrad(Optimizer):
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self._workspace = {}
+        self._paths = {}
         for group in self.param_groups:
             group.setdefault("foreach", None)
             group.setdefault("fused", None)
@@ -249,7 +261,8 @@ class ClippyAdagrad(Optimizer):
             with torch.enable_grad():
                 loss = closure()
 
-        for group in self.param_groups:
+        for group_index, group in enumerate(self.param_groups):
+            record = self._record(group_index)
             dense: list[tuple[Tensor, Tensor, dict[str, Any]]] = []
             steps: list[Tensor] = []
             for p in group["params"]:
@@ -261,6 +274,7 @@ class ClippyAdagrad(Optimizer):
                 steps.append(state["step"])
                 if p.grad.is_sparse:
                     _sparse_clippy(p, p.grad, state, group, self)
+                    record["sparse"] = True
                 elif p.numel() == 0:
                     state["clipping_factor"] = torch.ones((), dtype=p.dtype, device=p.device)
                 else:
@@ -268,10 +282,12 @@ class ClippyAdagrad(Optimizer):
             if steps:
                 torch._foreach_add_(steps, 1.0)
             if dense:
-                self._dense_step(dense, group)
+                self._dense_step(dense, group, record)
         return loss
 
-    def _dense_step(self, items: list[tuple[Tensor, Tensor, dict[str, Any]]], group: dict) -> None:
+    def _dense_step(
+        self, items: list[tuple[Tensor, Tensor, dict[str, Any]]], group: dict, record: dict
+    ) -> None:
         if any(torch.is_complex(p) for p, _, _ in items):
             raise ValueError("ClippyAdagrad does not support complex parameters")
         by_key: dict[tuple[torch.device, torch.dtype], list] = {}
@@ -285,17 +301,65 @@ class ClippyAdagrad(Optimizer):
             accs = [s["sum"] for _, _, s in bucket]
             path = self._choose_path(group, device, dtype)
             if path == "fused":
-                sigmas = _fused_clippy(params, grads, accs, lr, hp, self)
-                if sigmas is None:  # compilation failed: fall back for good (already warned)
-                    group["fused"] = False
+                done, failure = _fused_clippy(params, grads, accs, lr, hp, self)
+                left = [i for i, sigma in enumerate(done) if sigma is None]
+                if len(left) < len(done):
+                    record["dense"].add("fused")
+                if left:  # a kernel could not be compiled here (warned once per process)
+                    record["fallback"] = record["fallback"] or failure
                     path = _eager_default(device)
-            if path == "foreach":
-                sigmas = _multi_tensor_clippy(params, grads, accs, lr, hp)
-            elif path == "single":
-                scratch = self._scratch(device, dtype, max(p.numel() for p in params))
-                sigmas = _single_tensor_clippy(params, grads, accs, lr, hp, scratch)
+                    sub = (
+                        [params[i] for i in left],
+                        [grads[i] for i in left],
+                        [accs[i] for i in left],
+                    )
+                    rest = self._eager_step(path, device, dtype, *sub, lr, hp)
+                    for i, sigma in zip(left, rest, strict=True):
+                        done[i] = sigma
+                    record["dense"].add(path)
+                sigmas = done
+            else:
+                sigmas = self._eager_step(path, device, dtype, params, grads, accs, lr, hp)
+                record["dense"].add(path)
             for (_, _, state), sigma in zip(bucket, sigmas, strict=True):
                 state["clipping_factor"] = sigma
+
+    def _eager_step(self, path, device, dtype, params, grads, accs, lr, hp) -> list[Tensor]:
+        if path == "foreach":
+            return _multi_tensor_clippy(params, grads, accs, lr, hp)
+        scratch = self._scratch(device, dtype, max(p.numel() for p in params))
+        return _single_tensor_clippy(params, grads, accs, lr, hp, scratch)
+
+    def _record(self, group_index: int) -> dict[str, Any]:
+        return self._paths.setdefault(
+            group_index, {"dense": set(), "sparse": False, "fallback": None}
+        )
+
+    def implementation(self) -> dict[str, Any]:
+        """Which implementations this optimizer's steps actually ran, for the record.
+
+        ``{"dense": [...], "sparse": bool, "fallback": None | str, "groups": [...]}``: the dense
+        paths used (``"fused"``, ``"foreach"``, ``"single"``), whether the sparse (row) path
+        ran, and the reason the compiled path had to give way to an eager one (None if it never
+        did); ``groups`` has the same three entries for each param group. Empty before the
+        first step.
+        """
+        groups = []
+        for i in range(len(self.param_groups)):
+            rec = self._paths.get(i, {"dense": set(), "sparse": False, "fallback": None})
+            groups.append(
+                {
+                    "dense": sorted(rec["dense"]),
+                    "sparse": rec["sparse"],
+                    "fallback": rec["fallback"],
+                }
+            )
+        return {
+            "dense": sorted({p for g in groups for p in g["dense"]}),
+            "sparse": any(g["sparse"] for g in groups),
+            "fallback": next((g["fallback"] for g in groups if g["fallback"]), None),
+            "groups": groups,
+        }
 
     @staticmethod
     def _choose_path(group: dict, device: torch.device, dtype: torch.dtype) -> str:
@@ -423,6 +487,36 @@ def _single_tensor_clippy(
 
 # ---------------------------------------------------------------------- dense: multi-tensor
 
+# Three ``torch._foreach_*`` kernels arrived after the oldest torch this package supports
+# (``_foreach_copy_`` in 2.1, ``_foreach_max`` in 2.4, ``_foreach_rsqrt_`` in 2.5/2.6). Where one
+# is missing, a loop of the per-tensor op does the same arithmetic (the foreach kernels' CPU
+# fallback is that loop); the lookup happens at call time, so a test can remove them.
+
+
+def _foreach_rsqrt_(tensors: list[Tensor]) -> None:
+    fn = getattr(torch, "_foreach_rsqrt_", None)
+    if fn is not None:
+        fn(tensors)
+    else:
+        for t in tensors:
+            t.rsqrt_()
+
+
+def _foreach_copy_(dst: list[Tensor], src: list[Tensor]) -> None:
+    fn = getattr(torch, "_foreach_copy_", None)
+    if fn is not None:
+        fn(dst, src)
+    else:
+        for d, s in zip(dst, src, strict=True):
+            d.copy_(s)
+
+
+def _foreach_max(tensors: list[Tensor]) -> list[Tensor]:
+    fn = getattr(torch, "_foreach_max", None)
+    if fn is not None:
+        return list(fn(tensors))
+    return [torch.amax(t) for t in tensors]
+
 
 def _multi_tensor_clippy(
     params: list[Tensor], grads: list[Tensor], accs: list[Tensor], lr: float, hp: tuple
@@ -434,7 +528,7 @@ def _multi_tensor_clippy(
     if standard:
         torch._foreach_addcmul_(accs, grads, grads)
     pb = torch._foreach_add(accs, eps)
-    torch._foreach_rsqrt_(pb)
+    _foreach_rsqrt_(pb)
     db = torch._foreach_mul(grads, lr)
     torch._foreach_mul_(db, pb)
     bb = torch._foreach_abs(params)
@@ -442,14 +536,14 @@ def _multi_tensor_clippy(
     torch._foreach_add_(bb, abs_t)
     if acc_rel != 0.0:
         torch._foreach_add_(bb, pb, alpha=acc_rel)
-    torch._foreach_copy_(pb, db)
+    _foreach_copy_(pb, db)
     torch._foreach_abs_(pb)
     torch._foreach_div_(bb, pb)
     for b in bb:
         b.nan_to_num_(nan=1.0)
     # min over each tensor = -max(-s); one kernel for the whole list
     torch._foreach_neg_(bb)
-    sigmas = torch._foreach_max(bb)
+    sigmas = _foreach_max(bb)
     torch._foreach_neg_(sigmas)
     torch._foreach_clamp_max_(sigmas, 1.0)
     if clip_acc:
@@ -464,48 +558,132 @@ def _multi_tensor_clippy(
 
 # ---------------------------------------------------------------------- dense: compiled
 
+# The compiled step works on chunks of _CHUNK flattened (1-D) tensors with dynamic sizes, and the
+# options travel as numbers in a tensor, so that a new model, a new shape or a new option set
+# reuses the compiled code instead of recompiling (torch.compile's recompile limit would
+# otherwise be reached in a process that runs many jobs, as a sweep does). Each kernel kind has
+# its own code object, hence its own compile cache:
+#   "one":   tensors of one element (compiled sizes 0 and 1 are always specialised);
+#   "small": tensors that inductor runs on one thread (numel < threads * cpp.min_chunk_size);
+#   "large": the others, run with OpenMP (a parallel region per small tensor costs more than
+#            the work when the cores are busy), one tensor per call: the call's overhead is
+#            small next to the work, and inductor's code for one size symbol is the fastest.
+# A short last chunk is padded with zero tensors (zero gradient, so they do not move).
+_CHUNK = 8
+_CHUNK_OF = {"large": 1}
+_SCALARS = ("lr", "eps", "rel", "acc_rel", "abs", "wd", "has_wd", "std", "clip", "has_acc_rel")
 
-def _clippy_math(
-    params: list[Tensor],
-    grads: list[Tensor],
-    accs: list[Tensor],
-    scalars: Tensor,
-    has_acc_rel: bool,
-    has_wd: bool,
-    clip_acc: bool,
-    standard: bool,
+
+def _clippy_chunk(
+    params: list[Tensor], grads: list[Tensor], accs: list[Tensor], scalars: Tensor
 ) -> list[Tensor]:
-    """Plain per-tensor math; ``torch.compile`` turns it into two fused kernels per tensor.
+    """One step for each tensor of a chunk, as plain tensor math for ``torch.compile``.
 
-    ``scalars`` holds ``[lr, eps, rel, acc_rel, abs, wd]`` as a tensor, so that a scheduler or a
-    new param group changes numbers, not the compiled code; only the flags specialise it.
+    ``scalars`` holds ``_SCALARS``: the hyperparameters and, as 0/1, the four options, so that
+    neither a scheduler nor a new option set changes the compiled code. ``torch.where`` selects
+    exactly the value the eager paths compute for the options in force.
     """
-    lr, eps, rel, acc_rel, abs_t, wd = scalars.unbind()
+    lr, eps, rel, acc_rel, abs_t, wd = (scalars[i] for i in range(6))
+    has_wd, standard, clip_acc, has_acc_rel = (scalars[i] != 0 for i in range(6, 10))
     sigmas = []
-    for w, g, acc in zip(params, grads, accs, strict=True):
-        if has_wd:
-            w.sub_(w * (wd * lr))
-        if standard:
-            acc.add_(g * g)
+    for w_io, g, acc_io in zip(params, grads, accs, strict=True):
+        w = torch.where(has_wd, w_io - w_io * (wd * lr), w_io)
+        gg = g * g
+        acc = torch.where(standard, acc_io + gg, acc_io)
         p = torch.rsqrt(acc + eps)
         delta = g * lr * p
         bound = torch.abs(w) * rel + abs_t
-        if has_acc_rel:
-            bound = bound + p * acc_rel
+        bound = torch.where(has_acc_rel, bound + p * acc_rel, bound)
         s = bound / torch.abs(delta)
-        s = torch.where(s != s, 1.0, s)  # 0/0 -> 1, as nan_to_num, but vectorisable
+        s = torch.where(s != s, 1.0, s)  # 0/0 (no move, no bound) -> 1, as nan_to_num
         sigma = torch.clamp(torch.amin(s), max=1.0)
-        if clip_acc:
-            sg = g * sigma
-            acc.add_(sg * sg)
-        elif not standard:
-            acc.add_(g * g)
-        w.sub_(delta * sigma)
+        sg = g * sigma
+        new_acc = torch.where(standard, acc, torch.where(clip_acc, acc + sg * sg, acc + gg))
+        w_io.copy_(w - delta * sigma)
+        acc_io.copy_(new_acc)
         sigmas.append(sigma)
     return sigmas
 
 
-_COMPILED: dict[str, Callable] = {}
+# One compiled function per kernel key, each with its own code object (torch.compile caches
+# compiled code, and counts recompilations, per code object).
+_KERNELS: dict[tuple, Callable] = {}
+# Kernel keys whose compilation failed in this process, with the reason (warned once each).
+_FUSED_FAILED: dict[tuple, str] = {}
+
+
+def _parallel_from(threads: int) -> int:
+    """The smallest size that inductor's CPU code runs on several threads."""
+    try:
+        from torch._inductor import config as inductor_config
+
+        chunk = int(inductor_config.cpp.min_chunk_size)
+    except (ImportError, AttributeError):
+        chunk = 512
+    return max(2, threads * chunk)
+
+
+def _kernel_class(numel: int, device: torch.device, threads: int) -> str:
+    if numel == 1:
+        return "one"
+    if device.type != "cpu" or threads <= 1 or numel < _parallel_from(threads):
+        return "small"
+    return "large"
+
+
+def _kernel(key: tuple) -> Callable:
+    fn = _KERNELS.get(key)
+    if fn is None:
+        tag = "_".join(str(k) for k in key).replace(".", "_").replace(":", "_")
+        code = _clippy_chunk.__code__.replace(co_name=f"_clippy_chunk_{tag}")
+        raw = types.FunctionType(code, _clippy_chunk.__globals__, code.co_name)
+        fn = torch.compile(
+            raw,
+            fullgraph=True,
+            dynamic=True,
+            # Keep ``delta`` in registers between the reduction and the update instead of
+            # writing it to memory (inductor's default stores a value read from >4 buffers).
+            options={"realize_reads_threshold": 16},
+        )
+        _KERNELS[key] = fn
+    return fn
+
+
+def _compile_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that mean "this could not be compiled here", not "the step is wrong".
+
+    A failure of dynamo to trace (``Unsupported``), of the backend (inductor, the C++ compiler,
+    Triton) or a recompile limit. Errors raised by the math itself while tracing (dynamo's
+    ``TorchRuntimeError``) or while running are bugs and propagate.
+    """
+    names = {
+        "torch._dynamo.exc": (
+            "BackendCompilerFailed",
+            "Unsupported",
+            "InternalTorchDynamoError",
+            "RecompileError",
+            "FailOnRecompileLimitHit",
+            "CacheLimitExceeded",
+        ),
+        "torch._inductor.exc": ("InductorError", "CppCompileError", "InvalidCxxCompiler"),
+    }
+    found: list[type[BaseException]] = []
+    for module_name, attrs in names.items():
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError:
+            continue
+        found += [getattr(module, a) for a in attrs if isinstance(getattr(module, a, None), type)]
+    return tuple(found)
+
+
+def _flat(t: Tensor) -> Tensor:
+    """A 1-D tensor on the same memory as the contiguous ``t``, made with ``set_`` rather than
+    ``view``: dynamo guards on the base of a view input, and the bases' shapes differ from
+    model to model, which would force recompilations."""
+    return torch.empty(0, dtype=t.dtype, device=t.device).set_(
+        t.untyped_storage(), t.storage_offset(), (t.numel(),), (1,)
+    )
 
 
 def _fused_clippy(
@@ -515,37 +693,122 @@ def _fused_clippy(
     lr: float,
     hp: tuple,
     opt: ClippyAdagrad,
-) -> list[Tensor] | None:
-    """Run the compiled step. Returns None (after one warning) if compilation fails."""
+) -> tuple[list[Tensor], list[Tensor | None], str | None]:
+    """Run the compiled step on every tensor it can take.
+
+    Returns the clipping factors, None for the tensors left to the caller (those of a kernel
+    that could not be compiled; nothing has been done to them), and the reason of that
+    failure, or None.
+    """
     device, dtype = params[0].device, params[0].dtype
-    fn = _COMPILED.get("fn")
-    if fn is None:
-        fn = torch.compile(_clippy_math, fullgraph=True, dynamic=False)
-        _COMPILED["fn"] = fn
     eps, rel, acc_rel, abs_t, wd, clip_acc, standard = hp
-    # One small device tensor per (group, device, dtype) with the scalar hyperparameters,
-    # rebuilt only when they change; lr is refreshed with fill_ (a kernel launch, no sync).
-    key = ("scalars", device, dtype, hp)
-    scalars = opt._workspace.get(key)  # type: ignore[call-overload]
+    # One small device tensor per (device, dtype, hyperparameters), rebuilt only when they
+    # change; lr is refreshed with fill_ (a kernel launch, no sync).
+    skey = ("scalars", device, dtype, hp)
+    scalars = opt._workspace.get(skey)  # type: ignore[call-overload]
     if scalars is None:
-        scalars = torch.tensor([lr, eps, rel, acc_rel, abs_t, wd], device=device, dtype=dtype)
-        opt._workspace[key] = scalars  # type: ignore[index]
+        values = [lr, eps, rel, acc_rel, abs_t, wd, wd != 0.0, standard, clip_acc, acc_rel != 0.0]
+        scalars = torch.tensor([float(v) for v in values], device=device, dtype=dtype)
+        opt._workspace[skey] = scalars  # type: ignore[index]
     scalars[0].fill_(lr)
-    try:
-        return fn(params, grads, accs, scalars, acc_rel != 0.0, wd != 0.0, clip_acc, standard)
-    except Exception as exc:  # inductor/compiler problems on an unusual machine
-        recompile_limit = "RecompileLimit" in type(exc).__name__
-        if not recompile_limit and _FUSED_STATUS.get(device.type) is not False:
-            _FUSED_STATUS[device.type] = False
-        warnings.warn(
-            f"ClippyAdagrad: the compiled (fused) step is not available here "
-            f"({type(exc).__name__}: {str(exc).strip().splitlines()[0][:200]}); using the "
-            "eager implementation for this param group, which gives the same numbers more "
-            "slowly.",
-            RuntimeWarning,
-            stacklevel=4,
+    threads = torch.get_num_threads()
+    by_kind: dict[str, list[int]] = {}
+    for i, p in enumerate(params):
+        by_kind.setdefault(_kernel_class(p.numel(), device, threads), []).append(i)
+    sigmas: list[Tensor | None] = [None] * len(params)
+    failure = None
+    for kind, idx in by_kind.items():
+        key = (str(device), str(dtype).removeprefix("torch."), kind, threads)
+        if key in _FUSED_FAILED:
+            failure = _FUSED_FAILED[key]
+            continue
+        pads = _padding(opt, device, dtype, kind, threads)
+        fn = _kernel(key)
+        size = _CHUNK_OF.get(kind, _CHUNK)
+        for start in range(0, len(idx), size):
+            part = idx[start : start + size]
+            ws, gs, As = [], [], []
+            copies = []
+            for i in part:
+                w, a = params[i], accs[i]
+                if not (w.is_contiguous() and a.is_contiguous()):
+                    w, a = w.detach().contiguous(), a.contiguous()
+                    copies.append((i, w, a))
+                ws.append(_flat(w))
+                gs.append(_flat(grads[i].contiguous()))
+                As.append(_flat(a))
+            for j in range(len(part), size):
+                ws.append(pads[0][j])
+                gs.append(pads[1][j])
+                As.append(pads[2][j])
+            try:
+                with _no_duck_shapes():
+                    out = fn(ws, gs, As, scalars)
+            except _compile_errors() as exc:
+                failure = f"{type(exc).__name__}: {_first_line(exc)}"
+                _FUSED_FAILED[key] = failure
+                _warn_fallback(key, failure)
+                break  # nothing of this chunk was run; the caller takes the rest
+            for i, w, a in copies:
+                params[i].copy_(w.view_as(params[i]))
+                accs[i].copy_(a.view_as(accs[i]))
+            for i, sigma in zip(part, out, strict=False):
+                sigmas[i] = sigma
+    return sigmas, failure
+
+
+def _padding(
+    opt: ClippyAdagrad, device: torch.device, dtype: torch.dtype, kind: str, threads: int
+) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+    """_CHUNK distinct (w, g, acc) triples of zeros (acc: ones) that fill a short chunk, each
+    of the smallest size of its kind."""
+    key = ("pad", device, dtype, kind, threads)
+    pads = opt._workspace.get(key)  # type: ignore[call-overload]
+    if pads is None:
+        n = {"one": 1, "small": 2}.get(kind) or _parallel_from(threads)
+        pads = (
+            [torch.zeros(n, device=device, dtype=dtype) for _ in range(_CHUNK)],
+            [torch.zeros(n, device=device, dtype=dtype) for _ in range(_CHUNK)],
+            [torch.ones(n, device=device, dtype=dtype) for _ in range(_CHUNK)],
         )
-        return None
+        opt._workspace[key] = pads  # type: ignore[index]
+    return pads
+
+
+@contextlib.contextmanager
+def _no_duck_shapes():
+    """Compile with one size symbol per tensor: by default, tensors that happen to have equal
+    sizes at compile time share a symbol, and a later chunk without that equality recompiles."""
+    try:
+        from torch.fx.experimental import _config as fx_config
+
+        ctx = fx_config.patch(use_duck_shape=False)
+    except (ImportError, AttributeError):
+        ctx = contextlib.nullcontext()
+    with ctx:
+        yield
+
+
+def _first_line(exc: BaseException) -> str:
+    """The first line of the message, and of the backend's own error where there is one."""
+    text = str(exc).strip()
+    line = text.splitlines()[0][:200] if text else "(no message)"
+    inner = getattr(exc, "inner_exception", None)
+    if isinstance(inner, BaseException):
+        line = f"{line} {type(inner).__name__}: {_first_line(inner)}"
+    return line
+
+
+def _warn_fallback(key: tuple, reason: str) -> None:
+    device, dtype, kind, _ = key
+    warnings.warn(
+        f"ClippyAdagrad: the compiled (fused) step could not be compiled for {dtype} tensors "
+        f"on {device} ({kind} kernel): {reason}. Those tensors use the eager implementation "
+        "for the rest of this process: the same numbers, more slowly. "
+        "optimizer.implementation() records the fallback.",
+        RuntimeWarning,
+        stacklevel=5,
+    )
 
 
 # ---------------------------------------------------------------------- sparse
@@ -595,10 +858,12 @@ def _sparse_clippy(
         opt._workspace[key] = buf
     shape = (n_rows, *row_shape)
     w_rows, a_rows, g_rows, pb, db, bb = (buf[i, :n].view(shape) for i in range(6))
-    if not grad.is_coalesced() and n_rows != idx.numel():
-        g_rows.zero_().index_add_(0, inverse, vals)
-    else:
+    if grad.is_coalesced():  # rows and values already paired, rows distinct
         g_rows.copy_(vals.reshape(shape))
+    elif n_rows != idx.numel():  # duplicates: sum them into their (sorted) rows
+        g_rows.zero_().index_add_(0, inverse, vals)
+    else:  # distinct but in any order: each value goes to its row's slot, not in id order
+        g_rows.index_copy_(0, inverse, vals.reshape(shape))
     torch.index_select(p, 0, rows, out=w_rows)
     torch.index_select(acc, 0, rows, out=a_rows)
     # The same operations as _single_tensor_clippy, on the touched rows.

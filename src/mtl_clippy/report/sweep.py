@@ -136,7 +136,7 @@ class SweepResultsCallback(Callback):
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         root = Path(config.hydra.sweep.dir)
-        if not root.is_dir():
+        if not root.is_dir() or not _is_global_zero(config):
             return
         df = write_results(root)
         if len(df):
@@ -152,6 +152,17 @@ class SweepResultsCallback(Callback):
         if n:
             cols = [c for c in df.columns if c not in ("error", "job")]
             print(to_markdown(df[cols]))
+
+
+def _is_global_zero(config: DictConfig) -> bool:
+    """Whether this process is DDP rank 0 by Lightning's rule: of a sweep started as several
+    processes (srun), only rank 0 writes the table."""
+    from mtl_clippy import launch
+
+    trainer = config.get("trainer") or {}
+    return launch.is_global_zero(
+        devices=trainer.get("devices"), num_nodes=trainer.get("num_nodes", 1)
+    )
 
 
 def main() -> None:

@@ -39,7 +39,9 @@ class AITM(nn.Module):
     with its own ``q_t`` by attention, ``z_t = AIT(p, q_t)``. Each ``z_t`` feeds its tower
     (128, 64) -> 1. The tasks are chained in ``metadata.tasks`` order (click -> conversion).
     The paper's behavioral expectation calibrator (an extra loss term) is not included: the
-    module's loss is the same weighted BCE for every backbone.
+    module's loss is the same weighted BCE for every backbone. ``norm`` (``"batch"``,
+    ``"layer"`` or ``"none"``) is the normalisation of every bottom and tower block (the
+    transfer layer ``Linear -> ReLU`` has none, as published).
 
     ``forward(categorical [B, F], numerical [B, N]) -> logits [B, n_tasks]``.
     """
@@ -52,6 +54,7 @@ class AITM(nn.Module):
         tower_dims: Sequence[int] = (128, 64),
         dropout: float = 0.2,
         sparse_embeddings: bool = False,
+        norm: str = "batch",
     ) -> None:
         super().__init__()
         meta = as_metadata(metadata)
@@ -60,14 +63,16 @@ class AITM(nn.Module):
         self.embedding = FeatureEmbedding(meta, embed_dim, sparse=sparse_embeddings)
         d_in = self.embedding.output_dim
         width = bottom_dims[-1]
-        self.bottoms = nn.ModuleList(MLP(d_in, bottom_dims, dropout) for _ in range(meta.n_tasks))
+        self.bottoms = nn.ModuleList(
+            MLP(d_in, bottom_dims, dropout, norm=norm) for _ in range(meta.n_tasks)
+        )
         # Transfer modules exist for tasks 1.. only: the last task passes nothing on.
         self.info = nn.ModuleList(
             nn.Sequential(nn.Linear(width, width), nn.ReLU()) for _ in range(meta.n_tasks - 1)
         )
         self.attention = nn.ModuleList(_TransferAttention(width) for _ in range(meta.n_tasks - 1))
         self.towers = nn.ModuleList(
-            MLP(width, tower_dims, dropout, output_dim=1) for _ in range(meta.n_tasks)
+            MLP(width, tower_dims, dropout, output_dim=1, norm=norm) for _ in range(meta.n_tasks)
         )
 
     def forward(self, categorical: Tensor, numerical: Tensor) -> Tensor:

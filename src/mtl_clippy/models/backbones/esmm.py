@@ -37,7 +37,8 @@ class ESMM(nn.Module):
       the clicked subset alone. The post-click ``pCVR`` is available as
       :meth:`cvr_logit`.
 
-    Requires exactly two tasks (click, conversion).
+    Requires exactly two tasks (click, conversion). ``norm`` (``"batch"``, ``"layer"`` or
+    ``"none"``) is the normalisation of every hidden block of both networks.
 
     ``forward(categorical [B, F], numerical [B, N]) -> logits [B, 2]``.
     """
@@ -50,6 +51,7 @@ class ESMM(nn.Module):
         tower_dims: Sequence[int] = (128, 64),
         dropout: float = 0.2,
         sparse_embeddings: bool = False,
+        norm: str = "batch",
     ) -> None:
         super().__init__()
         meta = as_metadata(metadata)
@@ -59,8 +61,8 @@ class ESMM(nn.Module):
             )
         self.embedding = FeatureEmbedding(meta, embed_dim, sparse=sparse_embeddings)
         dims = [*bottom_dims, *tower_dims]
-        self.ctr = MLP(self.embedding.output_dim, dims, dropout, output_dim=1)
-        self.cvr = MLP(self.embedding.output_dim, dims, dropout, output_dim=1)
+        self.ctr = MLP(self.embedding.output_dim, dims, dropout, output_dim=1, norm=norm)
+        self.cvr = MLP(self.embedding.output_dim, dims, dropout, output_dim=1, norm=norm)
 
     def cvr_logit(self, categorical: Tensor, numerical: Tensor) -> Tensor:
         """Post-click conversion logit ``b`` (``pCVR = sigmoid(b)``), shape ``[batch, 1]``."""

@@ -22,6 +22,9 @@ class LogisticRegression(nn.Module):
     Args:
         metadata: the data's :class:`DatasetMetadata`.
         sparse_embeddings: sparse gradients for the one-hot weight table.
+        norm: only ``"none"``: the model has no hidden layer to normalise, and any other
+            value is rejected (it would do nothing). Accepted so that a sweep over
+            ``model.norm`` can include the linear baseline.
 
     ``forward(categorical [B, F], numerical [B, N]) -> logits [B, n_tasks]``.
     """
@@ -30,8 +33,14 @@ class LogisticRegression(nn.Module):
         self,
         metadata: DatasetMetadata | Mapping[str, Any],
         sparse_embeddings: bool = False,
+        norm: str = "none",
     ) -> None:
         super().__init__()
+        if norm != "none":
+            raise ValueError(
+                f"norm: logistic regression has no hidden layer to normalise, so only 'none' "
+                f"applies; got {norm!r} (remove the norm option or set it to none)"
+            )
         meta = as_metadata(metadata)
         self.weights = FeatureEmbedding(meta, embed_dim=meta.n_tasks, sparse=sparse_embeddings)
 

@@ -16,6 +16,8 @@ class _MixtureOfExperts(nn.Module):
     """Experts over the input layer, softmax gates mixing them, one tower per task.
 
     Subclasses choose ``gate_per_task``: a gate for each task (MMoE) or one shared (OMoE).
+    ``norm`` (``"batch"``, ``"layer"`` or ``"none"``) is the normalisation of every expert and
+    tower block.
     """
 
     gate_per_task: bool = True
@@ -29,6 +31,7 @@ class _MixtureOfExperts(nn.Module):
         tower_dims: Sequence[int] = (128, 64),
         dropout: float = 0.2,
         sparse_embeddings: bool = False,
+        norm: str = "batch",
     ) -> None:
         super().__init__()
         meta = as_metadata(metadata)
@@ -37,11 +40,13 @@ class _MixtureOfExperts(nn.Module):
         self.n_tasks = meta.n_tasks
         self.embedding = FeatureEmbedding(meta, embed_dim, sparse=sparse_embeddings)
         d_in = self.embedding.output_dim
-        self.experts = nn.ModuleList(MLP(d_in, expert_dims, dropout) for _ in range(n_experts))
+        self.experts = nn.ModuleList(
+            MLP(d_in, expert_dims, dropout, norm=norm) for _ in range(n_experts)
+        )
         n_gates = meta.n_tasks if self.gate_per_task else 1
         self.gates = nn.ModuleList(nn.Linear(d_in, n_experts) for _ in range(n_gates))
         self.towers = nn.ModuleList(
-            MLP(self.experts[0].output_dim, tower_dims, dropout, output_dim=1)
+            MLP(self.experts[0].output_dim, tower_dims, dropout, output_dim=1, norm=norm)
             for _ in range(meta.n_tasks)
         )
 

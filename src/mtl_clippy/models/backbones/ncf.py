@@ -35,7 +35,8 @@ class NCF(nn.Module):
     NeuMF's separate GMF/MLP tables are a choice we do not copy). Their outputs are
     concatenated and fed to one tower (128, 64) -> 1 per task.
 
-    ``norm``: ``"batch"`` (BatchNorm in every MLP block, as published) or ``"none"``.
+    ``norm``: ``"batch"`` (BatchNorm in every MLP block, as published), ``"layer"`` (LayerNorm)
+    or ``"none"``.
 
     ``forward(categorical [B, F], numerical [B, N]) -> logits [B, n_tasks]``.
     """

@@ -31,14 +31,17 @@ class _ExtractionLevel(nn.Module):
         n_shared_experts: int,
         dropout: float,
         last: bool,
+        norm: str = "batch",
     ) -> None:
         super().__init__()
         self.task_experts = nn.ModuleList(
-            nn.ModuleList(MLP(task_dims[t], [width], dropout) for _ in range(n_task_experts))
+            nn.ModuleList(
+                MLP(task_dims[t], [width], dropout, norm=norm) for _ in range(n_task_experts)
+            )
             for t in range(n_tasks)
         )
         self.shared_experts = nn.ModuleList(
-            MLP(shared_dim, [width], dropout) for _ in range(n_shared_experts)
+            MLP(shared_dim, [width], dropout, norm=norm) for _ in range(n_shared_experts)
         )
         self.task_gates = nn.ModuleList(
             nn.Linear(task_dims[t], n_task_experts + n_shared_experts) for t in range(n_tasks)
@@ -75,7 +78,8 @@ class PLE(nn.Module):
     MLP block of width ``expert_dims[l]``. Each task's gate mixes its own and the shared
     experts; every level but the last also has a shared gate over all experts that feeds the
     next level's shared experts. Each task's last-level output goes to its tower
-    (128, 64) -> 1.
+    (128, 64) -> 1. ``norm`` (``"batch"``, ``"layer"`` or ``"none"``) is the normalisation
+    of every expert and tower block.
 
     ``forward(categorical [B, F], numerical [B, N]) -> logits [B, n_tasks]``.
     """
@@ -90,6 +94,7 @@ class PLE(nn.Module):
         tower_dims: Sequence[int] = (128, 64),
         dropout: float = 0.2,
         sparse_embeddings: bool = False,
+        norm: str = "batch",
     ) -> None:
         super().__init__()
         meta = as_metadata(metadata)
@@ -115,12 +120,14 @@ class PLE(nn.Module):
                     n_shared_experts,
                     dropout,
                     last=i == len(expert_dims) - 1,
+                    norm=norm,
                 )
             )
             task_dims, shared_dim = [width] * meta.n_tasks, width
         self.levels = nn.ModuleList(levels)
         self.towers = nn.ModuleList(
-            MLP(expert_dims[-1], tower_dims, dropout, output_dim=1) for _ in range(meta.n_tasks)
+            MLP(expert_dims[-1], tower_dims, dropout, output_dim=1, norm=norm)
+            for _ in range(meta.n_tasks)
         )
 
     def forward(self, categorical: Tensor, numerical: Tensor) -> Tensor:

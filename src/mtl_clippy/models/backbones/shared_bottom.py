@@ -24,7 +24,8 @@ class SharedBottom(nn.Module):
         tower_dims: hidden widths of each task tower.
         dropout: dropout after every hidden layer.
         sparse_embeddings: sparse gradients for the embedding table.
-        norm: ``"batch"`` (BatchNorm in every MLP block, as published) or ``"none"``.
+        norm: ``"batch"`` (BatchNorm in every MLP block, as published), ``"layer"``
+            (LayerNorm) or ``"none"``.
 
     ``forward(categorical [B, F], numerical [B, N]) -> logits [B, n_tasks]``.
     """

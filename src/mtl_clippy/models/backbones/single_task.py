@@ -23,11 +23,12 @@ class _TaskNetwork(nn.Module):
         tower_dims: Sequence[int],
         dropout: float,
         sparse: bool,
+        norm: str,
     ) -> None:
         super().__init__()
         self.embedding = FeatureEmbedding(meta, embed_dim, sparse=sparse)
         self.mlp = MLP(
-            self.embedding.output_dim, [*bottom_dims, *tower_dims], dropout, output_dim=1
+            self.embedding.output_dim, [*bottom_dims, *tower_dims], dropout, output_dim=1, norm=norm
         )
 
     def forward(self, categorical: Tensor, numerical: Tensor) -> Tensor:
@@ -38,7 +39,8 @@ class SingleTask(nn.Module):
     """One independent network per task: its own input layer, bottom (512, 256), tower (128, 64).
 
     Nothing is shared, so it is the reference point that tells whether sharing helps or hurts
-    (negative transfer). Arguments as :class:`~mtl_clippy.models.SharedBottom`.
+    (negative transfer). Arguments as :class:`~mtl_clippy.models.SharedBottom` (``norm`` in
+    every block of each network).
 
     ``forward(categorical [B, F], numerical [B, N]) -> logits [B, n_tasks]``.
     """
@@ -51,11 +53,12 @@ class SingleTask(nn.Module):
         tower_dims: Sequence[int] = (128, 64),
         dropout: float = 0.2,
         sparse_embeddings: bool = False,
+        norm: str = "batch",
     ) -> None:
         super().__init__()
         meta = as_metadata(metadata)
         self.networks = nn.ModuleList(
-            _TaskNetwork(meta, embed_dim, bottom_dims, tower_dims, dropout, sparse_embeddings)
+            _TaskNetwork(meta, embed_dim, bottom_dims, tower_dims, dropout, sparse_embeddings, norm)
             for _ in range(meta.n_tasks)
         )
 
