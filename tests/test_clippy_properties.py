@@ -371,14 +371,18 @@ def test_fused_dense_path_matches_reference(case, fused_enabled):
 # ----------------------------------------------------------------------------- compiled path
 
 
-def test_many_shapes_and_option_sets_in_one_process_never_fall_back(fused_enabled):
-    """36 scenarios (random shapes, dtypes, the four options, learning rates) through one
-    process: every one runs the compiled step, none falls back, and the compiled code is
-    reused (a handful of kernels in all, not one per scenario)."""
+def _many_scenarios(n: int) -> None:
+    """``n`` scenarios (random shapes, dtypes, the four options, learning rates) through one
+    process: every one runs the compiled step, none falls back, and each signature compiles
+    exactly once (the recompile limit, 8 per code object by default, is never approached)."""
+    from torch._dynamo.utils import counters
+
     rng = random.Random(11)
+    graphs_before = counters["stats"]["unique_graphs"]
+    signatures = set()
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
-        for k in range(36):
+        for k in range(n):
             shapes = [
                 tuple(rng.randint(1, 50) for _ in range(rng.randint(1, 3)))
                 for _ in range(rng.randint(1, 10))
@@ -395,14 +399,26 @@ def test_many_shapes_and_option_sets_in_one_process_never_fall_back(fused_enable
                 weight_decay=(0.0, 0.01)[k // 6 % 2],
                 fused=None,  # the default choice
             )
-            for _ in range(2):
+            for _ in range(3):
                 for p in params:
                     p.grad = torch.randn_like(p)
                 opt.step()
             used = opt.implementation()
             assert used["dense"] == ["fused"] and used["fallback"] is None, (k, shapes, used)
-    kernels = [k for k in impl._KERNELS if k[0] == "cpu"]
-    assert len(kernels) <= 6, kernels  # (float32, float64) x (one, small, large)
+            flags = (k // 3 % 2 == 1, k // 6 % 2 == 1, clip_acc, standard)
+            signatures.add((dtype, flags, tuple(shapes)))
+    # one compilation per signature, none for the later steps of a scenario
+    assert counters["stats"]["unique_graphs"] - graphs_before == len(signatures)
+    assert not impl._FUSED_FAILED
+
+
+def test_more_signatures_than_the_recompile_limit_never_fall_back(fused_enabled):
+    _many_scenarios(10)
+
+
+@pytest.mark.slow
+def test_many_shapes_and_option_sets_in_one_process_never_fall_back(fused_enabled):
+    _many_scenarios(36)
 
 
 def test_a_compile_failure_falls_back_once_with_a_warning_and_is_recorded(monkeypatch):
@@ -418,6 +434,7 @@ def test_a_compile_failure_falls_back_once_with_a_warning_and_is_recorded(monkey
 
     monkeypatch.setattr(impl, "_kernel", broken)
     monkeypatch.setattr(impl, "_FUSED_FAILED", {})
+    monkeypatch.setattr(impl, "_WARNED", set())
     torch.manual_seed(0)
     ws = [torch.randn(4, 3, dtype=torch.float64), torch.randn(5, dtype=torch.float64)]
     grads = [torch.randn_like(w) for w in ws]
@@ -445,11 +462,11 @@ def test_an_error_in_the_step_itself_is_raised_not_hidden(fused_enabled, monkeyp
     """Only compilation failures fall back: an error of the step's own math (here a size
     mismatch, which dynamo finds while tracing) propagates, with no warning and no fallback."""
 
-    def buggy_step(params, grads, accs, scalars):
+    def buggy_step(params, grads, accs, scalars, *flags):
         return [torch.amin(w + torch.ones(w.shape[0] + 1, dtype=w.dtype)) for w in params]
 
-    monkeypatch.setattr(impl, "_clippy_chunk", buggy_step)
-    monkeypatch.setattr(impl, "_KERNELS", {})
+    monkeypatch.setattr(impl, "_clippy_math", buggy_step)
+    monkeypatch.setattr(impl, "_KERNELS", impl.OrderedDict())
     monkeypatch.setattr(impl, "_FUSED_FAILED", {})
     p = nn.Parameter(torch.randn(3, 2))
     opt = ClippyAdagrad([p], lr=0.1, fused=True)

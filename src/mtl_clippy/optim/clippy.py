@@ -11,8 +11,8 @@ implementations of one step are provided; they compute the same numbers:
   dtype; best on GPUs, where launches dominate);
 * ``_fused_clippy``: the per-tensor math written once and compiled by ``torch.compile`` into a
   reduction loop and an update loop per tensor (two passes over memory: the physical minimum
-  for an update that needs a reduction first), on chunks of flattened tensors with dynamic
-  sizes and the options as data, so that new shapes and option sets reuse the compiled code.
+  for an update that needs a reduction first), specialised to the tensors' shapes; each
+  signature (shapes, dtype, options) has its own compiled code, compiled once per process.
   Fastest on CPUs with a C++ compiler. Only a compilation failure makes it give way to an
   eager path (with one warning); ``ClippyAdagrad.implementation()`` records what ran.
 
@@ -23,7 +23,6 @@ left in ``state[p]["clipping_factor"]`` as a 0-dim tensor on the parameter's dev
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import logging
 import math
@@ -31,6 +30,7 @@ import os
 import shutil
 import types
 import warnings
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -558,94 +558,85 @@ def _multi_tensor_clippy(
 
 # ---------------------------------------------------------------------- dense: compiled
 
-# The compiled step works on chunks of _CHUNK flattened (1-D) tensors with dynamic sizes, and the
-# options travel as numbers in a tensor, so that a new model, a new shape or a new option set
-# reuses the compiled code instead of recompiling (torch.compile's recompile limit would
-# otherwise be reached in a process that runs many jobs, as a sweep does). Each kernel kind has
-# its own code object, hence its own compile cache:
-#   "one":   tensors of one element (compiled sizes 0 and 1 are always specialised);
-#   "small": tensors that inductor runs on one thread (numel < threads * cpp.min_chunk_size);
-#   "large": the others, run with OpenMP (a parallel region per small tensor costs more than
-#            the work when the cores are busy), one tensor per call: the call's overhead is
-#            small next to the work, and inductor's code for one size symbol is the fastest.
-# A short last chunk is padded with zero tensors (zero gradient, so they do not move).
-_CHUNK = 8
-_CHUNK_OF = {"large": 1}
-_SCALARS = ("lr", "eps", "rel", "acc_rel", "abs", "wd", "has_wd", "std", "clip", "has_acc_rel")
 
-
-def _clippy_chunk(
-    params: list[Tensor], grads: list[Tensor], accs: list[Tensor], scalars: Tensor
+def _clippy_math(
+    params: list[Tensor],
+    grads: list[Tensor],
+    accs: list[Tensor],
+    scalars: Tensor,
+    has_acc_rel: bool,
+    has_wd: bool,
+    clip_acc: bool,
+    standard: bool,
 ) -> list[Tensor]:
-    """One step for each tensor of a chunk, as plain tensor math for ``torch.compile``.
+    """Plain per-tensor math; ``torch.compile`` turns it into two fused loops per tensor
+    (a reduction for sigma, then the update), specialised to the tensors' shapes.
 
-    ``scalars`` holds ``_SCALARS``: the hyperparameters and, as 0/1, the four options, so that
-    neither a scheduler nor a new option set changes the compiled code. ``torch.where`` selects
-    exactly the value the eager paths compute for the options in force.
+    ``scalars`` holds ``[lr, eps, rel, acc_rel, abs, wd]`` as a tensor, so that a scheduler or a
+    new param group changes numbers, not the compiled code; only the flags specialise it.
     """
-    lr, eps, rel, acc_rel, abs_t, wd = (scalars[i] for i in range(6))
-    has_wd, standard, clip_acc, has_acc_rel = (scalars[i] != 0 for i in range(6, 10))
+    lr, eps, rel, acc_rel, abs_t, wd = scalars.unbind()
     sigmas = []
-    for w_io, g, acc_io in zip(params, grads, accs, strict=True):
-        w = torch.where(has_wd, w_io - w_io * (wd * lr), w_io)
-        gg = g * g
-        acc = torch.where(standard, acc_io + gg, acc_io)
+    for w, g, acc in zip(params, grads, accs, strict=True):
+        if has_wd:
+            w.sub_(w * (wd * lr))
+        if standard:
+            acc.add_(g * g)
         p = torch.rsqrt(acc + eps)
         delta = g * lr * p
         bound = torch.abs(w) * rel + abs_t
-        bound = torch.where(has_acc_rel, bound + p * acc_rel, bound)
+        if has_acc_rel:
+            bound = bound + p * acc_rel
         s = bound / torch.abs(delta)
         s = torch.where(s != s, 1.0, s)  # 0/0 (no move, no bound) -> 1, as nan_to_num
         sigma = torch.clamp(torch.amin(s), max=1.0)
-        sg = g * sigma
-        new_acc = torch.where(standard, acc, torch.where(clip_acc, acc + sg * sg, acc + gg))
-        w_io.copy_(w - delta * sigma)
-        acc_io.copy_(new_acc)
+        if clip_acc:
+            sg = g * sigma
+            acc.add_(sg * sg)
+        elif not standard:
+            acc.add_(g * g)
+        w.sub_(delta * sigma)
         sigmas.append(sigma)
     return sigmas
 
 
-# One compiled function per kernel key, each with its own code object (torch.compile caches
-# compiled code, and counts recompilations, per code object).
-_KERNELS: dict[tuple, Callable] = {}
-# Kernel keys whose compilation failed in this process, with the reason (warned once each).
+# One compiled function per signature (device, dtype, thread count, the four option flags and
+# every tensor's shape and strides), each with its own code object. torch.compile keeps its
+# cache and counts recompilations per code object, so a process that runs many models or
+# option sets (a sweep runs its jobs in one process) compiles each signature once and never
+# reaches the recompile limit; the kernels stay fully specialised to their shapes (the fastest
+# code inductor generates here). The cache is bounded: the least recently used signature is
+# dropped beyond _MAX_KERNELS.
+_KERNELS: OrderedDict[tuple, Callable] = OrderedDict()
+_MAX_KERNELS = 64
+# Failure reasons already warned about in this process (one warning per reason), and the
+# signatures whose compilation failed (they take the eager path from then on).
 _FUSED_FAILED: dict[tuple, str] = {}
+_WARNED: set[str] = set()
 
 
-def _parallel_from(threads: int) -> int:
-    """The smallest size that inductor's CPU code runs on several threads."""
-    try:
-        from torch._inductor import config as inductor_config
-
-        chunk = int(inductor_config.cpp.min_chunk_size)
-    except (ImportError, AttributeError):
-        chunk = 512
-    return max(2, threads * chunk)
-
-
-def _kernel_class(numel: int, device: torch.device, threads: int) -> str:
-    if numel == 1:
-        return "one"
-    if device.type != "cpu" or threads <= 1 or numel < _parallel_from(threads):
-        return "small"
-    return "large"
+def _signature(
+    params: list[Tensor], grads: list[Tensor], accs: list[Tensor], flags: tuple
+) -> tuple:
+    first = params[0]
+    tensors = tuple(
+        (tuple(w.shape), w.stride(), g.stride(), a.stride(), w.requires_grad)
+        for w, g, a in zip(params, grads, accs, strict=True)
+    )
+    return (str(first.device), str(first.dtype), torch.get_num_threads(), flags, tensors)
 
 
 def _kernel(key: tuple) -> Callable:
     fn = _KERNELS.get(key)
-    if fn is None:
-        tag = "_".join(str(k) for k in key).replace(".", "_").replace(":", "_")
-        code = _clippy_chunk.__code__.replace(co_name=f"_clippy_chunk_{tag}")
-        raw = types.FunctionType(code, _clippy_chunk.__globals__, code.co_name)
-        fn = torch.compile(
-            raw,
-            fullgraph=True,
-            dynamic=True,
-            # Keep ``delta`` in registers between the reduction and the update instead of
-            # writing it to memory (inductor's default stores a value read from >4 buffers).
-            options={"realize_reads_threshold": 16},
-        )
-        _KERNELS[key] = fn
+    if fn is not None:
+        _KERNELS.move_to_end(key)
+        return fn
+    code = _clippy_math.__code__.replace(co_name=f"_clippy_math_{len(_KERNELS)}")
+    raw = types.FunctionType(code, _clippy_math.__globals__, code.co_name)
+    fn = torch.compile(raw, fullgraph=True, dynamic=False)
+    _KERNELS[key] = fn
+    while len(_KERNELS) > _MAX_KERNELS:
+        _KERNELS.popitem(last=False)
     return fn
 
 
@@ -677,15 +668,6 @@ def _compile_errors() -> tuple[type[BaseException], ...]:
     return tuple(found)
 
 
-def _flat(t: Tensor) -> Tensor:
-    """A 1-D tensor on the same memory as the contiguous ``t``, made with ``set_`` rather than
-    ``view``: dynamo guards on the base of a view input, and the bases' shapes differ from
-    model to model, which would force recompilations."""
-    return torch.empty(0, dtype=t.dtype, device=t.device).set_(
-        t.untyped_storage(), t.storage_offset(), (t.numel(),), (1,)
-    )
-
-
 def _fused_clippy(
     params: list[Tensor],
     grads: list[Tensor],
@@ -693,100 +675,35 @@ def _fused_clippy(
     lr: float,
     hp: tuple,
     opt: ClippyAdagrad,
-) -> tuple[list[Tensor], list[Tensor | None], str | None]:
-    """Run the compiled step on every tensor it can take.
+) -> tuple[list[Tensor | None], str | None]:
+    """Run the compiled step on the tensors of one (device, dtype) bucket.
 
-    Returns the clipping factors, None for the tensors left to the caller (those of a kernel
-    that could not be compiled; nothing has been done to them), and the reason of that
-    failure, or None.
+    Returns the clipping factors and None, or, when this signature could not be compiled here,
+    ``[None] * len(params)`` (nothing has been done to the tensors; the caller runs an eager
+    path) and the reason.
     """
     device, dtype = params[0].device, params[0].dtype
     eps, rel, acc_rel, abs_t, wd, clip_acc, standard = hp
+    flags = (acc_rel != 0.0, wd != 0.0, clip_acc, standard)
+    key = _signature(params, grads, accs, flags)
+    if key in _FUSED_FAILED:
+        return [None] * len(params), _FUSED_FAILED[key]
     # One small device tensor per (device, dtype, hyperparameters), rebuilt only when they
     # change; lr is refreshed with fill_ (a kernel launch, no sync).
     skey = ("scalars", device, dtype, hp)
     scalars = opt._workspace.get(skey)  # type: ignore[call-overload]
     if scalars is None:
-        values = [lr, eps, rel, acc_rel, abs_t, wd, wd != 0.0, standard, clip_acc, acc_rel != 0.0]
-        scalars = torch.tensor([float(v) for v in values], device=device, dtype=dtype)
+        scalars = torch.tensor([lr, eps, rel, acc_rel, abs_t, wd], device=device, dtype=dtype)
         opt._workspace[skey] = scalars  # type: ignore[index]
     scalars[0].fill_(lr)
-    threads = torch.get_num_threads()
-    by_kind: dict[str, list[int]] = {}
-    for i, p in enumerate(params):
-        by_kind.setdefault(_kernel_class(p.numel(), device, threads), []).append(i)
-    sigmas: list[Tensor | None] = [None] * len(params)
-    failure = None
-    for kind, idx in by_kind.items():
-        key = (str(device), str(dtype).removeprefix("torch."), kind, threads)
-        if key in _FUSED_FAILED:
-            failure = _FUSED_FAILED[key]
-            continue
-        pads = _padding(opt, device, dtype, kind, threads)
-        fn = _kernel(key)
-        size = _CHUNK_OF.get(kind, _CHUNK)
-        for start in range(0, len(idx), size):
-            part = idx[start : start + size]
-            ws, gs, As = [], [], []
-            copies = []
-            for i in part:
-                w, a = params[i], accs[i]
-                if not (w.is_contiguous() and a.is_contiguous()):
-                    w, a = w.detach().contiguous(), a.contiguous()
-                    copies.append((i, w, a))
-                ws.append(_flat(w))
-                gs.append(_flat(grads[i].contiguous()))
-                As.append(_flat(a))
-            for j in range(len(part), size):
-                ws.append(pads[0][j])
-                gs.append(pads[1][j])
-                As.append(pads[2][j])
-            try:
-                with _no_duck_shapes():
-                    out = fn(ws, gs, As, scalars)
-            except _compile_errors() as exc:
-                failure = f"{type(exc).__name__}: {_first_line(exc)}"
-                _FUSED_FAILED[key] = failure
-                _warn_fallback(key, failure)
-                break  # nothing of this chunk was run; the caller takes the rest
-            for i, w, a in copies:
-                params[i].copy_(w.view_as(params[i]))
-                accs[i].copy_(a.view_as(accs[i]))
-            for i, sigma in zip(part, out, strict=False):
-                sigmas[i] = sigma
-    return sigmas, failure
-
-
-def _padding(
-    opt: ClippyAdagrad, device: torch.device, dtype: torch.dtype, kind: str, threads: int
-) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
-    """_CHUNK distinct (w, g, acc) triples of zeros (acc: ones) that fill a short chunk, each
-    of the smallest size of its kind."""
-    key = ("pad", device, dtype, kind, threads)
-    pads = opt._workspace.get(key)  # type: ignore[call-overload]
-    if pads is None:
-        n = {"one": 1, "small": 2}.get(kind) or _parallel_from(threads)
-        pads = (
-            [torch.zeros(n, device=device, dtype=dtype) for _ in range(_CHUNK)],
-            [torch.zeros(n, device=device, dtype=dtype) for _ in range(_CHUNK)],
-            [torch.ones(n, device=device, dtype=dtype) for _ in range(_CHUNK)],
-        )
-        opt._workspace[key] = pads  # type: ignore[index]
-    return pads
-
-
-@contextlib.contextmanager
-def _no_duck_shapes():
-    """Compile with one size symbol per tensor: by default, tensors that happen to have equal
-    sizes at compile time share a symbol, and a later chunk without that equality recompiles."""
     try:
-        from torch.fx.experimental import _config as fx_config
-
-        ctx = fx_config.patch(use_duck_shape=False)
-    except (ImportError, AttributeError):
-        ctx = contextlib.nullcontext()
-    with ctx:
-        yield
+        return list(_kernel(key)(params, grads, accs, scalars, *flags)), None
+    except _compile_errors() as exc:  # compilation failed; nothing ran
+        failure = f"{type(exc).__name__}: {_first_line(exc)}"
+        _FUSED_FAILED[key] = failure
+        _KERNELS.pop(key, None)
+        _warn_fallback(str(device), str(dtype).removeprefix("torch."), failure)
+        return [None] * len(params), failure
 
 
 def _first_line(exc: BaseException) -> str:
@@ -799,13 +716,15 @@ def _first_line(exc: BaseException) -> str:
     return line
 
 
-def _warn_fallback(key: tuple, reason: str) -> None:
-    device, dtype, kind, _ = key
+def _warn_fallback(device: str, dtype: str, reason: str) -> None:
+    if reason in _WARNED:
+        return
+    _WARNED.add(reason)
     warnings.warn(
         f"ClippyAdagrad: the compiled (fused) step could not be compiled for {dtype} tensors "
-        f"on {device} ({kind} kernel): {reason}. Those tensors use the eager implementation "
-        "for the rest of this process: the same numbers, more slowly. "
-        "optimizer.implementation() records the fallback.",
+        f"on {device}: {reason}. Those tensors use the eager implementation: the same numbers, "
+        "more slowly. optimizer.implementation() records the fallback (metrics.json: "
+        "optimizer_path).",
         RuntimeWarning,
         stacklevel=5,
     )
