@@ -58,7 +58,7 @@ def test_reference_auc_on_known_cases():
 def _task_auc(batches: list[tuple[list[float], list[int]]], dtype=torch.float32) -> float:
     m = TaskMetrics()
     for logits, labels in batches:
-        m.update(torch.tensor(logits).to(dtype), torch.tensor(labels, dtype=torch.float32))
+        m.update(torch.tensor(logits, dtype=dtype), torch.tensor(labels, dtype=torch.float32))
     return float(m.compute("test/auc_t")["auc"])
 
 
@@ -95,6 +95,11 @@ def test_rank_scores_keep_the_order_of_every_float32_and_stay_inside_zero_one():
     diffs = (codes[1:] - codes[:-1]).tolist()
     assert diffs[4] == 0  # -0.0 == +0.0
     assert all(d > 0 for i, d in enumerate(diffs) if i != 4)
+
+
+def test_float64_logits_that_differ_only_in_float64_are_ranked_apart():
+    auc = _task_auc([([0.1, 0.1 + 1e-12], [0, 1])], torch.float64)
+    assert auc == 1.0
 
 
 def test_a_nan_logit_makes_the_auc_nan_with_a_warning():
@@ -147,7 +152,8 @@ def test_auc_equals_the_rank_auc_of_the_logits_however_the_epoch_is_batched(epoc
 # ----------------------------------------------------------------------------- end to end
 
 
-@pytest.mark.slow  # about 20 s of CPU: a training run, a test pass and a predict pass
+# about 10 s: a training run, a test pass and a predict pass (in the default suite: it is the
+# end-to-end check of the AUC against predict_step's probabilities)
 def test_test_auc_in_metrics_json_equals_the_rank_auc_of_predict_probabilities(tmp_path):
     """Run the app (trainer.precision=auto: bfloat16 autocast where the CPU has it), then
     predict the test split with the best checkpoint under the run's precision and thread count

@@ -173,8 +173,18 @@ def rank_scores(logits: Tensor) -> Tensor:
     divided by 2**32 it is exact in float64 and lies in (0, 1) for every float32, infinities
     and NaN included (a NaN logit never reaches torchmetrics as NaN; see ``TaskMetrics``).
     bfloat16 and float16 logits are widened to float32 first, which is exact.
+
+    Two cases get probabilities instead, the sigmoid in the widest dtype available: float64
+    logits (``trainer.precision=64``), as float64 probabilities (distinct logits tie only
+    beyond about |36|), and devices without float64 (Apple's MPS), as float32 probabilities
+    (ties beyond about 17, as any float32 probability would have).
     """
-    bits = logits.detach().float().contiguous().view(torch.int32).to(torch.int64)
+    logits = logits.detach()
+    if logits.device.type == "mps":
+        return torch.sigmoid(logits.float())
+    if logits.dtype == torch.float64:
+        return torch.sigmoid(logits)
+    bits = logits.float().contiguous().view(torch.int32).to(torch.int64)
     magnitude = bits & 0x7FFFFFFF
     key = torch.where(bits < 0, -magnitude, magnitude)
     return (key + 2**31).to(torch.float64) / 2**32
@@ -217,9 +227,10 @@ class TaskMetrics(nn.Module):
 
     def update(self, logits: Tensor, labels: Tensor) -> None:
         """Add one batch of a task's logits ``[B]`` and 0/1 labels ``[B]``."""
-        logits = logits.detach().float()
+        raw = logits.detach()
+        logits = raw.float()
         labels = labels.detach().float()
-        self.auroc.update(rank_scores(logits), labels.long())
+        self.auroc.update(rank_scores(raw), labels.long())
         self.logloss.update(F.binary_cross_entropy_with_logits(logits, labels, reduction="none"))
         self.predicted.update(torch.sigmoid(logits))
         self.observed.update(labels)
