@@ -14,35 +14,13 @@ import pytest
 import torch
 from torch import nn
 
+from clippy_reference import reference_step
 from mtl_clippy.optim import ClippyAdagrad, clippy_step
 
 SHAPES = [(7, 5), (13,), (3, 4, 2), (1,)]
 
 
 # ----------------------------------------------------------------------------- reference
-
-
-def reference_step(w, g, acc, *, lr, eps, rel, acc_rel, abs_t, wd, clip_acc, standard):
-    """One step for one tensor, in the arrays' dtype. Returns (w, acc, sigma) as new arrays."""
-    dt = w.dtype.type
-    w, g, acc = w.copy(), g.copy(), acc.copy()
-    lr, eps, rel, acc_rel, abs_t, wd = map(dt, (lr, eps, rel, acc_rel, abs_t, wd))
-    if wd > 0:
-        w = w - w * wd * lr
-    if standard:
-        acc = acc + g * g
-    p = dt(1) / np.sqrt(acc + eps)
-    delta = lr * g * p
-    bound = abs_t + rel * np.abs(w) + acc_rel * p
-    s = np.ones_like(w)
-    nz = delta != 0
-    with np.errstate(divide="ignore", invalid="ignore"):
-        s[nz] = bound[nz] / np.abs(delta[nz])
-    sigma = min(dt(1), s.min()) if s.size else dt(1)
-    if not standard:
-        acc = acc + (sigma * g) ** 2 if clip_acc else acc + g * g
-    w = w - sigma * delta
-    return w, acc, dt(sigma)
 
 
 OPTION_GRID = [

@@ -21,6 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+from clippy_reference import reference_step
 from mtl_clippy.optim import ClippyAdagrad
 from mtl_clippy.optim import clippy as impl
 
@@ -35,27 +36,9 @@ NP_DTYPE = {torch.float64: np.float64, torch.float32: np.float32}
 # ----------------------------------------------------------------------------- reference
 
 
-def ref_step(w, g, acc, *, lr, rel, acc_rel, abs_t, wd, clip_acc, standard):
-    """One Clippy step of one tensor, as shared/docs/clippy.md states it, in w's dtype."""
-    dt = w.dtype.type
-    lr, eps, rel, acc_rel, abs_t, wd = (dt(v) for v in (lr, EPS, rel, acc_rel, abs_t, wd))
-    w, acc = w.copy(), acc.copy()
-    if wd > 0:
-        w = w - w * wd * lr
-    if standard:
-        acc = acc + g * g
-    p = dt(1) / np.sqrt(acc + eps)
-    delta = lr * g * p
-    with np.errstate(invalid="ignore"):  # inf * 0 for the "never clip" thresholds
-        bound = abs_t + rel * np.abs(w) + acc_rel * p
-    ratio = np.ones_like(w)
-    moving = delta != 0
-    with np.errstate(divide="ignore", invalid="ignore"):
-        ratio[moving] = bound[moving] / np.abs(delta[moving])
-    sigma = dt(min(dt(1), ratio.min())) if ratio.size else dt(1)
-    if not standard:
-        acc = acc + (sigma * g) ** 2 if clip_acc else acc + g * g
-    return w - sigma * delta, acc, sigma
+def ref_step(w, g, acc, **options):
+    """One Clippy step of one tensor (the shared NumPy reference), with this file's epsilon."""
+    return reference_step(w, g, acc, eps=EPS, **options)
 
 
 def assert_close(got, want, dtype, what):
