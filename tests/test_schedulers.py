@@ -185,6 +185,37 @@ def test_scheduler_keys_reach_the_module_not_the_scheduler(tmp_path, data_dir):
             ["scheduler=warmup_cosine", "scheduler.warmup_fraction=1.5"],
             "scheduler.warmup_fraction must be in [0, 1)",
         ),
+        # train/ metrics are logged per step: per epoch the plateau would judge one batch
+        (
+            ["scheduler=plateau", "scheduler.monitor=train/loss", "scheduler.mode=min"],
+            "scheduler.monitor: train/loss is logged per step only",
+        ),
+        # no validation rows: Lightning would stop after epoch 0 without val/auc_mean
+        (
+            ["scheduler=plateau", "data.val_fraction=0"],
+            "scheduler.monitor: val/auc_mean is computed on the validation rows, but "
+            "data.val_fraction=0",
+        ),
+        # values the scheduler only uses when it steps (a traceback after the first step)
+        (["scheduler=cosine", "scheduler.eta_min=abc"], "scheduler.eta_min: expected a number"),
+        (["scheduler=cosine", "scheduler.T_max=0"], "scheduler.T_max must be a whole number"),
+        (
+            ["scheduler=cosine", "scheduler.eta_min=[0.1]"],
+            "scheduler: CosineAnnealingLR fails on its first step (TypeError",
+        ),
+        (["scheduler=cosine", "scheduler.T_max=abc"], "scheduler.T_max must be a whole number"),
+        (
+            ["scheduler=cosine", "+scheduler.monitor=val/nothing"],
+            "scheduler.monitor: only a ReduceLROnPlateau scheduler watches a metric",
+        ),
+        (
+            ["scheduler=plateau", "scheduler.monitor=val/calibration_click", "scheduler.mode=max"],
+            "scheduler.monitor: val/calibration_click (predicted over observed positives",
+        ),
+        (
+            ["scheduler=plateau", "scheduler.monitor=val/calibration_click", "scheduler.mode=min"],
+            "scheduler.monitor: val/calibration_click (predicted over observed positives",
+        ),
     ],
 )
 def test_bad_scheduler_settings_are_one_clear_line(overrides, message, tmp_path, data_dir):
@@ -238,3 +269,117 @@ def test_plateau_waits_for_the_epochs_that_validate(tmp_path, data_dir):
     # stop the run after epoch 0, whose val/auc_mean does not exist).
     lrs, _ = _fit(tmp_path, data_dir, ["scheduler=plateau"], epochs=2, val_every=2)
     np.testing.assert_allclose(lrs, LR, atol=1e-12)
+
+
+def _cosine(step: float, length: float) -> float:
+    return LR * 0.5 * (1 + math.cos(math.pi * step / length))
+
+
+@pytest.mark.parametrize(
+    "scheduler, interval",
+    # (cosine per epoch and warmup_cosine per step, their defaults, are checked above)
+    [("warmup_cosine", "epoch"), ("cosine", "step")],
+)
+def test_the_length_is_filled_in_the_unit_of_interval(scheduler, interval, tmp_path, data_dir):
+    # 2 epochs of 10 steps: the schedule is 2 long per epoch, 20 long per step (warmup 0)
+    extra = ["scheduler.warmup_fraction=0"] if scheduler == "warmup_cosine" else []
+    lrs, _ = _fit(
+        tmp_path,
+        data_dir,
+        [f"scheduler={scheduler}", f"scheduler.interval={interval}", *extra],
+        epochs=2,
+    )
+    if interval == "epoch":
+        expected = np.repeat([_cosine(e, 2) for e in range(2)], STEPS_PER_EPOCH)
+    else:
+        expected = [_cosine(s, 2 * STEPS_PER_EPOCH) for s in range(2 * STEPS_PER_EPOCH)]
+    np.testing.assert_allclose(lrs, expected, rtol=1e-6, atol=1e-12)
+
+
+def _resumed_lrs(tmp_path: Path, data_dir: Path, name: str, epochs: int, ckpt: Path | None):
+    """Steps and learning rates of a warmup_cosine fit (resumed from ``ckpt``), saving a
+    checkpoint after every epoch in <name>/run/ep."""
+    out = tmp_path / name
+    overrides = [
+        "scheduler=warmup_cosine",
+        "scheduler.warmup_fraction=0.2",
+        *TINY,
+        "optim=adagrad",
+        f"optim.lr={LR}",
+        f"trainer.max_epochs={epochs}",
+        "trainer.accelerator=cpu",
+        "trainer.precision=32-true",
+        "trainer.log_every_n_steps=1",
+        "trainer.enable_model_summary=false",
+        "logger=csv",
+        "callbacks=none",
+        "+callbacks.lr={_target_:lightning.pytorch.callbacks.LearningRateMonitor,"
+        "logging_interval:step}",
+        "+callbacks.ep={_target_:lightning.pytorch.callbacks.ModelCheckpoint,"
+        f"dirpath:'{out / 'run' / 'ep'}',save_top_k:-1,monitor:null}}",
+        "model.embed_dim=4",
+        "model.bottom_dims=[8]",
+        "model.tower_dims=[4]",
+        "test=false",
+    ]
+    if ckpt is not None:
+        overrides.append(f"ckpt_path='{ckpt}'")
+    summary = train(_compose(out, data_dir, overrides))
+    assert summary["status"] == "completed", summary.get("error")
+    df = pd.read_csv(out / "run" / "csv" / "metrics.csv")
+    col = next(c for c in df.columns if c.startswith("lr-"))
+    lrs = df.dropna(subset=[col]).sort_values("step")
+    return lrs["step"].to_numpy(), lrs[col].to_numpy()
+
+
+def _warmup_cosine(total: int, fraction: float) -> np.ndarray:
+    warm = round(fraction * total)
+    return np.array(
+        [LR * (s + 1) / (warm + 1) if s < warm else _cosine(s - warm, total - warm)
+         for s in range(total)]
+    )  # fmt: skip
+
+
+@pytest.mark.slow
+def test_warmup_cosine_resumed_follows_the_resumed_runs_length(tmp_path, data_dir):
+    steps, whole = _resumed_lrs(tmp_path, data_dir, "whole", 2, None)
+    assert steps.tolist() == list(range(20))
+    np.testing.assert_allclose(whole, _warmup_cosine(20, 0.2), rtol=1e-9)
+    (ckpt,) = (tmp_path / "whole" / "run" / "ep").glob("epoch=0-*.ckpt")  # after 10 steps
+    # the same config: the same rates as the uninterrupted run
+    steps, same = _resumed_lrs(tmp_path, data_dir, "same", 2, ckpt)
+    assert steps.tolist() == list(range(10, 20))
+    np.testing.assert_allclose(same, whole[10:], rtol=1e-12)
+    # twice as long: steps 10-39 follow the 40-step schedule (not the checkpoint's 20 steps,
+    # which would leave steps 20-39 at a rate of 0)
+    with pytest.warns(UserWarning, match="schedule was 20 steps long, this run's is 40"):
+        steps, longer = _resumed_lrs(tmp_path, data_dir, "longer", 4, ckpt)
+    assert steps.tolist() == list(range(10, 40))
+    np.testing.assert_allclose(longer, _warmup_cosine(40, 0.2)[10:], rtol=1e-9)
+
+
+def test_warmup_cosine_state_keeps_a_filled_length():
+    """A state_dict of a 20-step schedule loaded into one whose length was filled from the
+    trainer (40 steps) keeps 40 and sets the optimizer's rate to step 10's of the 40-step
+    schedule; a given length takes the checkpoint's, as torch's schedulers do."""
+
+    def make(total: int, filled: bool) -> WarmupCosineLR:
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=LR)
+        sched = WarmupCosineLR(opt, total_steps=total, warmup_fraction=0.2)
+        sched.length_from_trainer = filled
+        return sched
+
+    old = make(20, True)
+    for _ in range(10):
+        old.optimizer.step()
+        old.step()
+    state = old.state_dict()
+    new = make(40, True)
+    with pytest.warns(UserWarning, match="was 20 steps long, this run's is 40"):
+        new.load_state_dict(state)
+    assert new.total_steps == 40 and new.warmup_steps == 8 and new.last_epoch == 10
+    assert new.optimizer.param_groups[0]["lr"] == pytest.approx(_warmup_cosine(40, 0.2)[10])
+    given = make(40, False)
+    given.load_state_dict(state)
+    assert given.total_steps == 20
+    assert given.optimizer.param_groups[0]["lr"] == pytest.approx(_warmup_cosine(20, 0.2)[10])

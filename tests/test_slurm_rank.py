@@ -41,11 +41,17 @@ def _clean_env(monkeypatch: pytest.MonkeyPatch, **env: str) -> None:
 
 
 def _srun_env(procid: int, ntasks: int = 2) -> dict[str, str]:
-    """What srun sets in task ``procid`` of a job of ``ntasks`` nodes, one task per node."""
+    """What srun sets in task ``procid`` of a job of ``ntasks`` nodes, one task per node: the
+    allocation's variables (SLURM_NTASKS, ...) and the job step's (SLURM_STEP_*)."""
     return {
         "SLURM_JOB_ID": "81234",
         "SLURM_JOB_NAME": "train",
         "SLURM_STEP_ID": "0",
+        "SLURM_STEPID": "0",
+        "SLURM_STEP_NUM_TASKS": str(ntasks),
+        "SLURM_STEP_NUM_NODES": str(ntasks),
+        "SLURM_STEP_NODELIST": "127.0.0.1",
+        "SLURM_STEP_TASKS_PER_NODE": f"1(x{ntasks})",
         "SLURM_PROCID": str(procid),
         "SLURM_LOCALID": "0",
         "SLURM_NODEID": str(procid),
@@ -130,6 +136,7 @@ def test_rank_before_the_trainer_follows_lightnings_rule(env, devices):
 SRUN_2X2_TASK_3 = {
     **_srun_env(3, 4), "SLURM_NODEID": "1", "SLURM_LOCALID": "1",
     "SLURM_NTASKS_PER_NODE": "2", "SLURM_NNODES": "2",
+    "SLURM_STEP_NUM_NODES": "2", "SLURM_STEP_TASKS_PER_NODE": "2(x2)",
 }  # fmt: skip
 TORCHRUN_2X2_RANK_2 = {
     "TORCHELASTIC_RUN_ID": "x", "RANK": "2", "LOCAL_RANK": "0", "GROUP_RANK": "1",
@@ -149,6 +156,10 @@ TORCHRUN_2X2_RANK_2 = {
         (TORCHRUN_2X2_RANK_2, 2, 2),
         ({**_srun_env(1), "SLURM_JOB_NAME": "interactive", "NODE_RANK": "0"}, 1, 2),
         ({}, 1, 1),
+        # devices=auto (one CPU device a node) with a stale WORLD_SIZE: the rank is 1, not 4
+        ({"NODE_RANK": "1", "WORLD_SIZE": "8"}, "auto", 2),
+        ({"NODE_RANK": "1", "LOCAL_RANK": "0", "WORLD_SIZE": "8"}, "auto", 2),
+        ({"NODE_RANK": "1", "WORLD_SIZE": "8"}, "3", 2),
     ],
 )
 def test_rank_before_the_trainer_is_the_trainers(env, devices, num_nodes, monkeypatch):
@@ -157,7 +168,7 @@ def test_rank_before_the_trainer_is_the_trainers(env, devices, num_nodes, monkey
 
     monkeypatch.setattr(rank_zero_only, "rank", rank_zero_only.rank)
     _clean_env(monkeypatch, **env)
-    expected = launch.global_rank(devices, num_nodes)
+    expected = launch.global_rank(devices, num_nodes, "cpu")
     trainer = _ddp_trainer(devices, num_nodes)
     assert trainer.global_rank == expected
     assert rank_zero_only.rank == expected
@@ -345,8 +356,204 @@ def test_several_tasks_with_a_one_process_trainer_stop(tmp_path, monkeypatch):
         )
     OmegaConf.update(cfg, "paths.output_dir", str(tmp_path / "run"), force_add=True)
     OmegaConf.update(cfg, "paths.data_dir", str(tmp_path / "data"), force_add=True)
-    _clean_env(monkeypatch, **{**_srun_env(0), "SLURM_NNODES": "1", "SLURM_NODEID": "0"})
+    one_node = {"SLURM_NNODES": "1", "SLURM_NODEID": "0", "SLURM_STEP_NUM_NODES": "1"}
+    _clean_env(monkeypatch, **{**_srun_env(0), **one_node})
     with pytest.raises(ConfigError, match="one of 2 processes started together"):
         train(cfg)
     metrics = tmp_path / "run" / "metrics.json"
     assert json.loads(metrics.read_text())["status"] == "failed"  # written once, by rank 0
+
+
+# ----------------------------------------------------------------------------- review cases
+
+#: The batch script of ``sbatch --ntasks=4`` on one node: the allocation's variables only. It
+#: runs as one process (no srun step): a ``python train.py`` in it is one process, rank 0.
+BATCH_STEP = {
+    "SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "myjob", "SLURM_NTASKS": "4",
+    "SLURM_NTASKS_PER_NODE": "4", "SLURM_NNODES": "1", "SLURM_PROCID": "0",
+    "SLURM_LOCALID": "0", "SLURM_NODEID": "0", "SLURM_NODELIST": "node1",
+}  # fmt: skip
+#: ``srun --ntasks=1 python train.py`` in that allocation: a step of one task.
+ONE_TASK_STEP = {
+    **BATCH_STEP, "SLURM_STEP_ID": "0", "SLURM_STEPID": "0", "SLURM_STEP_NUM_TASKS": "1",
+    "SLURM_STEP_NUM_NODES": "1", "SLURM_STEP_TASKS_PER_NODE": "1",
+}  # fmt: skip
+TORCHRUN = {"TORCHELASTIC_RUN_ID": "x", "RANK": "0", "LOCAL_RANK": "0", "GROUP_RANK": "0"}
+
+
+@pytest.mark.parametrize(
+    "env, num_nodes, together",
+    [
+        (BATCH_STEP, 1, 1),  # the allocation's SLURM_NTASKS=4 is not 4 processes
+        (ONE_TASK_STEP, 1, 1),
+        (_srun_env(0), 2, 2),
+        (_srun_env(1), 2, 2),
+        (SRUN_2X2_TASK_3, 2, 4),
+        ({**TORCHRUN, "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2"}, 1, 2),
+        ({**TORCHRUN, "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1"}, 1, 1),
+        ({"NODE_RANK": "0"}, 2, 2),  # one command per node
+        ({"NODE_RANK": "1"}, 2, 2),
+        ({"NODE_RANK": "0", "LOCAL_RANK": "1", "WORLD_SIZE": "2"}, 1, 2),  # Lightning's child
+        ({"WORLD_SIZE": "4"}, 1, 1),  # a stale WORLD_SIZE alone starts nothing
+        ({}, 1, 1),
+    ],
+)
+def test_processes_count_as_started_together_only_when_several_were(
+    env, num_nodes, together, monkeypatch
+):
+    """``together`` (stated here from what each launcher starts) > 1 exactly where the run
+    folder must be named on every process, and where a one-process trainer must stop."""
+    from mtl_clippy import launch
+    from mtl_clippy.cli import check_overrides
+
+    _clean_env(monkeypatch, **env)
+    assert launch.started_separately(num_nodes) is (together > 1)
+    if together > 1 and "NODE_RANK" not in env:
+        assert launch.launched_world_size() == together
+    args = ["trainer=ddp", "trainer.devices=1", f"trainer.num_nodes={num_nodes}"]
+    if num_nodes == 1:
+        args = []
+    message = check_overrides(args, ROOT / "configs")
+    if together > 1:
+        assert message is not None and message.startswith("hydra.run.dir:"), message
+    else:
+        assert message is None, message
+
+
+def test_a_lone_process_in_a_batch_allocation_trains_as_rank_zero(tmp_path, monkeypatch):
+    """``python train.py`` in the batch script of ``sbatch --ntasks=4`` (not started by srun)
+    is one process: Lightning makes it rank 0 of one, and it trains and writes its result."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from mtl_clippy.cli import check_overrides
+    from mtl_clippy.train import train
+
+    monkeypatch.setattr(rank_zero_only, "rank", rank_zero_only.rank)
+    args = ["data.train_rows=600", "data.test_rows=300", "logger=none", "trainer.max_epochs=1"]
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=args)
+    OmegaConf.update(cfg, "paths.output_dir", str(tmp_path / "run"), force_add=True)
+    OmegaConf.update(cfg, "paths.data_dir", str(tmp_path / "data"), force_add=True)
+    _clean_env(monkeypatch, **BATCH_STEP)
+    assert check_overrides(args, ROOT / "configs") is None  # no hydra.run.dir needed
+    summary = train(cfg)
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["status"] == "completed", metrics.get("error")
+    assert metrics["steps"] > 0 and summary["status"] == "completed"
+
+
+def _copy_configs(tmp_path: Path, experiment: str) -> Path:
+    import shutil
+
+    configs = tmp_path / "configs"
+    shutil.copytree(ROOT / "configs", configs)
+    (configs / "experiment" / "slurm_job.yaml").write_text(experiment)
+    return configs
+
+
+def test_a_run_folder_named_in_a_config_file_is_one_for_all_tasks(tmp_path, monkeypatch):
+    """An experiment that names hydra.run.dir / hydra.sweep.dir names the folder as well as
+    the command line does: srun's tasks then need nothing more on the command line."""
+    from mtl_clippy.cli import check_overrides
+
+    configs = _copy_configs(
+        tmp_path,
+        "# @package _global_\n"
+        "hydra:\n"
+        "  run:\n"
+        "    dir: outputs/runs/job-${oc.env:SLURM_JOB_ID}\n"
+        "  sweep:\n"
+        "    dir: outputs/multirun/job-${oc.env:SLURM_JOB_ID}\n",
+    )
+    args = ["trainer=ddp", "trainer.devices=1", "trainer.num_nodes=2"]
+    for procid in (0, 1):
+        _clean_env(monkeypatch, **_srun_env(procid))
+        assert check_overrides([*args, "experiment=slurm_job"], configs) is None
+        assert check_overrides(["-m", *args, "experiment=slurm_job", "seed=1,2"], configs) is None
+        # without it, the default folder (a time stamp): every task stops
+        assert check_overrides(args, configs).startswith("hydra.run.dir:")
+        assert check_overrides(["-m", *args, "seed=1,2"], configs).startswith("hydra.sweep.dir:")
+
+
+def test_a_config_file_naming_only_the_run_folder_leaves_a_sweep_unnamed(tmp_path, monkeypatch):
+    from mtl_clippy.cli import check_overrides
+
+    configs = _copy_configs(
+        tmp_path, "# @package _global_\nhydra:\n  run:\n    dir: outputs/runs/job-1\n"
+    )
+    _clean_env(monkeypatch, **_srun_env(1))
+    args = ["trainer=ddp", "trainer.devices=1", "trainer.num_nodes=2", "experiment=slurm_job"]
+    assert check_overrides(args, configs) is None
+    assert check_overrides(["-m", *args, "seed=1,2"], configs).startswith("hydra.sweep.dir:")
+
+
+#: Two nodes of two processes each, started by one command per node (NODE_RANK) and on each
+#: node by Lightning's launcher, which names its child ``hydra.job.name=train_ddp_process_1``.
+#: (env, job name override, global rank stated independently: node * 2 + local rank)
+TWO_BY_TWO = [
+    ({"NODE_RANK": "0"}, None, 0),
+    ({"NODE_RANK": "0", "LOCAL_RANK": "1", "WORLD_SIZE": "4"}, "train_ddp_process_1", 1),
+    ({"NODE_RANK": "1"}, None, 2),
+    ({"NODE_RANK": "1", "LOCAL_RANK": "1", "WORLD_SIZE": "4"}, "train_ddp_process_1", 3),
+]
+
+
+def test_each_process_of_several_nodes_logs_to_a_file_of_its_own(monkeypatch):
+    """The log file that Hydra's configuration names, resolved in each of the 4 processes."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from mtl_clippy import launch
+
+    launch.register_resolvers()
+    names = []
+    for env, job_name, rank in TWO_BY_TWO:
+        args = ["trainer=ddp", "trainer.devices=2", "trainer.num_nodes=2"]
+        if job_name is not None:
+            args.append(f"hydra.job.name={job_name}")
+        _clean_env(monkeypatch, MASTER_ADDR="127.0.0.1", MASTER_PORT="29500", **env)
+        with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+            cfg = compose(config_name="train", overrides=args, return_hydra_config=True)
+        OmegaConf.update(cfg, "hydra.runtime.output_dir", "/run", force_add=True)
+        log_file = cfg.hydra.job_logging.handlers.file.filename
+        expected = "train" if rank == 0 else f"train_ddp_process_{rank}"
+        assert log_file == f"/run/{expected}.log", (env, log_file)
+        assert (cfg.hydra.output_subdir is None) is (rank > 0)
+        names.append(log_file)
+    assert len(set(names)) == len(names)
+
+
+@pytest.mark.parametrize("env, job_name, rank", TWO_BY_TWO)
+@pytest.mark.parametrize("devices", [2, "2", "0,1", [0, 1]])
+def test_log_name_is_the_global_rank_whatever_the_job_name(
+    env, job_name, rank, devices, monkeypatch
+):
+    from omegaconf import OmegaConf
+
+    from mtl_clippy import launch
+
+    _clean_env(monkeypatch, **env)
+    root = OmegaConf.create({"trainer": {"devices": devices, "num_nodes": 2, "accelerator": "cpu"}})
+    name = launch.hydra_log_name(job_name or "train", _root_=root)
+    assert name == ("train" if rank == 0 else f"train_ddp_process_{rank}")
+    assert launch.hydra_log_name("mine", _root_=root) == ("mine" if rank == 0 else name)
+
+
+def test_devices_minus_one_counts_every_gpu(monkeypatch):
+    """devices=-1 on GPUs is every GPU of the node (Lightning's parsing, here with 4 GPUs
+    pretended): node 1's first process is rank 4. On CPUs Lightning rejects -1; the rank of
+    node 1 is then still not 0."""
+    import lightning.fabric.accelerators.cuda as fabric_cuda
+    import lightning.pytorch.accelerators.cuda as pl_cuda
+
+    from mtl_clippy import launch
+
+    _clean_env(monkeypatch, NODE_RANK="1")
+    monkeypatch.setattr(fabric_cuda, "num_cuda_devices", lambda: 4)
+    monkeypatch.setattr(pl_cuda, "num_cuda_devices", lambda: 4, raising=False)
+    assert launch.processes_per_node(-1, 2, "cuda") == 4
+    assert launch.global_rank(-1, 2, "gpu") == 4
+    assert launch.global_rank("-1", 2, "cuda") == 4
+    assert launch.global_rank("auto", 2, "cuda") == 4
+    assert launch.global_rank(-1, 2, "cpu") >= 1

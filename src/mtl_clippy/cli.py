@@ -118,9 +118,31 @@ def check_overrides(
                 for value in o.values:
                     if value not in options:
                         return _no_such_option(o.key, value, options)
-    if ("hydra.sweep.dir" if multirun else "hydra.run.dir") not in hydra_keys:
+    folder_key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
+    if folder_key not in hydra_keys and not _folder_named_by_config(cfg, folder_key, config_dir):
         return _separate_processes_without_run_dir(cfg, multirun)
     return None
+
+
+def _folder_named_by_config(cfg: Any, key: str, config_dir: str | Path) -> bool:
+    """Whether the composed ``hydra.run.dir`` (or ``hydra.sweep.dir``) is another than the
+    default of ``configs/hydra/default.yaml``: an experiment or other config file named it
+    (compared unresolved: the default holds a time stamp). True where either is unknown."""
+    from omegaconf import DictConfig, OmegaConf
+
+    def raw(node: Any, path: str) -> Any:  # without resolving it (no resolver runs)
+        for part in path.split("."):
+            if not isinstance(node, DictConfig):
+                return None
+            node = node._get_node(part, throw_on_missing_key=False)
+        return None if node is None else node._value()
+
+    try:
+        default = raw(OmegaConf.load(Path(config_dir) / "hydra" / "default.yaml"), key[6:])
+        composed = raw(cfg, key)
+    except Exception:
+        return True
+    return default is None or composed is None or str(composed) != str(default)
 
 
 #: Environment variables of launchers that start each process as a command of its own

@@ -155,7 +155,58 @@ def build(cfg: DictConfig) -> tuple[pl.LightningDataModule, pl.LightningModule]:
     datamodule.setup("fit")
     module = build_module(cfg, datamodule.metadata)
     _check_gradient_clipping(cfg, module)
+    _check_batch_norm_batches(datamodule, module)
     return datamodule, module
+
+
+def _check_batch_norm_batches(datamodule: Any, module: pl.LightningModule) -> None:
+    """BatchNorm cannot train on a batch of one row (torch raises mid-fit). The training
+    loader drops an incomplete last batch (``drop_last``), so the smallest training batch is
+    ``data.batch_size``, or the whole training split when it is smaller (one process)."""
+    has_bn = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in module.modules())
+    batch = getattr(datamodule, "batch_size", None)
+    rows = ((getattr(datamodule.metadata, "extra", None) or {}).get("rows") or {}).get("train")
+    if not has_bn or batch is None:
+        return
+    if batch < 2:
+        raise ConfigError(
+            f"data.batch_size={batch}: model.norm=batch (BatchNorm) needs at least 2 rows per "
+            "training batch; use model.norm=layer, or a larger data.batch_size"
+        )
+    if rows is not None and rows < 2:
+        raise ConfigError(
+            f"data: the training split has {rows} row, too few for model.norm=batch "
+            "(BatchNorm needs at least 2 rows per batch); use model.norm=layer, or more rows"
+        )
+
+
+def _check_checkpoint_vocabulary(ckpt_path: str | None, metadata: Any) -> None:
+    """A checkpoint's embedding tables have one row per id of the vocabularies it was trained
+    with; data whose vocabularies differ (another data.min_count, other files) cannot load
+    them (torch would report a size mismatch per table). Compared before any weight loads."""
+    if not ckpt_path or metadata is None:
+        return
+    try:
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False, mmap=True)
+        theirs_meta = (ckpt.get("hyper_parameters") or {}).get("metadata") or {}
+    except Exception:  # unreadable: Lightning's own loading reports it
+        return
+    theirs = theirs_meta.get("vocab_sizes")
+    ours = list(metadata.vocab_sizes)
+    if theirs is None or list(theirs) == ours:
+        return
+    their_min = (theirs_meta.get("extra") or {}).get("min_count")
+    ours_min = (getattr(metadata, "extra", None) or {}).get("min_count")
+    was = (
+        f"data.min_count={their_min}"
+        if their_min is not None
+        else "no data.min_count (made before it existed: every training id kept, as with 1)"
+    )
+    raise ConfigError(
+        f"checkpoint {ckpt_path} was trained with a different vocabulary: its vocabulary "
+        f"sizes {list(theirs)} vs this data's {ours}; it was trained with {was}, this run has "
+        f"data.min_count={ours_min}: resume with the checkpoint's data and data.min_count"
+    )
 
 
 def _check_gradient_clipping(cfg: DictConfig, module: pl.LightningModule) -> None:
@@ -196,11 +247,68 @@ def build_module(cfg: DictConfig, metadata: Any) -> pl.LightningModule:
         optimizer = module.build_optimizer()
     except (TypeError, ValueError) as exc:
         raise ConfigError(_keyed("optim", _cause(exc), cfg.optim)) from exc
-    try:  # the trainer fills total_steps: null at fit time; any whole number checks the rest
-        module.build_scheduler(optimizer, total_steps=1000)
+    _check_scheduler_numbers(scheduler)
+    try:  # the trainer fills a length: null at fit time; any whole number checks the rest
+        built = module.build_scheduler(optimizer, total_steps=1000)
     except (TypeError, ValueError) as exc:
         raise ConfigError(_keyed("scheduler", _cause(exc), cfg.scheduler)) from exc
+    if built is not None:
+        _check_scheduler_use(cfg, built, monitor)
+        _trial_step(built)
     return module
+
+
+def _check_scheduler_numbers(scheduler: dict[str, Any] | None) -> None:
+    """A text value for a scheduler argument whose default is a number (``eta_min=abc``)
+    would only fail at the first step, deep inside torch."""
+    import inspect
+
+    if not scheduler or "_target_" not in scheduler:
+        return
+    try:
+        params = inspect.signature(hydra.utils.get_object(str(scheduler["_target_"]))).parameters
+    except (ImportError, AttributeError, TypeError, ValueError):
+        return  # instantiating it reports a bad target
+    for key, value in scheduler.items():
+        default = params[key].default if key in params else None
+        numeric = isinstance(default, int | float) and not isinstance(default, bool)
+        if numeric and isinstance(value, str):
+            raise ConfigError(f"scheduler.{key}: expected a number, got {value!r}")
+
+
+def _check_scheduler_use(cfg: DictConfig, scheduler: Any, monitor: str) -> None:
+    """``monitor`` belongs to a plateau scheduler, which needs the metric's split."""
+    plateau = isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
+    if not plateau and "monitor" in cfg.scheduler:
+        raise ConfigError(
+            f"scheduler.monitor: only a ReduceLROnPlateau scheduler watches a metric, "
+            f"{type(scheduler).__name__} does not; remove scheduler.monitor"
+        )
+    val_fraction = (cfg.get("data") or {}).get("val_fraction")
+    if plateau and monitor.startswith("val/") and val_fraction == 0:
+        raise ConfigError(
+            f"scheduler.monitor: {monitor} is computed on the validation rows, but "
+            "data.val_fraction=0 holds none out; set data.val_fraction > 0"
+        )
+
+
+def _trial_step(scheduler: Any) -> None:
+    """Step the (throwaway) scheduler once, so that a value it only uses when stepping is
+    reported now in one line, not as a traceback after the first training step."""
+    import warnings
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "scheduler stepped before the optimizer"
+            if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+                scheduler.step(0.5)
+            else:
+                scheduler.step()
+    except Exception as exc:  # any failure of a scheduler's own step
+        raise ConfigError(
+            f"scheduler: {type(scheduler).__name__} fails on its first step "
+            f"({type(exc).__name__}: {_cause(exc)}); check its arguments"
+        ) from exc
 
 
 #: Keys of a scheduler config that say how Lightning steps it; not scheduler arguments.
@@ -304,7 +412,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     # Lightning's rank-zero utilities (its loggers, rank_zero_only) take the rank that the
     # Trainer will give this process from now on, not only once the Trainer exists.
     rank_zero_only.rank = launch.global_rank(
-        cfg.trainer.get("devices"), cfg.trainer.get("num_nodes", 1)
+        cfg.trainer.get("devices"),
+        cfg.trainer.get("num_nodes", 1),
+        cfg.trainer.get("accelerator", "auto"),
     )
     trainer: pl.Trainer | None = None
     ckpt_path, ckpt_step, previous = _resume_point(cfg, out_dir)
@@ -319,6 +429,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         summary["threads"] = torch.get_num_threads()
         pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
         datamodule, module = build(cfg)
+        _check_checkpoint_vocabulary(ckpt_path, datamodule.metadata)
         extra = getattr(datamodule.metadata, "extra", {}) or {}
         if extra.get("bayes_auc"):
             summary["bayes"] = {f"auc_{k}": v for k, v in extra["bayes_auc"].items()}

@@ -128,6 +128,7 @@ def publish(
     *,
     held: bool,
     replace: bool | None = None,
+    raise_errors: bool = False,
 ) -> bool:
     """Create ``folder``: ``fill(tmp)`` writes its files into a fresh temporary folder beside
     it, which is flushed to disk and renamed to ``folder``.
@@ -139,8 +140,10 @@ def publish(
     call returns False: the first complete copy wins.
 
     Returns True when ``folder`` now holds this copy. An ``OSError`` (read-only folder, full
-    disk) gives a warning and False; the caller's data in hand stays valid. Exceptions from
-    ``fill`` propagate, leaving nothing behind.
+    disk) gives a warning and False; the caller's data in hand stays valid. With
+    ``raise_errors`` (a caller that has nothing without the folder: generated data) it
+    propagates instead, leaving nothing behind. Exceptions from ``fill`` propagate, leaving
+    nothing behind.
     """
     folder = Path(folder)
     replace = held if replace is None else replace
@@ -172,6 +175,8 @@ def publish(
             with contextlib.suppress(OSError):
                 os.rename(old, folder)
                 old = None
+        if raise_errors:
+            raise
         log.warning("could not write the cache %s (%s); continuing without it", folder, err)
         return False
     finally:

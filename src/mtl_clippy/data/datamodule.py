@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from mtl_clippy.data.errors import DataError
 from mtl_clippy.data.reader import AliExpressSplit, read_split
-from mtl_clippy.data.schema import DatasetMetadata
+from mtl_clippy.data.schema import CATEGORICAL_COLUMNS, DatasetMetadata
 from mtl_clippy.data.synthetic import GeneratorConfig, dataset_meta, generate_dataset
 from mtl_clippy.data.vocab import (
     DEFAULT_MIN_COUNT,
@@ -342,11 +342,18 @@ class AliExpressDataModule(L.LightningDataModule):
             assert self.generator_config is not None
             c = self.generator_config
             log.info("generating the built-in dataset into %s (once)", self.source_dir)
-            generate_dataset(
-                self.source_dir, c.train_rows, c.test_rows, c.seed, hard=c.hard,
-                click_rate=c.click_rate, conversion_rate=c.conversion_rate, progress=self.progress,
-                replace=False,
-            )  # fmt: skip
+            try:
+                generate_dataset(
+                    self.source_dir, c.train_rows, c.test_rows, c.seed, hard=c.hard,
+                    click_rate=c.click_rate, conversion_rate=c.conversion_rate,
+                    progress=self.progress, replace=False,
+                )  # fmt: skip
+            except DataError as err:  # the folder cannot be written: say which key sets it
+                raise DataError(
+                    err.path,
+                    err.problem,
+                    hint="set data.cache_dir (by default paths.data_dir) to a writable folder",
+                ) from None
         for name in ("train", "test"):
             self._read(name)
 
@@ -372,6 +379,16 @@ class AliExpressDataModule(L.LightningDataModule):
         self._n_fit = n - n_val
 
         self.vocabularies = build_vocabularies(train.categorical[: self._n_fit], self.min_count)
+        empty = [
+            c for c, v in zip(CATEGORICAL_COLUMNS, self.vocabularies, strict=True) if not v.oov
+        ]
+        if empty:
+            log.warning(
+                "%s: no training id is seen data.min_count=%d times, so the vocabulary is empty "
+                "and every id maps to the OOV slot (the field carries no information); lower "
+                "data.min_count",
+                ", ".join(empty), self.min_count,
+            )  # fmt: skip
         train_idx, test_idx = self._encoded(train, test)
         oov = np.array([v.oov for v in self.vocabularies])
         self.oov_counts = {

@@ -7,11 +7,13 @@ block into preallocated row-major arrays: a block of a few thousand rows fits in
 column-to-row transposition costs no strided main-memory traffic.
 
 The first read stores the arrays as ``.npy`` files plus a ``cache.json`` (schema version,
-source size and modification time, row count); later reads memory-map them. Processes that
+source size, modification time, inode and status-change time, row count); later reads
+memory-map them. Processes that
 read an uncached file together parse it once: the first takes the cache's lock and writes it
 (under a temporary name, renamed when complete), the others wait and map its copy
 (``cache.py``). An interrupted or failed read never leaves a partial cache, a complete cache
-is never replaced while it is current, and a changed source (size or mtime) invalidates it.
+is never replaced while it is current, and a changed source (size, mtime, inode or ctime: any
+write, even one that restores size and mtime) invalidates it.
 
 Bad input raises :class:`~mtl_clippy.data.errors.DataError` naming the file, the line (header =
 line 1) and the column. Validation is vectorised: masks per block, first offender reported.
@@ -136,8 +138,7 @@ def read_split(
             if cached is not None:
                 return AliExpressSplit(*cached, source=path, from_cache=True)
             categorical, numerical, labels = _parse(path, block_size)
-            now = path.stat()
-            if (now.st_size, now.st_mtime_ns) != (stat.st_size, stat.st_mtime_ns):
+            if source_identity(path.stat()) != source_identity(stat):
                 log.warning("%s changed while it was read; not caching it", path)
             elif _write_cache(folder, path, stat, (categorical, numerical, labels), held):
                 written = _load_cache(folder, stat)
@@ -155,6 +156,19 @@ def read_split(
 # ----------------------------------------------------------------------------- cache
 
 
+#: What identifies a source file's content in a cache's key (``cache.json``): its size and
+#: modification time, and also its inode and status-change time, which every write, copy or
+#: replacement changes and which ``touch -r`` / ``cp -p`` / ``rsync -a`` cannot set back: an
+#: edit in place that keeps the size and restores the mtime still invalidates the cache.
+_IDENTITY_KEYS = ("source_size", "source_mtime_ns", "source_ino", "source_ctime_ns")
+
+
+def source_identity(stat: os.stat_result) -> tuple[int, int, int, int]:
+    """(size, mtime, inode, ctime) of a source file: a cache keyed by it is used only for
+    the very file, unchanged, that it was made from."""
+    return (stat.st_size, stat.st_mtime_ns, stat.st_ino, stat.st_ctime_ns)
+
+
 def _cache_folder(path: Path, cache_dir: str | os.PathLike[str] | None) -> Path:
     root = Path(cache_dir) if cache_dir is not None else path.parent / CACHE_DIRNAME
     key = hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:10]
@@ -165,11 +179,9 @@ def _load_cache(folder: Path, stat: os.stat_result) -> tuple[np.ndarray, ...] | 
     """Memory-map a cache that matches the source, or None (missing, stale or unreadable)."""
     try:
         meta = json.loads((folder / "cache.json").read_text())
-        if (
-            meta.get("schema_version") != CACHE_SCHEMA_VERSION
-            or meta.get("source_size") != stat.st_size
-            or meta.get("source_mtime_ns") != stat.st_mtime_ns
-        ):
+        if meta.get("schema_version") != CACHE_SCHEMA_VERSION or [
+            meta.get(k) for k in _IDENTITY_KEYS
+        ] != list(source_identity(stat)):
             log.info("cache %s is stale; re-reading the source", folder)
             return None
         arrays = tuple(np.load(folder / f"{name}.npy", mmap_mode="r") for name in _ARRAYS)
@@ -209,8 +221,7 @@ def _write_cache(
     meta = {
         "schema_version": CACHE_SCHEMA_VERSION,
         "source": str(source.resolve()),
-        "source_size": stat.st_size,
-        "source_mtime_ns": stat.st_mtime_ns,
+        **dict(zip(_IDENTITY_KEYS, source_identity(stat), strict=True)),
         "rows": int(arrays[0].shape[0]),
     }
     fill = cache_mod.array_filler(dict(zip(_ARRAYS, arrays, strict=True)), meta)

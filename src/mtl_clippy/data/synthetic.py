@@ -36,10 +36,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import functools
 import json
 import logging
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -50,6 +52,7 @@ import pyarrow.csv as pacsv
 from tqdm.auto import tqdm
 
 from mtl_clippy.data import cache as cache_mod
+from mtl_clippy.data.errors import DataError
 from mtl_clippy.data.schema import (
     COLUMNS,
     ID_COLUMN,
@@ -407,6 +410,9 @@ def generate_dataset(
     existing ``out``; ``replace=False`` (the data module) keeps a complete one and returns its
     ``meta.json``: the first process generates, the others wait for it and use its files.
     A process that has the old files open or memory-mapped keeps reading them.
+
+    Raises :class:`DataError` naming the folder when it cannot be written (a read-only or
+    full file system): nothing is returned unless ``out`` holds a complete dataset.
     """
     config = GeneratorConfig(train_rows, test_rows, seed, hard, click_rate, conversion_rate)
     out = Path(out)
@@ -420,12 +426,37 @@ def generate_dataset(
             _write_dataset, meta=meta, config=config, raw=raw, country=country,
             progress=progress, out=out,
         )  # fmt: skip
-        if not cache_mod.publish(out, fill, held=held, replace=replace or held):
+        try:
+            written = cache_mod.publish(
+                out, fill, held=held, replace=replace or held, raise_errors=True
+            )
+        except OSError as err:
+            raise _not_writable(out, err) from None
+        if not written:
             existing = dataset_meta(out)  # a writer without the lock was first
             if existing is not None:
                 return existing
+            raise DataError(
+                out,
+                "cannot write the generated data: the folder holds something else",
+                hint="remove it or choose another folder",
+            )
     log.info("generated %s in %.1f s", out, meta["seconds"])
     return meta
+
+
+def _not_writable(out: Path, err: OSError) -> DataError:
+    """The error of a dataset folder that could not be written, naming the folder where
+    writing failed (the deepest one that exists) and why."""
+    existing = out.parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    reason = err.strerror or str(err)
+    if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        problem = f"cannot write the generated data: {existing} is not writable ({reason})"
+    else:
+        problem = f"cannot write the generated data into {existing} ({reason})"
+    return DataError(out, problem, hint="choose a writable folder")
 
 
 def dataset_meta(folder: str | os.PathLike[str]) -> dict | None:
@@ -510,17 +541,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--click-rate", type=float, default=GeneratorConfig.click_rate)
     parser.add_argument("--conversion-rate", type=float, default=GeneratorConfig.conversion_rate)
     args = parser.parse_args(argv)
-    meta = generate_dataset(
-        args.out,
-        args.train_rows,
-        args.test_rows,
-        args.seed,
-        hard=args.hard,
-        raw=args.raw,
-        country=args.country,
-        click_rate=args.click_rate,
-        conversion_rate=args.conversion_rate,
-    )
+    try:
+        meta = generate_dataset(
+            args.out,
+            args.train_rows,
+            args.test_rows,
+            args.seed,
+            hard=args.hard,
+            raw=args.raw,
+            country=args.country,
+            click_rate=args.click_rate,
+            conversion_rate=args.conversion_rate,
+        )
+    except DataError as err:
+        print(f"error: {err.path}: {err.problem} (choose another --out)", file=sys.stderr)
+        sys.exit(2)
     print(
         json.dumps(
             {k: meta[k] for k in ("bayes_auc", "bayes_logloss", "test_positives", "seconds")}

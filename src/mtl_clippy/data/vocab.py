@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from mtl_clippy.data import cache as cache_mod
-from mtl_clippy.data.reader import CACHE_DIRNAME, AliExpressSplit
+from mtl_clippy.data.reader import CACHE_DIRNAME, AliExpressSplit, source_identity
 from mtl_clippy.data.schema import CATEGORICAL_COLUMNS
 
 #: Version of the encoded-ids cache layout (bump when the encoding changes).
@@ -112,9 +112,11 @@ def encoded_ids(
 
     When both splits are mapped from their parse cache, the indices live in a cache folder
     ``root/encoded-<key>`` (default: beside the parse caches), keyed by the version, the
-    training rows ``n_fit``, ``min_count``, the row counts and each source's path, size and
-    modification time; every DDP rank and loader worker then maps one copy in the page cache
-    instead of holding its own (768 MB per process for the 12 M NL rows). Processes that
+    training rows ``n_fit``, ``min_count``, the row counts and each source's path, size,
+    modification time, inode and status-change time (``reader.source_identity``: an edit in
+    place that restores size and mtime still changes the key); every DDP rank and loader
+    worker then maps one copy in the page cache instead of holding its own (768 MB per
+    process for the 12 M NL rows). Processes that
     arrive together encode once: the first under the folder's lock, the others wait and map
     its copy. Otherwise (no parse cache) the splits are encoded in memory (``None``).
     ``encode`` maps raw ids ``[N, fields]`` to indices.
@@ -123,8 +125,7 @@ def encoded_ids(
         return encode(train.categorical), encode(test.categorical), None
     key_parts: list[Any] = [ENCODED_CACHE_VERSION, n_fit, min_count, len(train), len(test)]
     for split in (train, test):
-        st = split.source.stat()
-        key_parts += [str(split.source.resolve()), st.st_size, st.st_mtime_ns]
+        key_parts += [str(split.source.resolve()), *source_identity(split.source.stat())]
     key = hashlib.sha1(json.dumps(key_parts).encode()).hexdigest()[:12]
     folder = (root or train.source.parent / CACHE_DIRNAME) / f"encoded-{key}"
     shapes = [list(train.categorical.shape), list(test.categorical.shape)]

@@ -28,11 +28,16 @@ from torchmetrics.classification import BinaryAUROC
 
 from mtl_clippy.data.schema import DatasetMetadata
 from mtl_clippy.models.layers import as_metadata, has_sparse_embeddings
+from mtl_clippy.models.schedules import WarmupCosineLR
 
 Batch = Sequence[Tensor]
 ConfigLike = Mapping[str, Any] | DictConfig
 OptimizerLike = ConfigLike | Callable[..., torch.optim.Optimizer]
 SchedulerLike = ConfigLike | Callable[..., Any]
+
+#: Scheduler arguments holding the schedule's length; ``null`` is filled at fit time in the
+#: unit of ``scheduler_interval`` (optimizer steps or epochs).
+LENGTH_KEYS: tuple[str, ...] = ("total_steps", "T_max")
 
 #: Optimizer classes known to accept sparse gradients (checked with ``isinstance``); any other
 #: optimizer class may declare ``supports_sparse_gradients = True`` to be accepted too.
@@ -487,19 +492,31 @@ class MultiTaskModule(pl.LightningModule):
     ) -> Any:
         """The stored scheduler config called with ``optimizer`` (``None`` without one).
 
-        A scheduler argument ``total_steps: null`` (e.g. ``WarmupCosineLR``, ``OneCycleLR``)
-        is filled with ``total_steps``, by default the attached trainer's
-        ``estimated_stepping_batches`` (the optimizer steps of the whole run). A
-        ``ReduceLROnPlateau`` must watch a metric this module logs, in the direction in which
-        it improves; ``ValueError`` otherwise (its message starts with the option's name).
+        A length argument (``LENGTH_KEYS``: ``total_steps`` of ``WarmupCosineLR`` /
+        ``OneCycleLR``, ``T_max`` of ``CosineAnnealingLR``) given as ``null`` is filled with
+        the run's length in the unit in which the scheduler is stepped: ``total_steps`` if
+        given, else the attached trainer's ``estimated_stepping_batches`` (optimizer steps) at
+        ``scheduler_interval="step"`` or its ``max_epochs`` at ``"epoch"``; a given length
+        must be a whole number >= 1. A ``ReduceLROnPlateau`` must watch a metric this module
+        logs at the scheduler's interval, in the direction in which it improves.
+        ``ValueError`` otherwise (its message starts with the option's name).
         """
         cfg = self.hparams["scheduler"]
         if cfg is None:
             return None
         cfg = dict(cfg)
-        if "total_steps" in cfg and cfg["total_steps"] is None:
-            cfg["total_steps"] = self._total_steps() if total_steps is None else int(total_steps)
+        filled = False
+        for key in LENGTH_KEYS:
+            if key not in cfg:
+                continue
+            if cfg[key] is None:
+                cfg[key] = self._run_length(key) if total_steps is None else int(total_steps)
+                filled = True
+            elif isinstance(cfg[key], bool) or not isinstance(cfg[key], int) or cfg[key] < 1:
+                raise ValueError(f"{key} must be a whole number >= 1, got {cfg[key]!r}")
         scheduler = _instantiate_partial(cfg)(optimizer)
+        if filled and isinstance(scheduler, WarmupCosineLR):
+            scheduler.length_from_trainer = True  # a resumed run keeps this length
         if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
             self._check_plateau(scheduler)
         return scheduler
@@ -523,7 +540,18 @@ class MultiTaskModule(pl.LightningModule):
                 f"monitor: {monitor} is computed once per epoch, but the scheduler is stepped "
                 "every step (interval=step); watch a train/ metric or set interval=epoch"
             )
+        if self.hparams["scheduler_interval"] == "epoch" and monitor.startswith("train/"):
+            raise ValueError(
+                f"monitor: {monitor} is logged per step only, so stepped per epoch "
+                "(interval=epoch) the scheduler would judge the epoch's last batch; watch a "
+                "val/ metric or set interval=step"
+            )
         kind = monitor.rsplit("/", 1)[-1]
+        if kind.startswith("calibration"):
+            raise ValueError(
+                f"monitor: {monitor} (predicted over observed positives, best at 1) has no "
+                "better direction for mode max or min; watch an AUC or a log loss"
+            )
         better = "max" if kind.startswith("auc") else "min" if "loss" in kind else None
         if better is not None and scheduler.mode != better:
             raise ValueError(
@@ -531,13 +559,22 @@ class MultiTaskModule(pl.LightningModule):
                 f"{'higher' if better == 'max' else 'lower'}); set mode={better}"
             )
 
-    def _total_steps(self) -> int:
+    def _run_length(self, key: str) -> int:
+        """The run's length in the unit of ``scheduler_interval``, for a ``key: null``."""
         from mtl_clippy.errors import ConfigError
 
+        if self.hparams["scheduler_interval"] == "epoch":
+            epochs = self.trainer.max_epochs
+            if epochs is None or epochs < 1:
+                raise ConfigError(
+                    f"scheduler.{key}: stepped per epoch, it is filled with trainer.max_epochs, "
+                    f"which is {epochs}; set trainer.max_epochs or scheduler.{key}"
+                )
+            return int(epochs)
         steps = self.trainer.estimated_stepping_batches
         if not math.isfinite(steps):
             raise ConfigError(
-                "scheduler.total_steps: the run has no fixed length (trainer.max_epochs=-1 "
+                f"scheduler.{key}: the run has no fixed length (trainer.max_epochs=-1 "
                 "and no trainer.max_steps), so it cannot be filled in; set it"
             )
         return max(1, int(steps))

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import warnings
+from typing import Any
 
 import torch
 from torch.optim.lr_scheduler import LRScheduler
@@ -24,7 +26,16 @@ class WarmupCosineLR(LRScheduler):
             ``MultiTaskModule`` fills with Lightning's ``trainer.estimated_stepping_batches``).
         warmup_fraction: the share of ``total_steps`` spent warming up, in ``[0, 1)``.
         min_lr_ratio: the final learning rate as a fraction of the base rate, in ``[0, 1]``.
+
+    When ``MultiTaskModule`` filled ``total_steps`` from the trainer it sets
+    ``length_from_trainer``; a checkpoint loaded then keeps this run's ``total_steps`` (a
+    resumed run with a longer ``trainer.max_epochs`` decays over the new length, with a
+    one-line warning), not the checkpoint's. Loading always sets the optimizer's rates to
+    this schedule's rates at the restored step.
     """
+
+    #: True when ``total_steps`` was filled from the trainer rather than given.
+    length_from_trainer: bool = False
 
     def __init__(
         self,
@@ -54,6 +65,24 @@ class WarmupCosineLR(LRScheduler):
         return self.min_lr_ratio + (1.0 - self.min_lr_ratio) * 0.5 * (
             1.0 + math.cos(math.pi * progress)
         )
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state = dict(state_dict)
+        if self.length_from_trainer:
+            saved = state.pop("total_steps", self.total_steps)
+            state.pop("warmup_steps", None)
+            state.pop("length_from_trainer", None)
+            if saved != self.total_steps:
+                warnings.warn(
+                    f"WarmupCosineLR: the checkpoint's schedule was {saved} steps long, this "
+                    f"run's is {self.total_steps}; continuing on the new length",
+                    stacklevel=2,
+                )
+        super().load_state_dict(state)
+        lrs = self.get_lr()  # the restored optimizer holds the rates of the old schedule
+        for group, lr in zip(self.optimizer.param_groups, lrs, strict=True):
+            group["lr"] = lr
+        self._last_lr = lrs
 
     def get_lr(self) -> list[float]:  # type: ignore[override]
         f = self.factor(max(self.last_epoch, 0))
