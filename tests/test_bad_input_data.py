@@ -1,5 +1,5 @@
-"""Cases an adversarial review of issue 11's data changes found: each is one clear line (or a
-warning) before any training, never a traceback mid-fit.
+"""Bad data settings that are one clear line (or a warning) before any training, never a
+traceback mid-fit:
 
 * generated data into a folder that cannot be written (``/sys``, which even root cannot
   write; chmod would not stop root, who runs CI), or whose final rename fails;
