@@ -377,6 +377,7 @@ def test_sweep_runs_jobs_and_writes_results_table(tmp_path, data_root):
         assert "train/loss" in _event_scalars(job / "tensorboard")
 
 
+@pytest.mark.slow  # about 13 s; the default suite's diverged-job sweep test covers a job that ends early
 def test_failing_job_does_not_stop_the_sweep(tmp_path, data_root):
     # model=lr with sparse embeddings cannot be trained by Adam: that job fails, the other runs.
     res = run_train(

@@ -26,6 +26,7 @@ def _job_pids(job: Path) -> set[str]:
     return {p.name.split(".")[-2] for p in (job / "tensorboard").glob("events.out.tfevents.*")}
 
 
+@pytest.mark.slow  # about 22 s: two real jobs; the default suite composes every launcher config
 def test_joblib_launcher_runs_the_jobs_in_parallel_processes(tmp_path):
     res = run_train(
         [

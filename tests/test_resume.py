@@ -104,6 +104,7 @@ def test_kill_mid_epoch_then_resume_gives_identical_metrics(tmp_path, data_dir, 
     assert not list(run.rglob("*.tmp*")), "a temporary file was left behind"
 
 
+@pytest.mark.slow  # about 18 s; the default suite resumes a killed run to identical metrics
 def test_resuming_a_completed_run_changes_nothing(tmp_path, data_dir):
     args = _args(tmp_path, data_dir, "trainer.max_epochs=1")
     assert run_train(args, cwd=tmp_path).returncode == 0
@@ -211,6 +212,7 @@ def test_resume_state_round_trips_every_random_generator():
     assert draw() == expected
 
 
+@pytest.mark.slow  # about 20 s; the default suite resumes a killed single run
 def test_a_sweep_resumes_in_its_folder_and_keeps_finished_jobs(tmp_path, data_dir):
     sweep_args = [
         "-m",
