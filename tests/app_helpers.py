@@ -13,6 +13,19 @@ ROOT = Path(__file__).resolve().parents[1]
 # Small enough for seconds per run, large enough for every split to hold both classes.
 TINY = ["data.train_rows=3000", "data.test_rows=1500", "data.batch_size=256"]
 
+# Runs compared across process counts (DDP against one process): float32, no dropout and no
+# BatchNorm, so that nothing but the gradient's summation order can differ.
+DDP_COMMON = [
+    "data.train_rows=3000",
+    "data.test_rows=1500",
+    "trainer.max_epochs=2",
+    "trainer.precision=32-true",
+    "model.norm=none",
+    "model.dropout=0",
+    "logger=csv",
+    "callbacks.progress_bar.refresh_rate=0",
+]
+
 
 def run_train(args: list[str], cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
     """`python train.py ARGS` started from ``cwd`` (eager Clippy: no compilation per test)."""

@@ -14,18 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from app_helpers import run_train, start_and_kill
+from app_helpers import DDP_COMMON, run_train, start_and_kill
 
-COMMON = [
-    "data.train_rows=3000",
-    "data.test_rows=1500",
-    "trainer.max_epochs=2",
-    "trainer.precision=32-true",
-    "model.norm=none",
-    "model.dropout=0",
-    "logger=csv",
-    "callbacks.progress_bar.refresh_rate=0",
-]
+COMMON = DDP_COMMON
 
 
 def _run(tmp: Path, data_dir: Path, *extra: str) -> tuple[Path, dict]:

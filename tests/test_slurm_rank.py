@@ -22,7 +22,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from lightning.pytorch.utilities import rank_zero_only
 
-from app_helpers import ROOT
+from app_helpers import DDP_COMMON, ROOT
 
 #: Everything a launcher may set that says which process this is.
 LAUNCH_VARS = (
@@ -227,16 +227,7 @@ def test_sweep_table_is_written_by_rank_zero_only(tmp_path, monkeypatch):
 
 # ----------------------------------------------------------------------------- end to end
 
-COMMON = [
-    "data.train_rows=3000",
-    "data.test_rows=1500",
-    "trainer.max_epochs=2",
-    "trainer.precision=32-true",
-    "model.norm=none",
-    "model.dropout=0",
-    "logger=csv",
-    "callbacks.progress_bar.refresh_rate=0",
-]
+COMMON = DDP_COMMON
 
 
 def _free_port() -> int:
