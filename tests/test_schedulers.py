@@ -37,6 +37,27 @@ def _compose(tmp_path: Path, data_dir: Path, overrides: list[str]):
     return cfg
 
 
+# The fixed part of every fit here: a tiny SharedBottom with AdaGrad, float32, the learning rate
+# of every step logged to a CSV file, no other callbacks, no test pass.
+FIT = [
+    *TINY,
+    "optim=adagrad",
+    f"optim.lr={LR}",
+    "trainer.accelerator=cpu",
+    "trainer.precision=32-true",
+    "trainer.log_every_n_steps=1",
+    "trainer.enable_model_summary=false",
+    "logger=csv",
+    "callbacks=none",
+    "+callbacks.lr={_target_:lightning.pytorch.callbacks.LearningRateMonitor,"
+    "logging_interval:step}",
+    "model.embed_dim=4",
+    "model.bottom_dims=[8]",
+    "model.tower_dims=[4]",
+    "test=false",
+]
+
+
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("sched_data")
@@ -52,23 +73,9 @@ def _fit(
         data_dir,
         [
             *overrides,
-            *TINY,
-            "optim=adagrad",
-            f"optim.lr={LR}",
+            *FIT,
             f"trainer.max_epochs={epochs}",
             f"trainer.check_val_every_n_epoch={val_every}",
-            "trainer.accelerator=cpu",
-            "trainer.precision=32-true",
-            "trainer.log_every_n_steps=1",
-            "trainer.enable_model_summary=false",
-            "logger=csv",
-            "callbacks=none",
-            "+callbacks.lr={_target_:lightning.pytorch.callbacks.LearningRateMonitor,"
-            "logging_interval:step}",
-            "model.embed_dim=4",
-            "model.bottom_dims=[8]",
-            "model.tower_dims=[4]",
-            "test=false",
         ],
     )
     summary = train(cfg)
@@ -303,24 +310,10 @@ def _resumed_lrs(tmp_path: Path, data_dir: Path, name: str, epochs: int, ckpt: P
     overrides = [
         "scheduler=warmup_cosine",
         "scheduler.warmup_fraction=0.2",
-        *TINY,
-        "optim=adagrad",
-        f"optim.lr={LR}",
+        *FIT,
         f"trainer.max_epochs={epochs}",
-        "trainer.accelerator=cpu",
-        "trainer.precision=32-true",
-        "trainer.log_every_n_steps=1",
-        "trainer.enable_model_summary=false",
-        "logger=csv",
-        "callbacks=none",
-        "+callbacks.lr={_target_:lightning.pytorch.callbacks.LearningRateMonitor,"
-        "logging_interval:step}",
         "+callbacks.ep={_target_:lightning.pytorch.callbacks.ModelCheckpoint,"
         f"dirpath:'{out / 'run' / 'ep'}',save_top_k:-1,monitor:null}}",
-        "model.embed_dim=4",
-        "model.bottom_dims=[8]",
-        "model.tower_dims=[4]",
-        "test=false",
     ]
     if ckpt is not None:
         overrides.append(f"ckpt_path='{ckpt}'")
