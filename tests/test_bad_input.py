@@ -84,6 +84,13 @@ DATA_CASES: list[tuple[str, Callable[[list[str]], str | bytes | list[str]] | Non
      r", line 11, column 'numerical_7': numerical value 'abc' is not a number"),
     ("empty cell", lambda L: _set(L, 12, "categorical_3", ""),
      r", line 12, column 'categorical_3': empty cell"),
+    ("empty line between rows", lambda L: [*L[:20], "\n", *L[20:]],
+     r", line 21: the line is empty \(rows must follow each other; only the end of the file "
+     r"may have empty lines: delete this one\)"),
+    ("pandas index column", lambda L: ["," + L[0], *(f"{i},{x}" for i, x in enumerate(L[1:]))],
+     r", line 1: the first column has no name: a pandas index column, as DataFrame\.to_csv\(\) "
+     r"writes it without index=False \(write the file with df\.to_csv\(path, index=False\), or "
+     r"delete its first column\)"),
     ("label 2", lambda L: _set(L, 12, "click", "2"),
      r", line 12, column 'click': label 2 is not 0 or 1"),
     ("label text", lambda L: _set(L, 12, "conversion", "yes"),
@@ -290,7 +297,7 @@ def test_values_of_the_wrong_type_name_their_key(runs):
     expected = {
         "abc": "data.batch_size must be a positive whole number, got 'abc'",
         "0": "data.batch_size must be a positive whole number, got 0",
-        "256": "trainer.max_epochs: expected a whole number, got 'abc'",
+        "256": "trainer.max_epochs: expected a whole number >= 1, or -1 (no limit), or null, got 'abc'",
     }
     for value, message in expected.items():
         assert jobs[value]["status"] == "failed" and "traceback" not in jobs[value]

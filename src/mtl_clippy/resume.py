@@ -13,11 +13,18 @@ creates the run folder; the checkpoint choice by ``find_checkpoint`` in the task
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import io
 import logging
-from collections.abc import Iterable
+import os
+import pickle
+import pickletools
+import stat
+import zipfile
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -64,9 +71,18 @@ def _saved_overrides(path: Path, key: str | None = None) -> list[str] | None:
         return None
 
 
-def has_checkpoint(run_dir: Path) -> bool:
+def checkpoint_files(run_dir: Path) -> list[Path]:
+    """The ``*.ckpt`` regular files of ``run_dir/checkpoints`` (a FIFO or a folder named like
+    one is not a checkpoint, and opening a FIFO would block)."""
     folder = run_dir / "checkpoints"
-    return folder.is_dir() and any(p.suffix == ".ckpt" for p in folder.iterdir())
+    try:
+        return sorted(p for p in folder.glob("*.ckpt") if is_regular_file(p))
+    except OSError:
+        return []
+
+
+def has_checkpoint(run_dir: Path) -> bool:
+    return bool(checkpoint_files(run_dir))
 
 
 _RUN_DIRS: dict[tuple[Any, ...], str] = {}
@@ -127,29 +143,151 @@ def register_resolvers() -> None:
 # ----------------------------------------------------------------------------- checkpoints
 
 
-def checkpoint_step(path: Path) -> tuple[int, int] | None:
-    """(global step, epoch) stored in a checkpoint, or None if it cannot be read."""
+class UnsafeCheckpoint(ConfigError):
+    """A checkpoint file that ``torch.load(weights_only=True)`` refuses: it holds Python
+    objects other than tensors and plain values, which unpickling could make run code."""
+
+
+def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The content of a checkpoint file, loaded the only way this project loads one:
+    ``torch.load(weights_only=True)``, which rebuilds tensors and plain Python values and
+    nothing else, so a crafted file cannot run code. Tensors stay memory-mapped where the
+    file allows it (reading the step of a large checkpoint costs nothing).
+
+    Raises :class:`UnsafeCheckpoint` (a ``ConfigError``, naming the file) for a file that
+    needs anything more; other errors (a damaged or truncated file, or a path that is not a
+    regular file) propagate as ``OSError`` or as torch raises them.
+    """
+    if not is_regular_file(path):  # a FIFO would block the read below forever
+        raise OSError(f"{path} is not a regular file")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        with open(path, "rb") as f:
+            zipped = f.read(4) == b"PK\x03\x04"  # torch's format; the old one cannot be mapped
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=zipped)
+    except pickle.UnpicklingError as exc:
+        if refused_for_safety(path, exc):
+            raise UnsafeCheckpoint(unsafe_checkpoint_message(path, exc)) from None
+        raise
+
+
+def refused_for_safety(path: Any, exc: pickle.UnpicklingError) -> bool:
+    """Whether the safe loader's ``exc`` refused what the file holds (a Python object other
+    than tensors and plain values, named by a global or built by an opcode it does not run),
+    rather than found no complete pickle (a text file, random bytes, a file cut short:
+    damaged, and harmless to any loader).
+
+    The loader's message cannot tell an unknown opcode of a payload from the garbage of a
+    damaged file, so the pickle it read is decoded (never run): in torch's zip format the
+    ``data.pkl`` member, in its old format the fourth pickle of the file (after the magic
+    number, the protocol and the system info), else the file's first pickle. A pickle that
+    decodes to its end was refused for what it holds. ``path`` may be an open binary file.
+    """
+    if "GLOBAL" in str(exc):  # a class or function to import: the heart of a payload
+        return True
+    try:
+        with _open_binary(path) as f:
+            if f.read(4) == b"PK\x03\x04":
+                f.seek(0)
+                with zipfile.ZipFile(f) as archive:
+                    member = next(n for n in archive.namelist() if n.endswith("data.pkl"))
+                    _decode_pickle(io.BytesIO(archive.read(member)))
+                return True
+            f.seek(0)
+            first = _decode_pickle(f)
+            if first == [torch.serialization.MAGIC_NUMBER]:  # torch's old format
+                for _ in range(3):  # the protocol, the system info, then the content
+                    _decode_pickle(f)
+    except Exception:  # no complete pickle where the loader read one: damaged
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def _open_binary(path: Any) -> Iterator[IO[bytes]]:
+    """``path`` opened for reading, or an open file rewound (and left open)."""
+    if hasattr(path, "read") and hasattr(path, "seek"):
+        position = path.tell()
+        path.seek(0)
+        try:
+            yield path
+        finally:
+            path.seek(position)
+        return
+    if not is_regular_file(path):
+        raise OSError(f"{path} is not a regular file")
+    with open(path, "rb") as f:
+        yield f
+
+
+def _decode_pickle(f: IO[bytes]) -> list[Any]:
+    """Decode (never run) one pickle from ``f`` up to its STOP opcode; the arguments of its
+    LONG1 opcodes (how torch's old format writes its magic number). Raises on anything that
+    is not a complete pickle."""
+    longs = []
+    for opcode, arg, _ in pickletools.genops(f):
+        if opcode.name == "LONG1":
+            longs.append(arg)
+    return longs
+
+
+def is_regular_file(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` is (or links to) a regular file. A FIFO, a device or a socket named
+    like a checkpoint is never opened: reading one could block forever."""
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)
+    except (OSError, ValueError):
+        return False
+
+
+def unsafe_checkpoint_message(path: str | os.PathLike[str], exc: BaseException) -> str:
+    """One line naming ``path`` and what torch's safe loader refused in it."""
+    return (
+        f"checkpoint {path} is refused: it holds Python objects other than tensors and plain "
+        f"values ({_reason(exc)}), which could run code when loaded; checkpoints are loaded with "
+        "torch.load(weights_only=True) only: use a checkpoint written by this project, or "
+        "remove the file"
+    )
+
+
+def _reason(exc: BaseException) -> str:
+    """The line of torch's many-line safe-loader message that says what it met."""
+    skip = ("weights only load failed", "please file an issue", "check the documentation")
+    lines = [line.strip() for line in str(exc).splitlines()]
+    found = [line for line in lines if line and not line.lower().startswith(skip)]
+    if not found:
+        return type(exc).__name__
+    return found[0].removeprefix("WeightsUnpickler error:").strip(" .")
+
+
+def checkpoint_step(path: Path) -> tuple[int, int] | None:
+    """(global step, epoch) stored in a checkpoint, or None if it cannot be read (damaged).
+
+    Raises :class:`UnsafeCheckpoint` for a file that does not load with ``weights_only=True``:
+    it is neither used nor skipped in silence, since it was put there by someone.
+    """
+    try:
+        ckpt = load_checkpoint(path)
         return int(ckpt.get("global_step", -1)), int(ckpt.get("epoch", -1))
+    except UnsafeCheckpoint:
+        raise
     except Exception as exc:  # a damaged file: say so, and use an older one
-        log.warning("skipping unreadable checkpoint %s (%s)", path, exc)
+        log.warning("skipping unreadable checkpoint %s (%s)", path, _reason(exc))
         return None
 
 
 def find_checkpoint(run_dir: Path) -> tuple[Path, int] | None:
     """The checkpoint of ``run_dir`` that is furthest into training (``last.ckpt`` from the
     end of an epoch, or ``step-*.ckpt`` from inside one; ``best.ckpt`` is never newer) and
-    its global step."""
-    folder = run_dir / "checkpoints"
-    if not folder.is_dir():
-        return None
+    its global step.
+
+    Every checkpoint of the folder is opened (``best.ckpt`` too, though never chosen), so that
+    a file someone put there is refused (:class:`UnsafeCheckpoint`) before the run trains,
+    not when the test loads the best checkpoint after training.
+    """
     found: list[tuple[int, int, Path]] = []
-    for path in folder.glob("*.ckpt"):
-        if path.name.startswith("best"):
-            continue
-        step = checkpoint_step(path)
-        if step is not None:
+    for path in checkpoint_files(run_dir):
+        step = checkpoint_step(path)  # raises UnsafeCheckpoint, best.ckpt included
+        if step is not None and not path.name.startswith("best"):
             # at equal steps prefer last.ckpt: it was taken after that epoch's validation
             found.append((step[0], int(path.name.startswith("last")), path))
     if not found:

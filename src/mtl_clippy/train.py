@@ -23,8 +23,9 @@ import torch
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from mtl_clippy import launch
+from mtl_clippy import config_checks, launch, preemption
 from mtl_clippy import resume as resume_mod
+from mtl_clippy.atomic import write_atomically
 from mtl_clippy.callbacks import (
     AtomicCheckpointIO,
     DivergenceMonitor,
@@ -32,7 +33,12 @@ from mtl_clippy.callbacks import (
     ThroughputMeter,
     TrainingDiverged,
 )
-from mtl_clippy.errors import ConfigError, user_error_types
+from mtl_clippy.errors import (
+    ConfigError,
+    disk_full_message,
+    full_disk_reported,
+    user_error_types,
+)
 
 log = logging.getLogger("mtl_clippy")
 
@@ -104,10 +110,10 @@ def _split_metrics(metrics: Mapping[str, Any], prefix: str) -> dict[str, float |
 
 
 def write_json_atomic(path: Path, payload: Mapping[str, Any]) -> None:
-    """Write JSON to a temporary name, then rename: a reader never sees half a file."""
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(payload, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
+    """Write JSON to a temporary name, then rename: a reader never sees half a file, and a
+    full disk leaves no temporary file and raises ``DiskFull`` naming ``path``."""
+    text = json.dumps(payload, indent=2, default=str) + "\n"
+    write_atomically(path, lambda tmp: tmp.write_text(text))
 
 
 def cpu_has_native_bf16() -> bool:
@@ -136,9 +142,15 @@ def resolve_precision(precision: Any, accelerator: str) -> Any:
 
 
 def _instantiate_all(group: DictConfig | None) -> list[Any]:
+    """The callbacks of ``group``; a value a constructor rejects is one line naming
+    ``callbacks.<name>.<key>`` (Hydra would print a multi-line report)."""
     if not group:
         return []
-    return [hydra.utils.instantiate(c) for c in group.values() if c and "_target_" in c]
+    return [
+        _instantiate_config(c, f"callbacks.{name}")
+        for name, c in group.items()
+        if c and "_target_" in c
+    ]
 
 
 # ----------------------------------------------------------------------------- the task
@@ -187,8 +199,10 @@ def _check_checkpoint_vocabulary(ckpt_path: str | None, metadata: Any) -> None:
     if not ckpt_path or metadata is None:
         return
     try:
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False, mmap=True)
+        ckpt = resume_mod.load_checkpoint(ckpt_path)  # weights_only=True: runs no code
         theirs_meta = (ckpt.get("hyper_parameters") or {}).get("metadata") or {}
+    except resume_mod.UnsafeCheckpoint:
+        raise
     except Exception:  # unreadable: Lightning's own loading reports it
         return
     theirs = theirs_meta.get("vocab_sizes")
@@ -369,7 +383,11 @@ def _instantiate_config(node: DictConfig, key: str, **kwargs: Any) -> Any:
 
 def _cause(exc: BaseException) -> str:
     """The innermost message of an exception chain (Hydra wraps instantiation errors); a
-    ConfigError's own message, which names the config key, is kept."""
+    ConfigError's own message, which names the config key, is kept; a full disk anywhere in
+    the chain is told as such, naming the file (``mtl_clippy.errors.DiskFull``)."""
+    full = disk_full_message(exc)
+    if full is not None:
+        return full
     while exc.__cause__ is not None and not isinstance(exc, ConfigError):
         exc = exc.__cause__
     return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -384,8 +402,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "status": "failed",
         "model": _name_of(cfg.model, choices.get("model")),
         "optim": _name_of(cfg.optim, choices.get("optim")),
-        "lr": _float(cfg.optim.get("lr")),
-        "seed": int(cfg.seed),
+        # a bad value is the run's error (below): recorded as None here, never a crash
+        "lr": config_checks.number_or_none(cfg.optim.get("lr")),
+        "seed": config_checks.whole_or_none(cfg.get("seed")),
         "overrides": _overrides(),
         "epochs": 0,
         "steps": 0,
@@ -409,6 +428,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "output_dir": str(out_dir),
     }
     t_start = time.perf_counter()
+    _check_values(cfg, summary, out_dir, t_start)
     # Lightning's rank-zero utilities (its loggers, rank_zero_only) take the rank that the
     # Trainer will give this process from now on, not only once the Trainer exists.
     rank_zero_only.rank = launch.global_rank(
@@ -423,6 +443,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         return previous
     summary["resumed_from"] = os.path.relpath(ckpt_path, out_dir) if ckpt_path else None
     try:
+        # SIGTERM / SIGINT (/ SLURM's SIGUSR1): checkpoint the current step, then stop.
+        stop_on_signal = preemption.StopOnSignal.for_config(cfg)
         threads = _threads(cfg.get("threads"))
         if threads:
             torch.set_num_threads(threads)
@@ -441,7 +463,15 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
         throughput = ThroughputMeter()
         loggers = _instantiate_loggers(cfg.get("logger"), ckpt_step)
-        callbacks = [*_instantiate_all(cfg.get("callbacks")), throughput, ResumeState()]
+        callbacks = [*_instantiate_all(cfg.get("callbacks")), throughput, ResumeState(),
+                     stop_on_signal]  # fmt: skip
+        validation = config_checks.has_validation(cfg)
+        if not validation:  # early stopping off, best.ckpt = the last epoch
+            callbacks, summary["early_stopping"] = config_checks.without_validation(callbacks)
+        else:
+            summary["early_stopping"] = next(
+                (c.monitor for c in callbacks if isinstance(c, pl.callbacks.EarlyStopping)), None
+            )
         if not loggers:  # the learning-rate monitor needs a logger to write to
             callbacks = [
                 c for c in callbacks if not isinstance(c, pl.callbacks.LearningRateMonitor)
@@ -492,11 +522,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             if best_score is not None
             else summary["val"].get("auc_mean_best"),
             "checkpoint": os.path.relpath(best_path, out_dir) if best_path else None,
+            "monitor": config_checks.best_monitor(ckpt_cb, validation),  # what chose it
         }
         if best_path:
-            best_epoch = torch.load(
-                best_path, map_location="cpu", weights_only=False, mmap=True
-            ).get("epoch")
+            best_epoch = resume_mod.load_checkpoint(best_path).get("epoch")
             summary["best"]["epoch"] = best_epoch
         if diverged:
             # A result, not a crash: no test numbers from a broken model.
@@ -520,6 +549,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                     lg.log_metrics(final, step=trainer.global_step)
             lg.finalize("success")
     except BaseException as exc:
+        stop = preemption.interruption(exc)
+        if stop is not None:  # status interrupted, the steps, the resume command
+            preemption.record(summary, stop, trainer, out_dir)
+            if stop is exc:
+                raise
+            raise stop from exc  # Lightning's SIGTERMException, a KeyboardInterrupt
         summary["status"] = "failed"
         summary["error"] = f"{type(exc).__name__}: {_cause(exc)}"
         if not isinstance(exc, user_error_types()):
@@ -529,7 +564,23 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         summary["wall_time_s"] = round(time.perf_counter() - t_start, 3)
         if _is_global_zero(trainer):
             write_json_atomic(out_dir / METRICS_FILE, summary)
+        preemption.uninstall()
     return summary
+
+
+def _check_values(cfg: DictConfig, summary: dict[str, Any], out_dir: Path, t_start: float) -> None:
+    """Every configuration value against its rule (``mtl_clippy.config_checks``), before
+    anything reads it; a bad one fails the run in one line naming the key, recorded in
+    metrics.json. A folder that already holds one (the run being resumed) keeps it: this
+    attempt changed nothing there."""
+    try:
+        config_checks.check_config(cfg)
+    except ConfigError as exc:
+        summary["error"] = f"ConfigError: {exc}"
+        summary["wall_time_s"] = round(time.perf_counter() - t_start, 3)
+        if _is_global_zero() and not (out_dir / METRICS_FILE).exists():
+            write_json_atomic(out_dir / METRICS_FILE, summary)
+        raise
 
 
 def _threads(value: Any) -> int | None:
@@ -631,12 +682,14 @@ def _resumed_csv_logger(node: DictConfig, step: int) -> Any:
     writer = logger.experiment  # the writer starts here (and deletes the old file)
     if rows and _is_global_zero():
         writer.metrics_keys = sorted(header)
-        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-        with open(tmp, "w", newline="") as f:
-            out = csv.DictWriter(f, fieldnames=writer.metrics_keys)
-            out.writeheader()
-            out.writerows(rows)
-        os.replace(tmp, path)
+
+        def write(tmp: Path) -> None:
+            with open(tmp, "w", newline="") as f:
+                out = csv.DictWriter(f, fieldnames=writer.metrics_keys)
+                out.writeheader()
+                out.writerows(rows)
+
+        write_atomically(path, write)  # a full disk: DiskFull, no temporary file left
     return logger
 
 
@@ -670,7 +723,7 @@ def format_summary(summary: Mapping[str, Any]) -> str:
     tasks = sorted(
         {
             k.split("_", 1)[1]
-            for k in (summary.get("val") or {})
+            for k in [*(summary.get("val") or {}), *(summary.get("test") or {})]
             if k.startswith("auc_") and k != "auc_mean"
         }
     )
@@ -711,7 +764,10 @@ def main(cfg: DictConfig) -> float | None:
     multirun = _is_multirun()
     env_before = {k: os.environ.get(k) for k in _DDP_ENV}
     try:
-        summary = train(cfg)
+        with full_disk_reported():  # a full disk, however it arrives: one line, status 2
+            summary = train(cfg)
+    except preemption.RunInterrupted as exc:  # one line, 143 / 130; ends a sweep too
+        preemption.exit_interrupted(exc)
     except user_error_types() as exc:
         message = f"error: {_cause(exc)}"
         if multirun:
@@ -742,6 +798,8 @@ def main(cfg: DictConfig) -> float | None:
             f"\ncollapsed tasks (test AUC within {COLLAPSE_TOLERANCE} of 0.5): "
             + ", ".join(summary["collapsed"])
         )
+    if (summary.get("best") or {}).get("monitor") == config_checks.NO_VALIDATION:
+        print("\nno validation: early stopping off, the last epoch's checkpoint was tested")
     print(f"\nrun folder: {cfg.paths.output_dir}")
     return (summary.get("best") or {}).get("val/auc_mean")
 

@@ -8,15 +8,20 @@ jobs of a parallel sweep may all want it at the same moment. The protocol:
 2. Otherwise take an exclusive ``fcntl.flock`` on ``.<name>.lock`` beside the folder
    (:func:`exclusive`) and look again: a process that waited while another wrote uses that
    copy and writes nothing.
-3. The lock holder deletes what dead writers left (``.<name>.tmp-*``), writes into a fresh
-   temporary folder, flushes it to disk, and renames it into place (:func:`publish`).
+3. The lock holder writes into a fresh temporary folder, flushes it to disk, and renames it
+   into place (:func:`publish`).
 
 A complete folder is never replaced. Only one the caller found unusable under the lock (stale
 for a changed source, or damaged) is renamed aside and deleted once its successor is in place;
 a process that has its files open or memory-mapped keeps reading them (POSIX keeps an unlinked
 file alive while it is open). A writer that crashes leaves only its temporary folder, which
-no reader opens and the next lock holder deletes. The lock file is removed by its holder, so
-nothing but the cache folders stays behind.
+no reader opens. A writer holds an exclusive ``flock`` on its temporary folder while it
+writes (``mtl_clippy.atomic``: the kernel drops it when the writer dies), so that the next
+process that looks for the cache, even one that finds it complete, deletes the leftovers of
+writers that are gone (:func:`remove_dead_leftovers`) and never those of a writer still at
+work, whatever its pid namespace or clock. Temporary names also carry their writer
+(``<random>-<pid>@<host>``, see :func:`writer_tag`) for a person looking at them. The lock
+file is removed by its holder, so nothing but the cache folders stays behind.
 
 Where no lock can be taken (a folder that cannot be written, a file system without ``flock``)
 the rename alone decides: renaming onto an existing non-empty folder fails, so the first
@@ -29,13 +34,17 @@ import contextlib
 import json
 import logging
 import os
+import re
 import shutil
+import socket
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from mtl_clippy.atomic import lock_for_writing, remove_unused_temporary
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +63,8 @@ def exclusive(folder: str | os.PathLike[str]) -> Iterator[bool]:
 
     The lock is an ``fcntl.flock`` on :func:`lock_path`, which the holder deletes on release;
     a waiter that then finds the path gone or pointing at a new file locks again, so exactly
-    one process holds the lock of a folder at a time. A lock dies with its process. Parent
+    one process holds the lock of a folder at a time. A lock dies with its process. The
+    temporary folders of writers that are gone are deleted on entry. Parent
     folders created for the lock file are removed again if nothing was written into them.
     Yields False (no lock) where the parent folder cannot be written or the file system has
     no ``flock``.
@@ -63,6 +73,7 @@ def exclusive(folder: str | os.PathLike[str]) -> Iterator[bool]:
     created = _missing_parents(path.parent)
     fd = _acquire(path)
     try:
+        remove_dead_leftovers(folder)
         yield fd is not None
     finally:
         if fd is not None:
@@ -114,12 +125,91 @@ def _acquire(path: Path) -> int | None:
 
 
 def leftovers(folder: Path) -> list[Path]:
-    """Temporary folders of ``folder``'s writers (dead ones, when the lock is held)."""
+    """Temporary folders of ``folder``'s writers, live or dead (``.<name>.tmp-<tag>`` being
+    written, ``.<name>.old-<tag>`` a replaced copy about to be deleted)."""
     parent = folder.parent
     if not parent.is_dir():
         return []
     prefixes = (f".{folder.name}{TMP_TAG}", f".{folder.name}{_OLD_TAG}")
     return [p for p in parent.iterdir() if p.name.startswith(prefixes)]
+
+
+#: The temporary folders :func:`publish` makes beside a cache folder ``<name>``:
+#: ``.<name>.tmp-<random>-<pid>@<host>`` (and ``.old-`` for a replaced copy), or
+#: ``.<name>.tmp-<pid>-<random>`` from versions that did not record the host.
+_LEFTOVER = re.compile(
+    r"^\.(?P<name>.+)\.(?:tmp|old)-"
+    r"(?:[0-9a-f]{8}-(?P<pid>\d+)@(?P<host>[A-Za-z0-9_~-]+)|(?P<old_pid>\d+)-[0-9a-f]{8})$"
+)
+
+
+def remove_dead_leftovers(folder: str | os.PathLike[str]) -> list[Path]:
+    """Delete the temporary folders beside ``folder`` (of any cache folder there, not only
+    ``folder``'s: a killed writer's key may never be asked for again) that no writer holds
+    (``mtl_clippy.atomic.remove_unused_temporary``: its ``flock`` can be taken); returns
+    them. Safe without the lock and at any time: a live writer's folder is kept, and only
+    names :func:`publish` gives (this version's and the earlier one's) are considered. The
+    lock files of those folders that no process holds (their holder was killed) go too."""
+    parent = Path(folder).parent
+    try:
+        found = [(p, _LEFTOVER.match(p.name)) for p in parent.iterdir() if p.name[:1] == "."]
+    except OSError:  # no such folder (yet), or not readable
+        return []
+    removed = []
+    locks = {lock_path(Path(folder))}  # and those of the folders that leftovers were for
+    for path, match in found:
+        if match is None:
+            continue
+        locks.add(lock_path(parent / match["name"]))
+        if remove_unused_temporary(path):
+            log.info("removed %s, left by a writer that did not finish", path)
+            removed.append(path)
+    removed += [path for path in sorted(locks) if _remove_unheld_lock(path)]
+    return removed
+
+
+def _remove_unheld_lock(path: Path) -> bool:
+    """Delete the lock file of a holder that was killed (its lock died with it), the way a
+    holder does: locked, then unlinked before unlocking, so a process about to wait on it
+    notices and locks the next one (:func:`_acquire`). A held lock is left alone."""
+    try:
+        import fcntl
+
+        fd = os.open(path, os.O_RDWR)
+    except (ImportError, OSError):
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        ours, now = os.fstat(fd), os.stat(path)
+        if (ours.st_dev, ours.st_ino) != (now.st_dev, now.st_ino):
+            return False
+        os.unlink(path)
+        return True
+    except OSError:  # held by a live process, or already replaced
+        return False
+    finally:
+        os.close(fd)
+
+
+# ----------------------------------------------------------------------------- writers
+
+
+def host_tag() -> str:
+    """This machine, as temporary names record it: the host name (letters, digits and ``-``
+    kept, the rest as ``_``) and, where Linux has one, the pid namespace (containers on one
+    host may share a host name but not their process ids)."""
+    host = re.sub(r"[^A-Za-z0-9-]", "_", socket.gethostname())[:64] or "unknown"
+    try:
+        namespace = os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return host
+    return f"{host}~{namespace}"
+
+
+def writer_tag() -> str:
+    """``<pid>@<host>``: who writes a temporary file (for a person reading its name; whether
+    the writer is gone is told by its lock, see ``mtl_clippy.atomic``)."""
+    return f"{os.getpid()}@{host_tag()}"
 
 
 def publish(
@@ -134,7 +224,7 @@ def publish(
     it, which is flushed to disk and renamed to ``folder``.
 
     Call it inside :func:`exclusive` (``held`` is what that yielded) after finding no usable
-    cache there. With ``held``, temporary folders of dead writers are deleted first. An
+    cache there. Temporary folders of writers that are gone are deleted first. An
     existing ``folder`` is set aside and deleted after the rename only when ``replace``
     (default: ``held``, i.e. the lock holder found it unusable); otherwise it is kept and the
     call returns False: the first complete copy wins.
@@ -147,18 +237,19 @@ def publish(
     """
     folder = Path(folder)
     replace = held if replace is None else replace
-    if held:
-        for path in leftovers(folder):
-            log.info("removing %s, left by a writer that did not finish", path)
-            shutil.rmtree(path, ignore_errors=True)
-    tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    remove_dead_leftovers(folder)
+    tag = f"{uuid.uuid4().hex[:8]}-{writer_tag()}"
     tmp = folder.with_name(f".{folder.name}{TMP_TAG}{tag}")
     old: Path | None = None
+    held_fds: list[int] = []  # the locks that tell a cleaner these folders are in use
     try:
         tmp.mkdir(parents=True)
+        held_fds.append(_lock_folder(tmp))
         fill(tmp)
         _sync(tmp)
         if replace and (folder.exists() or folder.is_symlink()):
+            if folder.is_dir() and not folder.is_symlink():
+                held_fds.append(_lock_folder(folder))  # locked before it gets a temporary name
             old = folder.with_name(f".{folder.name}{_OLD_TAG}{tag}")
             os.rename(folder, old)
         try:
@@ -183,6 +274,20 @@ def publish(
         shutil.rmtree(tmp, ignore_errors=True)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
+        for fd in held_fds:
+            if fd >= 0:
+                os.close(fd)
+
+
+def _lock_folder(folder: Path) -> int:
+    """An open descriptor of ``folder`` holding its writer's lock (``lock_for_writing``),
+    until closed; -1 where a folder cannot be opened (then it is not closed either)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return -1
+    lock_for_writing(fd)
+    return fd
 
 
 def _sync(tmp: Path) -> None:

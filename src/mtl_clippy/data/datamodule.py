@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from mtl_clippy.data.cache import remove_dead_leftovers
 from mtl_clippy.data.errors import DataError
 from mtl_clippy.data.reader import AliExpressSplit, read_split
 from mtl_clippy.data.schema import CATEGORICAL_COLUMNS, DatasetMetadata
@@ -338,6 +339,8 @@ class AliExpressDataModule(L.LightningDataModule):
 
         Processes that do this together (parallel sweep jobs) generate the data once: the
         first under the folder's lock, the others wait and use its files."""
+        if self.data_dir is None:  # what a generator killed mid-write left (any parameters)
+            remove_dead_leftovers(self.source_dir)
         if self.data_dir is None and dataset_meta(self.source_dir) is None:
             assert self.generator_config is not None
             c = self.generator_config

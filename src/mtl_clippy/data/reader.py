@@ -17,6 +17,13 @@ write, even one that restores size and mtime) invalidates it.
 
 Bad input raises :class:`~mtl_clippy.data.errors.DataError` naming the file, the line (header =
 line 1) and the column. Validation is vectorised: masks per block, first offender reported.
+
+Common shapes of the same data are read as the plain file: ``\r\n`` line ends, a UTF-8 byte
+order mark, quoted cells (``"3"``), scientific notation (``1e-3``), labels written ``1.0`` /
+``0.0``, no final newline, and empty or whitespace-only lines at the end of the file (which
+many editors and tools write; they are not rows). An empty line between rows, and a pandas
+index column (an unnamed first column, what ``DataFrame.to_csv()`` writes without
+``index=False``), are errors that say so.
 """
 
 from __future__ import annotations
@@ -127,6 +134,7 @@ def read_split(
         if not cache:
             return AliExpressSplit(*_parse(path, block_size), source=path, from_cache=False)
         folder = _cache_folder(path, cache_dir)
+        cache_mod.remove_dead_leftovers(folder)  # a killed writer's temporary folder
         cached = _load_cache(folder, stat)
         if cached is not None:
             return AliExpressSplit(*cached, source=path, from_cache=True)
@@ -244,7 +252,7 @@ def _parse(path: Path, range_bytes: int) -> tuple[np.ndarray, np.ndarray, np.nda
     their parsed tables: never the whole parsed table, never a float64 copy.
     """
     _check_header(path)
-    size = path.stat().st_size
+    size = _content_end(path, path.stat().st_size)  # trailing empty lines are not rows
     workers = max(1, os.cpu_count() or 1)
     arrays: tuple[np.ndarray, ...] | None = None
     futures: list[Future[None]] = []
@@ -253,7 +261,7 @@ def _parse(path: Path, range_bytes: int) -> tuple[np.ndarray, np.ndarray, np.nda
         pos = len(f.readline())
         length = range_bytes
         while pos < size:
-            data = f.read(length)
+            data = f.read(min(length, size - pos))
             if pos + len(data) >= size:  # the last range: a final line may lack its newline
                 cut = len(data)
                 rows = data.count(b"\n") + (not data.endswith(b"\n"))
@@ -301,6 +309,35 @@ def _grow(arrays: tuple[np.ndarray, ...], filled: int, rows: int) -> tuple[np.nd
     for old, new in zip(arrays, bigger, strict=True):
         new[:filled] = old[:filled]
     return bigger
+
+
+#: Bytes that make a line blank: an empty or whitespace-only line (``\r`` of a CRLF included).
+_BLANK = b" \t\r\n\x0b\x0c"
+
+
+def _content_end(path: Path, size: int, chunk: int = 1 << 16) -> int:
+    """Length of ``path`` without its trailing blank lines: up to and including the line end
+    of the last line that holds anything but whitespace (``size`` if that line has none).
+
+    Reads backwards from the end in small blocks, so it costs the trailing blank lines only.
+    """
+    with open(path, "rb") as f:
+        end = size
+        while end > 0:
+            start = max(0, end - chunk)
+            f.seek(start)
+            kept = len(f.read(end - start).rstrip(_BLANK))
+            if kept:
+                last = start + kept  # one past the last byte that is not whitespace
+                f.seek(last)
+                while piece := f.read(chunk):  # the newline that ends that line
+                    newline = piece.find(b"\n")
+                    if newline >= 0:
+                        return last + newline + 1
+                    last += len(piece)
+                return size
+            end = start
+    return 0
 
 
 def _parse_range(
@@ -361,6 +398,15 @@ def _check_header(path: Path) -> None:
     got = [c.strip().strip('"') for c in text.split(",")]
     if got == list(COLUMNS):
         return
+    if got[1:] == list(COLUMNS) or _PANDAS_INDEX.fullmatch(got[0]):
+        what = f"is {_quoted(got[0])}, before search_id" if got[0] else "has no name"
+        raise DataError(
+            path,
+            f"the first column {what}: a pandas index column, as DataFrame.to_csv() writes "
+            "it without index=False",
+            line=1,
+            hint="write the file with df.to_csv(path, index=False), or delete its first column",
+        )
     missing = [c for c in COLUMNS if c not in got]
     extra = [c for c in got if c not in COLUMNS]
     dupes = sorted({c for c in got if got.count(c) > 1})
@@ -386,6 +432,9 @@ def _check_header(path: Path) -> None:
 
 
 _EXPECTED_HEADER = "expected: search_id, categorical_1..16, numerical_1..63, click, conversion"
+#: The header cell of the index column pandas writes: empty, or "Unnamed: 0" once such a file
+#: has been read back and written again.
+_PANDAS_INDEX = re.compile(r"|Unnamed: \d+")
 
 #: Leading bytes of files that users mistake for the CSV, and what to do with each.
 _NOT_CSV = (
@@ -512,12 +561,16 @@ def _explain_arrow_error(path: Path, err: pa.ArrowInvalid, first_row: int = 0) -
             problem = f"cell {shown} holds bytes that are not UTF-8 text"
             hint = "is this a binary file, or text in another encoding?"
         line = None if row is None else row + 2
+        if value == "" and line is not None and _is_blank(path, line):
+            return _empty_line(path, line)  # pyarrow reads an empty line as one empty cell
         if line is not None and column == COLUMNS[-1] and _cut_short(path, line):
             hint = _CUT_SHORT  # a line cut within its last cell still has all its cells
         return DataError(path, problem, line=line, column=column, hint=hint)
     width = _WIDTH_ERROR.search(message)
     if width:
         line = _first_line_with_wrong_width(path, len(COLUMNS))
+        if line is not None and _is_blank(path, line):
+            return _empty_line(path, line)  # a line of spaces: one cell
         return DataError(
             path,
             f"expected {width.group(1)} comma-separated cells, got {width.group(2)}",
@@ -528,6 +581,39 @@ def _explain_arrow_error(path: Path, err: pa.ArrowInvalid, first_row: int = 0) -
 
 
 _CUT_SHORT = "the file ends in the middle of this line: was it cut short by an interrupted copy?"
+
+
+def _empty_line(path: Path, line: int) -> DataError:
+    return DataError(
+        path,
+        "the line is empty",
+        line=line,
+        hint="rows must follow each other; only the end of the file may have empty lines: "
+        "delete this one",
+    )
+
+
+def _is_blank(path: Path, line: int, chunk: int = 1 << 24) -> bool:
+    """Whether editor ``line`` (1-based) of ``path`` holds nothing but whitespace. Called on
+    an error only: skips whole blocks by counting their newlines, then finds the line."""
+    current = 1  # the editor number of the line at ``start`` in the block
+    text = bytearray()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            start = 0
+            if current < line:
+                newlines = block.count(b"\n")
+                if current + newlines < line:
+                    current += newlines
+                    continue
+                while current < line:
+                    start = block.index(b"\n", start) + 1
+                    current += 1
+            end = block.find(b"\n", start)
+            text += block[start : end if end >= 0 else len(block)]
+            if end >= 0 or len(text) > 1 << 16:
+                break
+    return current == line and not bytes(text).strip(_BLANK)
 
 
 def _quoted(value: str, limit: int = 40) -> str:
@@ -557,12 +643,14 @@ def _first_unconvertible(path: Path, column: str) -> int | None:
     cell costs about two passes over one column, never a Python loop over rows.
     """
     target = pa.int64() if column in CATEGORICAL_COLUMNS else pa.float32()
-    strings = pacsv.read_csv(
-        path,
-        pacsv.ReadOptions(column_names=list(COLUMNS), skip_rows=1),
-        pacsv.ParseOptions(ignore_empty_lines=False),
-        pacsv.ConvertOptions(include_columns=[column], column_types={column: pa.string()}),
-    ).column(0)
+    with pa.memory_map(str(path)) as source:
+        strings = pacsv.read_csv(
+            # without the trailing blank lines: a line of spaces would be a width error
+            source.get_stream(0, _content_end(path, path.stat().st_size)),
+            pacsv.ReadOptions(column_names=list(COLUMNS), skip_rows=1),
+            pacsv.ParseOptions(ignore_empty_lines=False),
+            pacsv.ConvertOptions(include_columns=[column], column_types={column: pa.string()}),
+        ).column(0)
     values = strings.combine_chunks() if strings.num_chunks != 1 else strings.chunk(0)
 
     def fails(lo: int, hi: int) -> bool:

@@ -1,0 +1,601 @@
+"""Every documented configuration value, checked once before anything is built.
+
+Without this table a bad value surfaces wherever it is first used: as a traceback from
+torch or Lightning (``seed=1.5``, ``optim.lr=abc``), as Hydra's multi-line report from a
+callback's constructor (``callbacks.step_checkpoint.every_n_train_steps=0``), mid-fit
+(``trainer.check_val_every_n_epoch=0``), or not at all: a run that "completes" doing
+something nobody asked for (``trainer.max_epochs=0`` tests an untrained model, a negative
+``task_weights`` entry trains to *maximise* that task's loss). ``check_config`` looks at
+every value against ``RULES`` (key -> what is allowed) and raises one ``ConfigError`` naming
+the first bad key and what it may be, before any data is read or model built.
+
+Some keys are checked where they are used, because the code there already says it in one
+line naming the key (ClippyAdagrad's thresholds, ``model.norm``, the scheduler's length and
+interval, Lightning's accelerator and devices); their rows say where (``Rule.where``), so
+the table still lists every documented key and the tests can hold that code to the rule. A
+key that no rule names (an addition such as ``+optim.foo=1``) is left to the code that takes
+it; a callback's constructor that rejects it is reported in one line too
+(``train._instantiate_all``).
+
+The second half handles runs without validation rows (``data.val_fraction=0`` or
+``trainer.limit_val_batches=0``): early stopping and best-checkpoint selection on a ``val/``
+metric have nothing to watch there, so the first is switched off and the second keeps the
+last epoch (``without_validation``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from mtl_clippy.data.schema import TASKS
+from mtl_clippy.errors import ConfigError
+from mtl_clippy.models.layers import NORMS
+
+#: The largest seed: Lightning's ``seed_everything`` (NumPy's legacy generator) takes
+#: 0 .. 2**32 - 1 and picks a random seed, with a warning, for anything else.
+MAX_SEED = 2**32 - 1
+
+#: What ``best.monitor`` in metrics.json says when no metric chose the best checkpoint.
+NO_VALIDATION = "last epoch (no validation rows)"
+#: What ``early_stopping`` in metrics.json says when it was switched off for that reason.
+NO_EARLY_STOPPING = "off (no validation rows)"
+
+
+class Rule(NamedTuple):
+    """What one key may hold: ``allowed`` in words (the error message's) and ``ok``, the
+    test of a value. With ``where`` set, the code named there checks the key in its own
+    words and ``check_config`` leaves it alone."""
+
+    allowed: str
+    ok: Callable[[Any], bool]
+    where: str = ""
+    #: The message; the data module's keys keep the words it has always used.
+    words: str = "{key}: expected {allowed}, got {value!r}"
+
+
+# ----------------------------------------------------------------------------- value tests
+# Hydra parses ``1``, ``1.5``, ``true`` and ``abc`` on the command line as int, float, bool
+# and str. A bool is never taken for a number (True is an int in Python), and a whole
+# number must be an int: ``max_epochs=2.0`` would reach Lightning as a float.
+
+
+def _is_whole(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and v == v  # not NaN
+
+
+def _is_finite(v: Any) -> bool:
+    return _is_number(v) and (isinstance(v, int) or math.isfinite(v))
+
+
+def _in(v: float, low: float | None, high: float | None, low_open: bool, high_open: bool) -> bool:
+    if low is not None and (v <= low if low_open else v < low):
+        return False
+    return high is None or (v < high if high_open else v <= high)
+
+
+def _range_text(low: Any, high: Any, low_open: bool, high_open: bool) -> str:
+    if low is not None and high is not None:
+        return f" in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+    if low is not None:
+        return f" {'>' if low_open else '>='} {low}"
+    if high is not None:
+        return f" {'<' if high_open else '<='} {high}"
+    return ""
+
+
+def _or(text: str, null: bool, also: str = "") -> str:
+    """``text``, then the other values allowed (``also``: in words), then null."""
+    return ", or ".join([text, *([also] if also else []), *(["null"] if null else [])])
+
+
+def whole(
+    low: int | None = None,
+    high: int | None = None,
+    *,
+    also: int | None = None,
+    note: str = "",
+    null: bool = False,
+) -> Rule:
+    """A whole number in [low, high]; or ``also`` (``note`` says what it means), or null."""
+    other = f"{also} {note}".strip() if also is not None else ""
+    allowed = _or("a whole number" + _range_text(low, high, False, False), null, other)
+
+    def ok(v: Any) -> bool:
+        if v is None:
+            return null
+        return _is_whole(v) and (v == also or _in(v, low, high, False, False))
+
+    return Rule(allowed, ok)
+
+
+def number(
+    low: float | None = None,
+    high: float | None = None,
+    *,
+    low_open: bool = False,
+    high_open: bool = False,
+    finite: bool = True,
+    null: bool = False,
+) -> Rule:
+    """A number (int or float, never NaN; infinite only with ``finite=False``) in the range."""
+    kind = "a finite number" if finite else "a number"
+    text = _or(kind + _range_text(low, high, low_open, high_open), null)
+    return Rule(
+        text,
+        lambda v: (
+            (v is None and null)
+            or (
+                _is_number(v)
+                and (_is_finite(v) or not finite)
+                and _in(v, low, high, low_open, high_open)
+            )
+        ),
+    )
+
+
+def flag(*, also: str | None = None, null: bool = False) -> Rule:
+    """true or false (or the word ``also``, or null)."""
+    return Rule(
+        _or("true or false", null, repr(also) if also else ""),
+        lambda v: isinstance(v, bool) or (v is None and null) or (also is not None and v == also),
+    )
+
+
+def one_of(*choices: Any, null: bool = False) -> Rule:
+    """One of ``choices`` (compared as given: ``'min'`` is not ``'MIN'``)."""
+    names = [repr(c) for c in choices]
+    text = " or ".join(names) if len(names) < 3 else f"one of {', '.join(names)}"
+    return Rule(
+        _or(text, null),
+        lambda v: (v is None and null) or (not isinstance(v, bool) and v in choices),
+    )
+
+
+def text(*, null: bool = False) -> Rule:
+    """A string (a path, a file name)."""
+    return Rule(
+        _or("a text (a path or a name)", null), lambda v: isinstance(v, str) or (v is None and null)
+    )
+
+
+def sizes() -> Rule:
+    """A list of layer widths: whole numbers >= 1 (an empty list: no layer)."""
+    return Rule(
+        "a list of whole numbers >= 1 (layer widths)",
+        lambda v: isinstance(v, list) and all(_is_whole(x) and x >= 1 for x in v),
+    )
+
+
+def batches(*, zero: bool) -> Rule:
+    """Lightning's ``limit_*_batches``: a whole number of batches, or a fraction of them."""
+    low = 0 if zero else 1
+    text_ = (
+        f"a whole number of batches >= {low}, a fraction in "
+        f"{'[' if zero else '('}0, 1] of them, or null (all)"
+    )
+    return Rule(
+        text_,
+        lambda v: (
+            v is None
+            or (_is_whole(v) and v >= low)
+            or (isinstance(v, float) and _in(v, 0.0, 1.0, not zero, False))
+        ),
+    )
+
+
+def checked_by(where: str, rule: Rule, allowed: str | None = None) -> Rule:
+    """A key that ``where`` (the code that takes it) already checks, in one line naming it:
+    ``rule`` says what it allows (for the documentation and the tests), not applied here."""
+    return Rule(allowed or rule.allowed, rule.ok, where)
+
+
+def _task_weights_ok(v: Any) -> bool:
+    if v is None:
+        return True
+    return (
+        isinstance(v, list)
+        and len(v) == len(TASKS)
+        and all(_is_finite(w) and w >= 0 for w in v)
+        and sum(v) > 0
+    )
+
+
+def _is_text(v: Any) -> bool:
+    return isinstance(v, str)
+
+
+def _devices_ok(v: Any) -> bool:
+    if v == "auto" or (_is_whole(v) and (v >= 1 or v == -1)):
+        return True
+    return isinstance(v, list) and bool(v) and all(_is_whole(d) and d >= 0 for d in v)
+
+
+def _resume_ok(v: Any) -> bool:
+    return isinstance(v, bool) or v is None or isinstance(v, str)
+
+
+# ----------------------------------------------------------------------------- the table
+
+_SEED = whole(0, MAX_SEED)
+_METRIC = Rule("a metric of the run", lambda v: isinstance(v, str) and v in metric_names())
+_MODES = one_of("min", "max")
+
+
+def _data(rule: Rule, allowed: str) -> Rule:
+    """A data module key, checked here in the module's own words (which tests and users
+    know: ``data.batch_size must be a positive whole number, got 0``); the module checks
+    it too, for users of the Python API."""
+    return rule._replace(allowed=allowed, words="{key} must be {allowed}, got {value!r}")
+
+
+_CLIPPY = "ClippyAdagrad (mtl_clippy.optim)"
+_LIGHTNING = "Lightning's Trainer"
+_MODULE = "the module (MultiTaskModule)"
+_WATCHED = "the monitor check below (_watched_metric)"
+#: Lightning's precisions (its transformer-engine ones need a package this project does not
+#: install) and this project's "auto" (train.resolve_precision).
+_PRECISIONS = ("auto", "16-mixed", "bf16-mixed", "32-true", "64-true", "16-true", "bf16-true",
+               "16", "32", "64", "bf16", 16, 32, 64)  # fmt: skip
+
+RULES: dict[str, Rule] = {
+    # top level (configs/train.yaml)
+    "seed": _SEED,
+    "threads": whole(1, null=True)._replace(allowed="a positive whole number or null"),
+    "task_weights": Rule(
+        f"null (equal weights) or a list of {len(TASKS)} finite numbers >= 0, one per task "
+        f"({', '.join(TASKS)}), not all 0",
+        _task_weights_ok,
+    ),
+    "test": flag(),
+    "resume": Rule("true, false or a run folder", _resume_ok),
+    "ckpt_path": text(null=True),
+    "slurm_requeue": flag(),  # also checked by mtl_clippy.preemption, in the same words
+    # data (configs/data/*.yaml)
+    "data.data_dir": text(null=True),
+    "data.cache_dir": text(null=True),
+    "data.train_rows": _data(whole(1, null=True), "a positive whole number"),
+    "data.test_rows": _data(whole(1, null=True), "a positive whole number"),
+    "data.hard": flag(),
+    "data.batch_size": _data(whole(1), "a positive whole number"),
+    "data.eval_batch_size": _data(whole(1, null=True), "a positive whole number"),
+    "data.val_fraction": _data(number(0, 1, high_open=True), "a number in [0, 1)"),
+    "data.min_count": _data(whole(1), "a whole number >= 1"),
+    "data.seed": _SEED,
+    "data.data_seed": whole(0),
+    "data.num_workers": _data(whole(0), "a whole number >= 0"),
+    # model (configs/model/*.yaml)
+    "model.embed_dim": whole(1),
+    "model.bottom_dims": sizes(),
+    "model.tower_dims": sizes(),
+    "model.expert_dims": sizes(),
+    "model.mlp_dims": sizes(),
+    "model.n_experts": whole(1),
+    "model.n_shared_experts": whole(1),
+    "model.n_task_experts": whole(1),
+    "model.dropout": number(0, 1, high_open=True),
+    "model.sparse_embeddings": flag(),
+    "model.norm": checked_by("the backbone (mtl_clippy.models.layers)", one_of(*NORMS)),
+    # optim (configs/optim/*.yaml); lr's sign is the optimizer's to check (each says
+    # "lr must be >= 0" in its words), its type and finiteness are checked here
+    "optim.lr": number(),
+    # the accumulators are float32 tensors filled with it (and larger values stop learning)
+    "optim.initial_accumulator_value": number(0, 1e30),
+    "optim.variable_relative_threshold": checked_by(_CLIPPY, number(0, finite=False)),
+    "optim.accumulator_relative_threshold": checked_by(_CLIPPY, number(0, finite=False)),
+    "optim.absolute_threshold": checked_by(_CLIPPY, number(0, finite=False)),
+    "optim.epsilon": checked_by(_CLIPPY, number(0, finite=False)),
+    "optim.clip_accumulator_update": flag(),
+    "optim.use_standard_accumulator_update": flag(),
+    "optim.weight_decay": number(0),
+    "optim.eps": number(0),
+    "optim.betas": Rule(
+        "a list of 2 numbers in [0, 1)",
+        lambda v: (
+            isinstance(v, list) and len(v) == 2 and all(_is_number(b) and 0 <= b < 1 for b in v)
+        ),
+    ),
+    # scheduler (configs/scheduler/*.yaml)
+    "scheduler.interval": checked_by(
+        "mtl_clippy.train.scheduler_settings", one_of("step", "epoch")
+    ),
+    "scheduler.monitor": checked_by(_MODULE, _METRIC),
+    "scheduler.T_max": checked_by(_MODULE, whole(1, null=True)),
+    "scheduler.total_steps": checked_by(_MODULE, whole(1, null=True)),
+    "scheduler.eta_min": number(0),
+    "scheduler.warmup_fraction": number(0, 1, high_open=True),
+    "scheduler.min_lr_ratio": number(0, 1),
+    "scheduler.mode": _MODES,
+    "scheduler.factor": number(0, 1, low_open=True, high_open=True),
+    "scheduler.patience": whole(0),
+    "scheduler.threshold": number(0),
+    "scheduler.threshold_mode": one_of("rel", "abs"),
+    "scheduler.cooldown": whole(0),
+    "scheduler.min_lr": number(0),
+    # trainer (configs/trainer/*.yaml)
+    "trainer.default_root_dir": text(),
+    "trainer.accelerator": checked_by(
+        _LIGHTNING, one_of("auto", "cpu", "gpu", "cuda", "mps", "tpu")
+    ),
+    "trainer.devices": checked_by(
+        _LIGHTNING,
+        Rule("a whole number >= 1, -1 (all), a list of device indices, or 'auto'", _devices_ok),
+    ),
+    "trainer.strategy": checked_by(
+        _LIGHTNING, Rule("a Lightning strategy name (auto, ddp, ...)", _is_text)
+    ),
+    "trainer.max_epochs": whole(1, also=-1, note="(no limit)", null=True),
+    "trainer.min_epochs": whole(0, null=True),
+    "trainer.max_steps": whole(1, also=-1, note="(no limit)"),
+    "trainer.min_steps": whole(0, null=True),
+    "trainer.precision": Rule(
+        "one of " + ", ".join(str(p) for p in _PRECISIONS[:7]) + " (or 16, 32, 64, bf16)",
+        lambda v: (isinstance(v, str) or _is_whole(v)) and v in _PRECISIONS,
+    ),
+    "trainer.log_every_n_steps": whole(1),
+    "trainer.check_val_every_n_epoch": whole(1, null=True),
+    "trainer.fast_dev_run": Rule(
+        "true, false or a whole number of batches >= 0",
+        lambda v: isinstance(v, bool) or (_is_whole(v) and v >= 0),
+    ),
+    "trainer.limit_train_batches": batches(zero=False),
+    "trainer.limit_val_batches": batches(zero=True),
+    "trainer.limit_test_batches": batches(zero=False)._replace(
+        allowed=batches(zero=False).allowed + " (to skip the test, set test=false)"
+    ),
+    "trainer.deterministic": flag(also="warn", null=True),
+    "trainer.gradient_clip_val": number(0, null=True),
+    "trainer.enable_model_summary": flag(),
+    "trainer.num_nodes": whole(1),
+    "trainer.sync_batchnorm": flag(),
+    "trainer.accumulate_grad_batches": whole(1),
+    # callbacks (configs/callbacks/default.yaml)
+    "callbacks.model_checkpoint.dirpath": text(),
+    "callbacks.model_checkpoint.filename": text(),
+    "callbacks.model_checkpoint.monitor": checked_by(
+        _WATCHED,
+        _METRIC._replace(ok=lambda v: v is None or _METRIC.ok(v)),
+        "a metric of the run, or null (keep the last epoch)",
+    ),
+    "callbacks.model_checkpoint.mode": _MODES,
+    "callbacks.model_checkpoint.save_top_k": whole(-1),
+    "callbacks.model_checkpoint.save_last": flag(also="link", null=True),
+    "callbacks.model_checkpoint.auto_insert_metric_name": flag(),
+    "callbacks.step_checkpoint.dirpath": text(),
+    "callbacks.step_checkpoint.every_n_train_steps": whole(1),
+    "callbacks.early_stopping.monitor": checked_by(_WATCHED, _METRIC),
+    "callbacks.early_stopping.mode": _MODES,
+    "callbacks.early_stopping.patience": whole(0),
+    "callbacks.early_stopping.check_finite": flag(),
+    "callbacks.progress_bar.refresh_rate": whole(0),
+    "callbacks.lr_monitor.logging_interval": one_of("step", "epoch", null=True),
+    "callbacks.divergence_monitor.warmup_steps": whole(0),
+    "callbacks.divergence_monitor.spike_factor": number(1, low_open=True, finite=False),
+    "callbacks.divergence_monitor.small_spike_factor": number(1, low_open=True, null=True),
+    "callbacks.divergence_monitor.window": whole(1),
+    "callbacks.divergence_monitor.check_every_n_steps": whole(1, null=True),
+    "callbacks.divergence_monitor.max_loss": number(0, low_open=True, finite=False, null=True),
+    "callbacks.optimizer_telemetry.log_every_n_steps": whole(1),
+}
+
+
+# ----------------------------------------------------------------------------- checking
+
+_ABSENT = object()
+
+
+def _plain(cfg: Any) -> Any:
+    """``cfg`` as plain dicts and lists, resolved (None when some interpolation cannot be
+    resolved here, e.g. ``${hydra:...}`` outside a Hydra run: then each key is read alone)."""
+    if not isinstance(cfg, DictConfig | ListConfig):
+        return cfg
+    try:
+        return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
+    except Exception:
+        return None
+
+
+def _value(cfg: Any, key: str) -> Any:
+    """The plain value of ``key`` in ``cfg`` (a config or ``_plain`` of one): ``_ABSENT``
+    when it has no such key, or its interpolation cannot be resolved here (the code that
+    reads it reports that), or it is a mandatory ``???`` (left to whoever needs it)."""
+    if not isinstance(cfg, DictConfig | ListConfig):
+        node = cfg
+        for part in key.split("."):
+            if not isinstance(node, Mapping) or part not in node:
+                return _ABSENT
+            node = node[part]
+        return _ABSENT if isinstance(node, str) and node == "???" else node
+    try:
+        node = OmegaConf.select(cfg, key, default=_ABSENT, throw_on_missing=True)
+        if isinstance(node, DictConfig | ListConfig):
+            return OmegaConf.to_container(node, resolve=True)
+    except Exception:  # e.g. ${hydra:...} outside a Hydra run, ${oc.env:UNSET}, ???
+        return _ABSENT
+    return node
+
+
+def problem(key: str, value: Any) -> str | None:
+    """The error message for ``key=value`` by its rule, or None when the value is allowed
+    (or no rule names the key)."""
+    rule = RULES.get(key)
+    if rule is None or rule.ok(value):
+        return None
+    return rule.words.format(key=key, allowed=rule.allowed, value=value)
+
+
+def metric_names() -> list[str]:
+    """What the module logs, by name: what early stopping and checkpoints can watch."""
+    names = ["train/loss", *(f"train/loss_{t}" for t in TASKS)]
+    for kind in ("auc", "logloss", "calibration"):
+        names += [f"val/{kind}_{t}" for t in TASKS]
+    return [*names, "val/auc_mean", "val/auc_mean_best"]
+
+
+def _better(metric: str) -> str | None:
+    """max for AUCs, min for losses, None for a calibration (best at 1: no direction)."""
+    kind = metric.rsplit("/", 1)[-1]
+    return "max" if kind.startswith("auc") else "min" if "loss" in kind else None
+
+
+def _watched_metric(cfg: Any, name: str, optional: bool) -> str | None:
+    """A checkpoint's or early stopping's ``monitor`` and ``mode``: a metric the module
+    logs, watched in its better direction (mode=min on an AUC would keep the worst epoch)."""
+    monitor = _value(cfg, f"callbacks.{name}.monitor")
+    if monitor is _ABSENT or (monitor is None and optional):
+        return None
+    key = f"callbacks.{name}.monitor"
+    known = metric_names()
+    if not isinstance(monitor, str) or monitor not in known:
+        choices = ", ".join(known) + (", or null (keep the last epoch)" if optional else "")
+        return f"{key}: {monitor!r} is not a metric of this run; choose from {choices}"
+    better = _better(monitor)
+    mode = _value(cfg, f"callbacks.{name}.mode")
+    if better is None:
+        return (
+            f"{key}: {monitor} (predicted over observed positives, best at 1) has no better "
+            "direction for mode max or min; watch an AUC or a log loss"
+        )
+    if mode in ("min", "max") and mode != better:
+        return (
+            f"callbacks.{name}.mode: {mode} is the wrong direction for {monitor} (better is "
+            f"{'higher' if better == 'max' else 'lower'}); set mode={better}"
+        )
+    return None
+
+
+def _combinations(cfg: Any) -> str | None:
+    """Rules between keys, once each key alone is valid."""
+    max_epochs = _value(cfg, "trainer.max_epochs")
+    min_epochs = _value(cfg, "trainer.min_epochs")
+    if _is_whole(max_epochs) and max_epochs >= 1 and _is_whole(min_epochs):
+        if min_epochs > max_epochs:
+            return (
+                f"trainer.min_epochs: expected at most trainer.max_epochs={max_epochs}, got "
+                f"{min_epochs} (the run stops at max_epochs)"
+            )
+    every = _value(cfg, "trainer.check_val_every_n_epoch")
+    if _is_whole(max_epochs) and max_epochs >= 1 and _is_whole(every) and every > max_epochs:
+        return (
+            f"trainer.check_val_every_n_epoch: expected at most trainer.max_epochs={max_epochs} "
+            f"(no epoch would be validated), got {every}; for a run without validation set "
+            "trainer.limit_val_batches=0"
+        )
+    spike = _value(cfg, "callbacks.divergence_monitor.spike_factor")
+    small = _value(cfg, "callbacks.divergence_monitor.small_spike_factor")
+    if _is_number(spike) and small is None and spike <= 2:
+        return (
+            "callbacks.divergence_monitor.spike_factor: expected a number > 2 with "
+            "small_spike_factor: null (spikes are then counted above spike_factor / 2, which "
+            f"must be > 1), got {spike}; or set small_spike_factor"
+        )
+    if _is_number(spike) and _is_number(small) and small > spike:
+        return (
+            "callbacks.divergence_monitor.small_spike_factor: expected at most spike_factor="
+            f"{spike} (a counted spike is smaller than a divergence), got {small}"
+        )
+    scheduler = _value(cfg, "scheduler._target_")
+    monitor = _value(cfg, "scheduler.monitor")
+    monitor = "val/auc_mean" if monitor is _ABSENT else monitor  # the plateau's default
+    limit = _value(cfg, "trainer.limit_val_batches")
+    plateau = isinstance(scheduler, str) and scheduler.endswith("ReduceLROnPlateau")
+    if plateau and limit == 0 and isinstance(monitor, str) and monitor.startswith("val/"):
+        return (
+            f"scheduler.monitor: {monitor} is computed by the validation loop, but "
+            f"trainer.limit_val_batches={limit} runs none; watch a train/ loss with "
+            "scheduler.interval=step, or use another scheduler"
+        )
+    for name, optional in (("model_checkpoint", True), ("early_stopping", False)):
+        message = _watched_metric(cfg, name, optional)
+        if message:
+            return message
+    return None
+
+
+def check_config(cfg: DictConfig | Mapping[str, Any]) -> None:
+    """Raise one ``ConfigError`` for the first value of ``cfg`` that its rule rejects (in
+    the table's order), then for the first bad combination of values."""
+    plain = _plain(cfg)
+    view = plain if plain is not None else cfg  # plain dicts: read in microseconds
+    for key, rule in RULES.items():
+        if rule.where:  # checked by the code that takes it
+            continue
+        value = _value(view, key)
+        if value is _ABSENT:
+            continue
+        message = problem(key, value)
+        if message:
+            raise ConfigError(message)
+    message = _combinations(view)
+    if message:
+        raise ConfigError(message)
+
+
+# ----------------------------------------------------------------------------- summary values
+
+
+def whole_or_none(value: Any) -> int | None:
+    """``value`` for metrics.json when it is a whole number, else None (a bad seed is the
+    run's error, recorded as such; the summary must not fail on it)."""
+    return value if _is_whole(value) else None
+
+
+def number_or_none(value: Any) -> float | None:
+    """``value`` as a float for metrics.json when it is a finite number, else None."""
+    try:
+        return float(value) if _is_finite(value) else None
+    except OverflowError:  # a whole number beyond floats
+        return None
+
+
+# ----------------------------------------------------------------------------- no validation
+
+
+def has_validation(cfg: Any) -> bool:
+    """Whether the run validates: it holds out rows (``data.val_fraction`` > 0) and
+    Lightning runs the validation loop on them (``trainer.limit_val_batches`` not 0)."""
+    fraction = _value(cfg, "data.val_fraction")
+    limit = _value(cfg, "trainer.limit_val_batches")
+    return fraction != 0 and limit != 0
+
+
+def without_validation(callbacks: list[Any]) -> tuple[list[Any], str | None]:
+    """The callbacks of a run without validation, and what its early stopping became.
+
+    Early stopping on a ``val/`` metric is dropped (Lightning would stop the run after its
+    first epoch with a RuntimeError: the metric is never logged); a checkpoint that keeps
+    the best epoch by a ``val/`` metric keeps the last epoch instead (no monitor: Lightning
+    then saves after each training epoch, replacing the previous file), so ``best.ckpt``
+    exists and the test runs on the final weights of training.
+    """
+    from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+
+    kept: list[Any] = []
+    stopping: str | None = None
+    for callback in callbacks:
+        monitor = getattr(callback, "monitor", None)
+        on_val = isinstance(monitor, str) and monitor.startswith("val/")
+        if isinstance(callback, EarlyStopping) and on_val:
+            stopping = NO_EARLY_STOPPING
+            continue
+        if isinstance(callback, ModelCheckpoint) and on_val:
+            callback.monitor = None
+        kept.append(callback)
+    return kept, stopping
+
+
+def best_monitor(checkpoint: Any, validation: bool) -> str | None:
+    """What chose the best checkpoint, for metrics.json: its metric, or the last epoch
+    (None without a checkpoint callback: the final weights are tested)."""
+    if checkpoint is None:
+        return None
+    if getattr(checkpoint, "monitor", None):
+        return str(checkpoint.monitor)
+    return "last epoch" if validation else NO_VALIDATION
