@@ -32,4 +32,9 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
-    main()
+    # A full disk while Hydra itself writes (.hydra/config.yaml, a sweep's multirun.yaml): one
+    # line naming the file and status 2, as for every full disk, not Hydra's tracebacks.
+    from mtl_clippy.full_disk_cli import full_disk_exits
+
+    with full_disk_exits():
+        main()

@@ -4,17 +4,25 @@ writes is taken from it.
 * Data caches: a writer killed mid-write leaves ``.<name>.tmp-<random>-<pid>@<host>``; the
   next process that looks for a cache in that folder deletes it, even when the cache it
   wants is already complete, or has another key (``cache.remove_dead_leftovers``).
-* Checkpoints: a writer killed mid-write leaves ``.<name>.ckpt.tmp<pid>@<host>``; the next
-  fit deletes it at its start (``remove_dead_checkpoint_temps``, rank 0).
-* Step checkpoints: after a kill and a resume only the newest ``step-*.ckpt`` remains.
+* Checkpoints: a writer killed mid-write leaves ``.<name>.ckpt.tmp<pid>@<host>`` (or, from
+  earlier versions, ``.<name>.ckpt.tmp<pid>``); the next fit deletes it at its start
+  (``remove_dead_checkpoint_temps``, rank 0).
+* Small files (``metrics.json``, ``metrics.csv``, ``hparams.yaml``): a writer killed
+  mid-write leaves ``<name>.tmp<pid>``; the next start in that run folder deletes it
+  (``atomic.remove_dead_temporaries``).
+* Step checkpoints: after a kill and a resume only the newest ``step-*.ckpt`` of the run
+  remains; never another callback's file (``best.ckpt``, ``last.ckpt``), nor another run's
+  step checkpoint in a shared folder.
 
-Whether a writer is gone: on this machine, its pid runs no process, or one that started after
-the temporary last changed (a reused pid); from another machine (or a name without a host)
-only after a day without a change.
+Whether a writer is gone: every writer holds an exclusive ``flock`` on its temporary while it
+writes, so a temporary whose lock can be taken has no writer (any pid namespace, any clock);
+on a network file system it must also be a day old, and an empty one younger than a minute
+is left (its writer may not have locked it yet).
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import subprocess
@@ -25,14 +33,16 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
+import lightning.pytorch as pl
 import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
 from app_helpers import ROOT, run_train, start_and_kill
-from mtl_clippy.callbacks import AtomicCheckpointIO, ResumeState
-from mtl_clippy.callbacks.checkpointing import remove_dead_checkpoint_temps
+from mtl_clippy import atomic
+from mtl_clippy.callbacks import AtomicCheckpointIO, ResumeState, StepCheckpoint
+from mtl_clippy.callbacks.checkpointing import name_pattern, remove_dead_checkpoint_temps
 from mtl_clippy.data import cache as cache_mod
 from mtl_clippy.data import generate_dataset
 from mtl_clippy.data.reader import read_split
@@ -49,44 +59,51 @@ def _dead_pid() -> int:
 
 DEAD = _dead_pid()
 HERE = cache_mod.host_tag()
-STARTED = cache_mod._process_start(os.getpid())  # this process, on Linux
 
 
 def _age(path: Path, seconds: float) -> None:
-    """Make everything in ``path`` (and ``path``) last changed ``seconds`` ago."""
+    """Make everything in ``path`` (and ``path``) last changed ``seconds`` ago (for a clock
+    that differs between hosts, or a file really that old)."""
     when = time.time() - seconds
     for inner in [*path.rglob("*"), path] if path.is_dir() else [path]:
         os.utime(inner, (when, when))
 
 
-#: (writer pid, host, age in seconds, removed?) of each kind of leftover.
-def _kinds() -> dict[str, tuple[int, str | None, float, bool]]:
-    mine = os.getpid()
-    kinds = {
-        "live writer here": (mine, HERE, 0, False),
-        "dead writer here": (DEAD, HERE, 0, True),
-        "writer elsewhere, fresh": (DEAD, "other-node~1", 3600, False),
-        "writer elsewhere, two days old": (DEAD, "other-node~1", 2 * DAY, True),
-        "no host recorded, fresh": (DEAD, None, 3600, False),
-        "no host recorded, two days old": (DEAD, None, 2 * DAY, True),
-    }
-    if STARTED is not None:  # a live pid whose process started after the folder: reused
-        kinds["reused pid here"] = (mine, HERE, time.time() - STARTED + 3600, True)
-    return kinds
+def _hold(path: Path) -> int:
+    """Take ``path``'s writer lock as a live writer does (a descriptor of our own: flock
+    locks of two descriptors conflict even in one process); close it to let go."""
+    fd = os.open(path, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    return fd
 
 
-KINDS = _kinds()
+#: (held by a live writer?, age in seconds, empty?, on a network file system?, removed?)
+KINDS = {
+    "writer at work": (True, 0, False, False, False),
+    "writer at work, clock two days behind": (True, 2 * DAY, False, False, False),
+    "writer at work, network file system, old": (True, 2 * DAY, False, True, False),
+    "writer gone": (False, 0, False, False, True),
+    "writer gone, clock two days behind": (False, 2 * DAY, False, False, True),
+    "writer gone, empty, just created": (False, 0, True, False, False),
+    "writer gone, empty, an hour old": (False, 3600, True, False, True),
+    "writer gone, network file system, fresh": (False, 3600, False, True, False),
+    "writer gone, network file system, two days old": (False, 2 * DAY, False, True, True),
+}
 
 
-def _cache_leftover(parent: Path, name: str, pid: int, host: str | None, age: float) -> Path:
-    tag = f"0123abcd-{pid}@{host}" if host else f"{pid}-0123abcd"
-    path = parent / f".{name}.tmp-{tag}"
-    path.mkdir(parents=True)
-    np_file = path / "categorical.npy"
-    np_file.write_bytes(b"\x93NUMPY half of it")
+def _leftover(parent: Path, name: str, kind: str, folder: bool) -> tuple[Path, int]:
+    """A temporary of ``kind`` (see KINDS); returns it and the descriptor that holds it (-1)."""
+    held, age, empty, _, _ = KINDS[kind]
+    path = parent / name
+    if folder:
+        path.mkdir(parents=True)
+        if not empty:
+            (path / "categorical.npy").write_bytes(b"\x93NUMPY half of it")
+    else:
+        path.write_bytes(b"" if empty else b"PK\x03\x04 half of it")
     if age:
         _age(path, age)
-    return path
+    return path, _hold(path) if held else -1
 
 
 # ----------------------------------------------------------------------------- data caches
@@ -95,23 +112,54 @@ def _cache_leftover(parent: Path, name: str, pid: int, host: str | None, age: fl
 @given(
     kinds=st.lists(st.sampled_from(sorted(KINDS)), min_size=1, max_size=6),
     names=st.lists(st.from_regex(r"[a-z]{1,6}-[0-9a-f]{4}", fullmatch=True), min_size=6),
+    old_format=st.lists(st.booleans(), min_size=6, max_size=6),
+    other_namespace=st.booleans(),
 )
-def test_only_leftovers_of_writers_that_are_gone_are_removed(kinds, names):
-    with tempfile.TemporaryDirectory() as tmp:
+def test_only_leftovers_no_writer_holds_are_removed(kinds, names, old_format, other_namespace):
+    """Whatever the pid, host or pid namespace in the name (a container restarted on the same
+    host), and whatever the clock says: the lock decides; the age guards only where the lock
+    may not be seen (network file systems) or not taken yet (an empty, new folder)."""
+    host = f"{HERE.split('~')[0]}~4026999999" if other_namespace else HERE
+    with tempfile.TemporaryDirectory() as tmp, pytest.MonkeyPatch.context() as mp:
         root = Path(tmp) / "cache"
         (root / "complete").mkdir(parents=True)  # a cache folder: never touched
         # names like a leftover's, but not made by publish: never touched
         (root / ".notes.tmp-draft").mkdir()
-        (root / f"x.tmp-0123abcd-{DEAD}@{HERE}").mkdir()
+        (root / f"x.tmp-0123abcd-{DEAD}@{host}").mkdir()
         expected_gone, expected_kept = set(), {"complete", ".notes.tmp-draft"}
-        expected_kept.add(f"x.tmp-0123abcd-{DEAD}@{HERE}")
+        expected_kept.add(f"x.tmp-0123abcd-{DEAD}@{host}")
+        remote, fds = set(), []
         for i, kind in enumerate(kinds):
-            pid, host, age, removed = KINDS[kind]
-            path = _cache_leftover(root, f"{names[i]}{i}", pid, host, age)
-            (expected_gone if removed else expected_kept).add(path.name)
-        removed = cache_mod.remove_dead_leftovers(root / "complete")
+            tag = f"{DEAD}-0123abcd" if old_format[i] else f"0123abcd-{DEAD}@{host}"
+            path, fd = _leftover(root, f".{names[i]}{i}.tmp-{tag}", kind, folder=True)
+            fds.append(fd)
+            if KINDS[kind][3]:
+                remote.add(str(path))
+            (expected_gone if KINDS[kind][4] else expected_kept).add(path.name)
+        local = atomic.on_local_file_system
+        mp.setattr(atomic, "on_local_file_system", lambda p: str(p) not in remote and local(p))
+        try:
+            removed = cache_mod.remove_dead_leftovers(root / "complete")
+        finally:
+            for fd in fds:
+                if fd >= 0:
+                    os.close(fd)
         assert {p.name for p in removed} == expected_gone
         assert {p.name for p in root.iterdir()} == expected_kept
+
+
+def test_a_leftover_of_another_pid_namespace_goes_at_once(tmp_path):
+    """A writer killed in a container (its own pid namespace: pid 1 there), the next start in
+    a fresh container on the same host: nothing to wait for, whatever the pids."""
+    other = f"{HERE.split('~')[0]}~4026999999"
+    ckpt = tmp_path / f".step-0000003.ckpt.tmp1@{other}"
+    ckpt.write_bytes(b"x" * 1000)
+    cache = tmp_path / f".train3000.tmp-deadbeef-1@{other}"
+    cache.mkdir()
+    (cache / "a.npy").write_bytes(b"x" * 1000)
+    assert remove_dead_checkpoint_temps(tmp_path) == [ckpt]
+    assert cache in cache_mod.remove_dead_leftovers(tmp_path / "train3000")
+    assert list(tmp_path.iterdir()) == []
 
 
 _WRITER = textwrap.dedent(
@@ -174,6 +222,7 @@ def test_a_live_cache_writers_folder_is_never_removed(tmp_path):
         assert proc.stdout.readline().strip() == "writing", proc.stderr.read()[-2000:]
         writing = _dotted(cache)  # the lock it holds and its temporary folder
         assert [".tmp-" in n for n in writing] == [False, True]
+        _age(cache / writing[1], 2 * DAY)  # a file server's clock two days behind: no matter
         assert read_split(source / "train.csv", cache_dir=cache).from_cache
         assert cache_mod.remove_dead_leftovers(cache / writing[1].split(".")[1]) == []
         assert _dotted(cache) == writing  # still there: its writer is at work
@@ -213,35 +262,125 @@ def _killed_while_saving(target: Path) -> int:
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
-def test_a_killed_checkpoint_writers_file_goes_at_the_next_fit_start(tmp_path):
+def test_a_killed_checkpoint_writers_file_goes_at_the_next_fit_start(tmp_path, monkeypatch):
     folder = tmp_path / "checkpoints"
     _killed_while_saving(folder / "step-0000007.ckpt")
     (left,) = folder.iterdir()
     assert left.name.startswith(".step-0000007.ckpt.tmp") and left.name.endswith(f"@{HERE}")
-    # beside it: a live writer's (this process), another machine's, files that are not ours
-    live = folder / f".last.ckpt.tmp{os.getpid()}@{HERE}"
-    elsewhere = folder / f".best.ckpt.tmp{DEAD}@other-node~1"
-    old_elsewhere = folder / f".step-0000003.ckpt.tmp{DEAD}@other-node~1"
-    dead_here = folder / f".best.ckpt.tmp{DEAD}@{HERE}"
-    for path in (live, elsewhere, old_elsewhere, dead_here, folder / "last.ckpt"):
+    # beside it: a live writer's (held), the earlier versions' name, a FIFO named like one,
+    # files that are not ours; two on a network file system (fresh, and two days old)
+    live = folder / f".last.ckpt.tmp{DEAD}@{HERE}"
+    old_name = folder / f".step-0000003.ckpt.tmp{DEAD}"  # no host: the version before
+    remote_fresh = folder / f".best.ckpt.tmp{DEAD}@other-node~1"
+    remote_old = folder / f".step-0000002.ckpt.tmp{DEAD}@other-node~1"
+    for path in (live, old_name, remote_fresh, remote_old, folder / "last.ckpt"):
         path.write_bytes(b"x")
+    fifo = folder / f".step-0000009.ckpt.tmp{DEAD}@{HERE}"
+    os.mkfifo(fifo)
     (folder / "notes.tmp12").write_text("a user's file")
-    _age(old_elsewhere, 2 * DAY)
-    # what the next fit does at its start, on rank 0 (a checkpoint folder per callback)
-    trainer = SimpleNamespace(
-        is_global_zero=True,
-        checkpoint_callbacks=[SimpleNamespace(dirpath=str(folder))] * 2,
-    )
-    ResumeState().on_fit_start(trainer, None)
-    assert sorted(p.name for p in folder.iterdir()) == sorted(
-        [live.name, elsewhere.name, "last.ckpt", "notes.tmp12"]
-    )
+    _age(remote_old, 2 * DAY)
+    remote = {str(remote_fresh), str(remote_old)}
+    local = atomic.on_local_file_system
+    monkeypatch.setattr(atomic, "on_local_file_system", lambda p: str(p) not in remote and local(p))
+    held = _hold(live)
+    try:
+        # what the next fit does at its start, on rank 0 (a checkpoint folder per callback)
+        trainer = SimpleNamespace(
+            is_global_zero=True,
+            checkpoint_callbacks=[SimpleNamespace(dirpath=str(folder))] * 2,
+        )
+        ResumeState().on_fit_start(trainer, None)
+        assert sorted(p.name for p in folder.iterdir()) == sorted(
+            [live.name, remote_fresh.name, fifo.name, "last.ckpt", "notes.tmp12"]
+        )
+    finally:
+        os.close(held)
     # rank 1 leaves everything to rank 0; a folder that does not exist yet is no error
-    elsewhere.touch()
-    _age(elsewhere, 2 * DAY)
     ResumeState().on_fit_start(SimpleNamespace(**{**vars(trainer), "is_global_zero": False}), None)
-    assert elsewhere.exists()
+    assert live.exists()
+    assert remove_dead_checkpoint_temps(folder) == [live]  # its writer let go
     assert remove_dead_checkpoint_temps(tmp_path / "nowhere") == []
+
+
+_SLOW_CKPT_WRITER = textwrap.dedent(
+    """
+    import sys, torch
+    from mtl_clippy.callbacks import AtomicCheckpointIO
+
+    def save_slowly(obj, f, *args, **kwargs):
+        f.write(b"PK\\x03\\x04 the first bytes")
+        f.flush()
+        print("writing", flush=True)
+        sys.stdin.readline()  # goes on when told
+        f.write(b" and the rest")
+
+    torch.save = save_slowly
+    AtomicCheckpointIO().save_checkpoint({"w": torch.ones(3)}, sys.argv[1])
+    """
+)
+
+
+def test_a_checkpoint_writer_at_work_keeps_its_file_whatever_the_clock(tmp_path):
+    """A real writer in the middle of ``save_checkpoint`` (another process), its temporary
+    stamped two days old (the clock of an NFS server behind this host's): kept; renamed into
+    place when the writer finishes."""
+    target = tmp_path / "step-0000300.ckpt"
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _SLOW_CKPT_WRITER, str(target)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+    )  # fmt: skip
+    try:
+        assert proc.stdout.readline().strip() == "writing", proc.stderr.read()[-2000:]
+        (tmp,) = tmp_path.iterdir()
+        _age(tmp, 2 * DAY)
+        assert remove_dead_checkpoint_temps(tmp_path) == []
+        assert atomic.remove_unused_temporary(tmp, unchanged_s=0) is False
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+        assert proc.wait(timeout=120) == 0, proc.stderr.read()[-2000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert [p.name for p in tmp_path.iterdir()] == [target.name]
+    assert target.read_bytes().endswith(b"the rest")
+
+
+# ----------------------------------------------------------------------------- small files
+
+
+def test_the_temporaries_of_small_files_go_at_the_start_of_a_run(tmp_path):
+    """``<name>.tmp<pid>`` of metrics.json, metrics.csv and hparams.yaml (write_atomically)
+    that no writer holds, in the run folder and its logger folders; nothing else."""
+    run = tmp_path / "run"
+    dead = [run / f"metrics.json.tmp{DEAD}", run / "csv" / f"metrics.csv.tmp{DEAD}",
+            run / "csv" / f"hparams.yaml.tmp{DEAD}", run / "tensorboard" / "hparams.yaml.tmp7"]  # fmt: skip
+    live = run / "csv" / f"metrics.csv.tmp{os.getpid()}"
+    others = [run / "notes.tmp12", run / "metrics.json", run / "a" / "b" / f"metrics.json.tmp{DEAD}",
+              run / "checkpoints" / "last.ckpt"]  # fmt: skip
+    for path in [*dead, live, *others]:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("half")
+    held = _hold(live)
+    try:
+        assert sorted(atomic.remove_dead_temporaries(run)) == sorted(dead)
+    finally:
+        os.close(held)
+    assert all(p.exists() for p in [live, *others]) and not any(p.exists() for p in dead)
+
+
+def test_write_atomically_holds_its_temporary_while_writing(tmp_path):
+    target = tmp_path / "metrics.json"
+    seen = []
+
+    def write(tmp: Path) -> None:
+        tmp.write_text("{}")
+        seen.append(atomic.remove_dead_temporaries(tmp_path))  # a cleaner, mid-write
+
+    atomic.write_atomically(target, write)
+    assert seen == [[]] and target.read_text() == "{}"
+    assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]
 
 
 def test_atomic_checkpoint_temporaries_name_their_writer(tmp_path, monkeypatch):

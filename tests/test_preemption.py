@@ -222,7 +222,7 @@ def test_ctrl_c_mid_epoch_exits_130_with_a_checkpoint_of_the_step(tmp_path, data
     assert metrics["resume_command"].endswith(" resume=true")
 
 
-@pytest.mark.slow  # about 15 s; the default suite resumes a SIGTERM-ed run
+@pytest.mark.slow  # about 25 s; the default suite resumes a SIGTERM-ed run
 def test_ctrl_c_then_resume_gives_identical_numbers(tmp_path, data_dir, uninterrupted):
     res = start_and_signal(
         _args(tmp_path, data_dir),
@@ -248,7 +248,7 @@ def _fake_scontrol(folder: Path, status: int = 0) -> Path:
     return folder / "scontrol.log"
 
 
-@pytest.mark.slow  # about 20 s; in-process tests cover the requeue call and the setting
+@pytest.mark.slow  # about 25 s; in-process tests cover the requeue call and the setting
 def test_slurm_warning_signal_saves_the_step_requeues_and_the_requeued_job_resumes(
     tmp_path, data_dir, uninterrupted
 ):
@@ -294,7 +294,7 @@ def test_ctrl_c_stops_a_sweep_and_its_resume_command_finishes_it(tmp_path, data_
     assert _metrics(jobs[0])["resumed_from"] == metrics["interrupted"]["checkpoint"]
 
 
-@pytest.mark.slow  # about 60 s: three 2-process runs
+@pytest.mark.slow  # 75-115 s: three 2-process runs
 def test_ddp_sigterm_stops_every_rank_at_one_step_and_resumes_to_the_same_metrics(
     tmp_path, data_dir
 ):

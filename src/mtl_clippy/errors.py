@@ -7,6 +7,7 @@ import contextlib
 import errno
 import io
 import os
+import re
 from collections.abc import Iterator
 from types import TracebackType
 
@@ -45,6 +46,30 @@ RUN_FOLDER_HINT = (
     "the files written before are intact: free some space, then run the same command with "
     "resume=true"
 )
+
+#: The same, for a run that has no checkpoint to resume from yet (the full disk came first).
+RUN_AGAIN_HINT = (
+    "the run has no checkpoint to resume from yet: free some space, then run the same command again"
+)
+
+
+def resume_hint(run_dir: str | os.PathLike[str] | None) -> str:
+    """:data:`RUN_FOLDER_HINT` if ``run_dir/checkpoints`` holds a checkpoint that
+    ``resume=true`` continues from (``last.ckpt`` or a step checkpoint: ``best.ckpt`` is not
+    one), else :data:`RUN_AGAIN_HINT`."""
+    import stat
+
+    folder = os.path.join(os.fspath(run_dir), "checkpoints") if run_dir is not None else None
+    try:
+        for entry in os.scandir(folder) if folder else ():
+            if entry.name.endswith(".ckpt") and not entry.name.startswith((".", "best")):
+                with contextlib.suppress(OSError):
+                    if stat.S_ISREG(os.stat(entry.path).st_mode):
+                        return RUN_FOLDER_HINT
+    except OSError:
+        pass
+    return RUN_AGAIN_HINT
+
 
 #: Below this many free bytes a folder's file system counts as full (see :func:`disk_full`).
 NEARLY_FULL_BYTES = 1 << 20
@@ -136,6 +161,35 @@ def _file_being_written(err: BaseException) -> str | None:
     return None
 
 
+#: What torch's zip writer (``PytorchStreamWriter``) says when a write of its file fails; it
+#: drops the ``OSError`` (and its errno) of the write that failed.
+ZIP_WRITER_FAILURES = ("unexpected pos", "file write failed", "PytorchStreamWriter failed writing")
+
+
+def errno_of(err: OSError) -> int | None:
+    """The errno of ``err``; for an ``OSError`` that has none but says it in its message, as
+    pyarrow's do (``Error writing bytes to file. Detail: [errno 28] No space left on
+    device``), the one it says."""
+    if err.errno is not None:
+        return err.errno
+    found = re.search(r"\[errno (\d+)\]", str(err), flags=re.IGNORECASE)
+    return int(found[1]) if found else None
+
+
+def _lost_errno(chain: list[BaseException]) -> bool:
+    """Whether ``chain`` (an error and what it was raised from) is a write that failed without
+    saying why: no ``OSError`` with an errno in it, no CUDA error (the zip writer fails too
+    when pickling raised one), and a ``RuntimeError`` with one of the zip writer's messages
+    (``ZIP_WRITER_FAILURES``). Only then may the free space decide."""
+    if any(isinstance(e, OSError) and errno_of(e) is not None for e in chain):
+        return False
+    if any("CUDA" in str(e) for e in chain):
+        return False
+    return any(
+        isinstance(e, RuntimeError) and any(m in str(e) for m in ZIP_WRITER_FAILURES) for e in chain
+    )
+
+
 def disk_full(
     exc: BaseException,
     path: str | os.PathLike[str] | None = None,
@@ -149,8 +203,10 @@ def disk_full(
     (``torch.save`` raises its zip writer's ``RuntimeError`` while handling it); the chain is
     followed back to an earlier ``DiskFull`` at most, which is another write's failure. Where
     it holds none, an ``OSError`` or ``RuntimeError`` raised while ``folder``'s file system
-    has less than ``NEARLY_FULL_BYTES`` left counts too (a writer that lost the errno): call
-    this before deleting what the failed write left, which holds the space.
+    has less than ``NEARLY_FULL_BYTES`` left counts too, if it is a writer that lost the
+    errno (:func:`_lost_errno`: torch's zip writer, whose messages are known); any error
+    with another errno, or any other message (a CUDA error), is left alone. Call this before
+    deleting what the failed write left, which holds the space.
 
     The file named: ``path``; else the file name the ``OSError`` carries, or the file its call
     had open for writing; else ``folder`` (``into``).
@@ -162,10 +218,12 @@ def disk_full(
         if isinstance(e, DiskFull):
             break
         chain.append(e)
-    err = next((e for e in reversed(chain) if isinstance(e, OSError) and e.errno in NO_ROOM), None)
+    err = next(
+        (e for e in reversed(chain) if isinstance(e, OSError) and errno_of(e) in NO_ROOM), None
+    )
     if err is not None:
-        code = err.errno
-    elif folder is not None and isinstance(exc, OSError | RuntimeError):
+        code = errno_of(err)
+    elif folder is not None and _lost_errno(chain):
         room = free_bytes(folder)
         if room is None or room >= NEARLY_FULL_BYTES:
             return None
@@ -175,7 +233,9 @@ def disk_full(
     name = path
     if name is None and err is not None:
         found = err.filename if isinstance(err.filename, str | bytes) else None
-        found = found if found is not None else _file_being_written(err)
+        if found is None:  # an error raised in C (a close's flush) has no frames of its own:
+            # the file is in the frames of the error raised while handling it
+            found = next((f for e in [err, *chain] if (f := _file_being_written(e))), None)
         name = os.fsdecode(found) if found is not None else None
     if name is not None:
         return DiskFull(name, code, hint)
@@ -192,10 +252,11 @@ def first_disk_full(exc: BaseException, hint: str | None = None) -> DiskFull | N
     return earlier[-1] if earlier else disk_full(exc, hint=hint)
 
 
-def reported(exc: BaseException) -> DiskFull | None:
+def reported(exc: BaseException, run_dir: str | os.PathLike[str] | None = None) -> DiskFull | None:
     """What a user is told about a full disk in ``exc``'s chain (None if there is none): the
     write that failed first (:func:`first_disk_full`), with the files that could not be
-    written after it in ``later``."""
+    written after it in ``later``. With the ``run_dir`` of the run, its advice to resume is
+    given only where the run has a checkpoint to resume from (:func:`resume_hint`)."""
     full = first_disk_full(exc, hint=RUN_FOLDER_HINT)
     if full is None:
         return None
@@ -203,26 +264,32 @@ def reported(exc: BaseException) -> DiskFull | None:
     for e in reversed(_chain(exc)):
         if isinstance(e, DiskFull) and e.path != full.path and e.path not in later:
             later.append(e.path)
-    if not later and full is exc:
+    hint = full.hint
+    if run_dir is not None and hint == RUN_FOLDER_HINT:
+        hint = resume_hint(run_dir)
+    if not later and full is exc and hint == full.hint:
         return full
-    return DiskFull(full.path, full.errno or errno.ENOSPC, full.hint, full.into, tuple(later))
+    return DiskFull(full.path, full.errno or errno.ENOSPC, hint, full.into, tuple(later))
 
 
-def disk_full_message(exc: BaseException) -> str | None:
+def disk_full_message(
+    exc: BaseException, run_dir: str | os.PathLike[str] | None = None
+) -> str | None:
     """The one-line message of :func:`reported` (None without a full disk in the chain)."""
-    full = reported(exc)
+    full = reported(exc, run_dir)
     return None if full is None else str(full)
 
 
 @contextlib.contextmanager
-def full_disk_reported() -> Iterator[None]:
+def full_disk_reported(run_dir: str | os.PathLike[str] | None = None) -> Iterator[None]:
     """Re-raise an error that a full disk caused, in whatever wrapper it arrives (a logger's
     ``OSError`` without a file name, an error of a library that was handling it), as the
-    :class:`DiskFull` of :func:`reported`: the command line then prints its one line."""
+    :class:`DiskFull` of :func:`reported` (for the run in ``run_dir``): the command line then
+    prints its one line."""
     try:
         yield
     except Exception as exc:
-        full = reported(exc)
+        full = reported(exc, run_dir)
         if full is None or full is exc:
             raise
         raise full from exc

@@ -11,8 +11,11 @@ an append that fails is cut back to the rows that were there before it. A full d
 
 The TensorBoard logger writes its ``hparams.yaml`` the same way. Its event files are
 appended to by TensorBoard's own writer thread: a full disk can cut the last record short,
-which TensorBoard skips when it reads the file; the error, raised at the logger's next call,
-is named by ``mtl_clippy.errors.disk_full`` (the file its write had open).
+which TensorBoard skips when it reads the file; the error, raised again at the logger's next
+call, is named by ``mtl_clippy.errors.disk_full`` (the file its write had open). The thread's
+own report of it (Python's "Exception in thread ..." traceback) is not printed, so that the
+run's one line about the full disk is all a user sees; an event file that the full disk left
+empty at its creation is deleted.
 
 ``logger=csv`` and ``logger=tensorboard`` (``configs/logger/``) use these classes; the files
 and the options are Lightning's.
@@ -23,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import os
+import threading
 from typing import Any
 
 from fsspec.implementations.local import LocalFileSystem
@@ -33,7 +37,7 @@ from lightning.pytorch.loggers import TensorBoardLogger as _LightningTensorBoard
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
 from mtl_clippy.atomic import write_atomically
-from mtl_clippy.errors import RUN_FOLDER_HINT, disk_full
+from mtl_clippy.errors import NO_ROOM, RUN_FOLDER_HINT, disk_full, errno_of
 
 
 class AtomicExperimentWriter(ExperimentWriter):
@@ -56,9 +60,17 @@ class AtomicExperimentWriter(ExperimentWriter):
             super().save()
             return
         path = self.metrics_file_path
+        keys_before = list(self.metrics_keys)
         new_keys = self._record_new_keys()
-        if new_keys and os.path.isfile(path):
-            self._rewrite_with_new_header(self.metrics_keys)
+        try:
+            if new_keys and os.path.isfile(path):
+                self._rewrite_with_new_header(self.metrics_keys)
+        except BaseException:
+            # The file still has the old header: the new columns are not recorded, so that
+            # the next save (Lightning's finalize) rewrites it again instead of appending rows
+            # of more columns under it.
+            self.metrics_keys = keys_before
+            raise
         size = os.path.getsize(path) if os.path.isfile(path) else None
         try:
             with open(path, "a" if size is not None else "w", newline="") as file:
@@ -70,6 +82,7 @@ class AtomicExperimentWriter(ExperimentWriter):
             with contextlib.suppress(OSError):  # back to the complete rows of before
                 if size is None:
                     os.remove(path)
+                    self.metrics_keys = keys_before  # no header written: ask again next time
                 else:
                     os.truncate(path, size)
             full = disk_full(exc, path=path, folder=self.log_dir, hint=RUN_FOLDER_HINT)
@@ -108,7 +121,23 @@ class CSVLogger(_LightningCSVLogger):
 
 class TensorBoardLogger(_LightningTensorBoardLogger):
     """``lightning.pytorch.loggers.TensorBoardLogger`` whose ``hparams.yaml`` (written once,
-    at the first save) is written whole or not at all."""
+    at the first save) is written whole or not at all, and whose writer thread's full disk is
+    reported once, by the main thread (see this module's docstring)."""
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> Any:
+        if self._experiment is not None:
+            return self._experiment
+        quiet_full_disk_in_writer_threads()
+        try:
+            return super().experiment
+        except Exception as exc:
+            full = disk_full(exc, hint=RUN_FOLDER_HINT)
+            if full is None:
+                raise
+            _remove_empty_event_files(self.log_dir)
+            raise full from exc
 
     def save(self) -> None:
         path = os.path.join(self.log_dir, self.NAME_HPARAMS_FILE)
@@ -116,6 +145,45 @@ class TensorBoardLogger(_LightningTensorBoardLogger):
         if local and os.path.isdir(self.log_dir) and not os.path.isfile(path):
             write_atomically(path, lambda tmp: save_hparams_to_yaml(str(tmp), self.hparams))
         super().save()  # the event file; hparams.yaml exists now, so it is not written again
+
+
+def _remove_empty_event_files(folder: str) -> None:
+    """Delete the empty event files this process created in ``folder`` (their names end in
+    ``.<pid>.<n>``): a writer that failed on a full disk before its first record."""
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(folder):
+            name = entry.name
+            ours = name.startswith("events.out.tfevents.") and f".{os.getpid()}." in name
+            if ours and entry.is_file(follow_symlinks=False) and entry.stat().st_size == 0:
+                os.unlink(entry.path)
+
+
+_QUIET_HOOK_INSTALLED = False
+
+
+def quiet_full_disk_in_writer_threads() -> None:
+    """Keep Python from printing the traceback of a TensorBoard writer thread that stopped on
+    a full disk (``threading.excepthook``, for those threads and that error only). The writer
+    keeps the error and raises it again at its next call in the main thread, where the run
+    reports it in one line naming the event file; any other error is printed as usual."""
+    global _QUIET_HOOK_INSTALLED
+    if _QUIET_HOOK_INSTALLED:
+        return
+    try:
+        from tensorboard.summary.writer.event_file_writer import _AsyncWriterThread
+    except ImportError:  # another TensorBoard: its threads report as usual
+        return
+    previous = threading.excepthook
+
+    def hook(args: threading.ExceptHookArgs) -> None:
+        err = args.exc_value
+        writer = isinstance(args.thread, _AsyncWriterThread)
+        if writer and isinstance(err, OSError) and errno_of(err) in NO_ROOM:
+            return  # raised again, and reported, by the main thread
+        previous(args)
+
+    threading.excepthook = hook
+    _QUIET_HOOK_INSTALLED = True
 
 
 __all__ = ["AtomicExperimentWriter", "CSVLogger", "TensorBoardLogger"]

@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from mtl_clippy import config_checks, launch, preemption
 from mtl_clippy import resume as resume_mod
-from mtl_clippy.atomic import write_atomically
+from mtl_clippy.atomic import remove_dead_temporaries, write_atomically
 from mtl_clippy.callbacks import (
     AtomicCheckpointIO,
     DivergenceMonitor,
@@ -35,8 +35,10 @@ from mtl_clippy.callbacks import (
 )
 from mtl_clippy.errors import (
     ConfigError,
+    DiskFull,
     disk_full_message,
     full_disk_reported,
+    reported,
     user_error_types,
 )
 
@@ -381,11 +383,12 @@ def _instantiate_config(node: DictConfig, key: str, **kwargs: Any) -> Any:
         raise
 
 
-def _cause(exc: BaseException) -> str:
+def _cause(exc: BaseException, run_dir: Path | None = None) -> str:
     """The innermost message of an exception chain (Hydra wraps instantiation errors); a
     ConfigError's own message, which names the config key, is kept; a full disk anywhere in
-    the chain is told as such, naming the file (``mtl_clippy.errors.DiskFull``)."""
-    full = disk_full_message(exc)
+    the chain is told as such, naming the file (``mtl_clippy.errors.DiskFull``; advising a
+    resume only where ``run_dir`` has a checkpoint)."""
+    full = disk_full_message(exc, run_dir)
     if full is not None:
         return full
     while exc.__cause__ is not None and not isinstance(exc, ConfigError):
@@ -437,6 +440,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         cfg.trainer.get("accelerator", "auto"),
     )
     trainer: pl.Trainer | None = None
+    if _is_global_zero():  # metrics.json.tmp<pid> (...) of a run killed while writing them
+        remove_dead_temporaries(out_dir)
     ckpt_path, ckpt_step, previous = _resume_point(cfg, out_dir)
     if previous is not None:  # resume=true on a run that had already finished
         log.info("this run had already completed; nothing to resume (%s)", out_dir)
@@ -556,9 +561,15 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                 raise
             raise stop from exc  # Lightning's SIGTERMException, a KeyboardInterrupt
         summary["status"] = "failed"
-        summary["error"] = f"{type(exc).__name__}: {_cause(exc)}"
-        if not isinstance(exc, user_error_types()):
+        # A full disk in any wrapper (a logger's thread, a library's error) is named now, so
+        # that it stays the first failure reported when metrics.json then fails too.
+        full = reported(exc, out_dir) if isinstance(exc, Exception) else None
+        shown = full if full is not None else exc
+        summary["error"] = f"{type(shown).__name__}: {_cause(shown, out_dir)}"
+        if not isinstance(shown, user_error_types()):
             summary["traceback"] = traceback.format_exc()
+        if full is not None and full is not exc:
+            raise full from exc
         raise
     finally:
         summary["wall_time_s"] = round(time.perf_counter() - t_start, 3)
@@ -759,17 +770,22 @@ def main(cfg: DictConfig) -> float | None:
 
     A single run re-raises user mistakes as one clear line (exit status 2) and other errors
     as usual. In a sweep, a failing job is recorded (``metrics.json`` with status ``failed``
-    and its error) and the sweep goes on; the results table lists it.
+    and its error) and the sweep goes on; the results table lists it. A full disk ends the
+    sweep (one line, status 2): every later job would fail on it too.
     """
     multirun = _is_multirun()
     env_before = {k: os.environ.get(k) for k in _DDP_ENV}
+    run_dir = OmegaConf.select(cfg, "paths.output_dir", throw_on_resolution_failure=False)
     try:
-        with full_disk_reported():  # a full disk, however it arrives: one line, status 2
+        with full_disk_reported(run_dir):  # a full disk, however it arrives: one line, status 2
             summary = train(cfg)
     except preemption.RunInterrupted as exc:  # one line, 143 / 130; ends a sweep too
         preemption.exit_interrupted(exc)
     except user_error_types() as exc:
-        message = f"error: {_cause(exc)}"
+        message = f"error: {_cause(exc, run_dir)}"
+        if multirun and isinstance(exc, DiskFull):  # the next jobs would fail too: stop
+            print(message, file=sys.stderr)
+            sys.exit(2)
         if multirun:
             log.error("job failed: %s", message)
             return None

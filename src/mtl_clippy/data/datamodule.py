@@ -23,6 +23,7 @@ With no ``data_dir`` it generates the built-in dataset (``synthetic.py``) once i
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 from pathlib import Path
@@ -47,6 +48,7 @@ from mtl_clippy.data.vocab import (
     encoded_ids,
     oov_rates,
 )
+from mtl_clippy.errors import DiskFull
 
 log = logging.getLogger(__name__)
 
@@ -356,6 +358,13 @@ class AliExpressDataModule(L.LightningDataModule):
                     err.path,
                     err.problem,
                     hint="set data.cache_dir (by default paths.data_dir) to a writable folder",
+                ) from None
+            except DiskFull as err:  # its file system is full: the same, on another one
+                raise DiskFull(
+                    err.path,
+                    err.errno or errno.ENOSPC,
+                    hint="free some space, or set data.cache_dir (by default paths.data_dir) "
+                    "to a folder on another file system",
                 ) from None
         for name in ("train", "test"):
             self._read(name)

@@ -64,6 +64,7 @@ from mtl_clippy.data.schema import (
     RAW_USER_NUMERICAL,
     TASKS,
 )
+from mtl_clippy.errors import DiskFull, disk_full
 
 log = logging.getLogger(__name__)
 
@@ -445,9 +446,13 @@ def generate_dataset(
     return meta
 
 
-def _not_writable(out: Path, err: OSError) -> DataError:
+def _not_writable(out: Path, err: OSError) -> DataError | DiskFull:
     """The error of a dataset folder that could not be written, naming the folder where
-    writing failed (the deepest one that exists) and why."""
+    writing failed (the deepest one that exists) and why; a full disk (pyarrow says so only
+    in its message) is a :class:`~mtl_clippy.errors.DiskFull` naming the dataset folder."""
+    full = disk_full(err, path=out)
+    if full is not None:
+        return full
     existing = out.parent
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
@@ -555,6 +560,9 @@ def main(argv: list[str] | None = None) -> None:
         )
     except DataError as err:
         print(f"error: {err.path}: {err.problem} (choose another --out)", file=sys.stderr)
+        sys.exit(2)
+    except DiskFull as err:
+        print(f"error: {err} (free some space, or choose another --out)", file=sys.stderr)
         sys.exit(2)
     print(
         json.dumps(

@@ -10,11 +10,13 @@ it in processes that start in a fraction of a second.
   instead of its random initialisation. Counting is vectorised (``np.bincount`` or
   ``np.unique(return_counts=True)``), never a Python loop over rows.
 * Memory follows the number of distinct ids, never their values: a field whose ids are dense
-  (the largest at most ``_LUT_SLOTS_PER_ID`` times the number of distinct ids, as in the
-  label-encoded AliExpress files) maps ids through a lookup table indexed by id; any other
-  field (a few ids near 2**24, 64-bit hashes) through a hash table of two to four slots per
-  kept id. Counting sizes its temporary array by the column's rows. The largest id sizes
-  nothing: one row of ids near 16,777,215 used to allocate a 64 MiB table per field
+  (the largest at most ``_LUT_SLOTS_PER_ID`` times the number of distinct ids, or below
+  ``_SMALL_IDS``, as in the label-encoded AliExpress files) maps ids through a lookup table
+  indexed by id (at most 64 bytes per distinct id); any other field (a few ids near 2**24,
+  64-bit hashes) by a sorted search of its kept ids (``np.searchsorted``), which needs no
+  table and has no slow case, whatever the ids. Counting uses ``np.bincount`` only while the
+  largest id is within about twice the rows. The largest id sizes nothing: one row of ids
+  near 16,777,215 used to allocate a 64 MiB table per field
   (``benchmarks/bench_memory_ids.py``, docs/benchmarks.md).
 * :func:`encoded_ids` stores the int32 indices of both splits in a cache folder keyed by the
   sources, the training rows and ``min_count``, written once (first writer wins, see
@@ -43,20 +45,21 @@ ENCODED_CACHE_VERSION = 2
 #: every field's OOV row trains, for 0.025 % of the training cells (see docs/data.md).
 DEFAULT_MIN_COUNT = 5
 #: A field maps ids through a lookup table (one int32 slot per id value up to its largest
-#: id: the fastest mapping) only when the table has at most this many slots per distinct id
-#: of the field, plus ``_SMALL_TABLE``; otherwise through a hash table sized by the ids kept.
+#: id: the fastest mapping) only when its largest id is at most this many times the number
+#: of distinct ids of the field, or below ``_SMALL_IDS``; otherwise by a sorted search of its
+#: kept ids, which holds nothing besides them.
 _LUT_SLOTS_PER_ID = 16
-#: Slots any field may use regardless of density (256 KiB as a lookup table): small ids,
-#: however few, keep the fastest path.
-_SMALL_TABLE = 1 << 16
-#: Ids are counted with ``np.bincount`` (a count slot per id value, freed after counting)
-#: while the largest id is below this many times the column's rows (plus ``_SMALL_TABLE``),
-#: so the count's memory stays within a few times the column's own; else by sorting.
-_COUNT_SLOTS_PER_ROW = 8
-#: Rows per step of a hash lookup, copied contiguous first: a step's temporary arrays (a few
-#: of 512 KiB) stay in the CPU's cache, so the lookup's several passes cost little more than
-#: one (a column of the row-major id array is strided: one read of it is the expensive part).
-_HASH_BLOCK = 1 << 16
+#: Ids below this always get a lookup table (256 KiB at most): small ids, however few, keep
+#: the fastest path.
+_SMALL_IDS = 1 << 16
+#: Ids are counted with ``np.bincount`` (an int64 count per id value, freed after counting)
+#: only while the largest id is below this many times the column's rows (plus
+#: ``_SMALL_IDS``): at most about 16 bytes per row. Else by sorting (``np.unique``), whose
+#: memory follows the rows whatever the values.
+_COUNT_SLOTS_PER_ROW = 2
+#: Rows per step of a sorted search: its temporary arrays (a few of 512 KiB) stay small and
+#: in the CPU's cache, however long the column.
+_SEARCH_BLOCK = 1 << 16
 _ENCODED_META = "encoded.json"  # written last: what the cache holds and was keyed by
 
 
@@ -70,16 +73,15 @@ class Vocabulary:
     """
 
     def __init__(self, seen_ids: np.ndarray, distinct: int | None = None) -> None:
-        self.ids = np.asarray(seen_ids, dtype=np.int64)
+        self.ids = np.asarray(_integers(seen_ids), dtype=np.int64)
         self.oov = len(self.ids)
         self._lut: np.ndarray | None = None
-        self._hash: _IdHash | None = None
         if self.oov and self.ids[0] < 0:
             raise ValueError(f"ids must be >= 0, got {self.ids[0]}")
         distinct = self.oov if distinct is None else max(int(distinct), self.oov)
         if self.oov:
             top = int(self.ids[-1])
-            if top + 2 <= _LUT_SLOTS_PER_ID * distinct + _SMALL_TABLE:
+            if top < _SMALL_IDS or top <= _LUT_SLOTS_PER_ID * distinct:
                 lut = np.full(top + 2, self.oov, dtype=np.int32)
                 lut[self.ids] = np.arange(self.oov, dtype=np.int32)
                 self._lut = lut  # the last entry catches every id above the largest seen
@@ -89,14 +91,16 @@ class Vocabulary:
         """The vocabulary of the ids present at least ``min_count`` times in ``column``
         (non-negative integers); rarer ids, like unseen ones, map to the OOV slot.
 
-        Counted with ``np.bincount`` when the largest id is within a few times the rows
-        (memory: one slot per id value, freed at once), else with
-        ``np.unique(return_counts=True)`` (a sort: memory follows the rows, not the values).
+        Counted with ``np.bincount`` when the largest id is below about twice the rows
+        (memory: one int64 slot per id value, freed at once, so at most ~16 bytes per row),
+        else with ``np.unique(return_counts=True)`` (a sort: memory follows the rows, not the
+        values).
         """
+        column = _integers(column).reshape(-1)
         if len(column) == 0:
             return cls(np.empty(0, np.int64))
         top = int(column.max())
-        if top < _COUNT_SLOTS_PER_ROW * len(column) + _SMALL_TABLE:
+        if top < _COUNT_SLOTS_PER_ROW * len(column) + _SMALL_IDS:
             counts = np.bincount(column, minlength=top + 1)
             kept = np.flatnonzero(counts >= min_count)
             return cls(kept, distinct=int(np.count_nonzero(counts)))
@@ -110,85 +114,40 @@ class Vocabulary:
 
     @property
     def table_bytes(self) -> int:
-        """Bytes held by the id -> index mapping (lookup or hash table), besides ``ids``."""
-        if self._lut is not None:
-            return self._lut.nbytes
-        return 0 if self._hash is None else self._hash.nbytes
+        """Bytes held by the id -> index lookup table besides ``ids`` (0: sorted search)."""
+        return 0 if self._lut is None else self._lut.nbytes
 
     def encode(self, column: np.ndarray) -> np.ndarray:
-        """int32 indices of raw ids (unseen ids -> the OOV slot)."""
-        column = np.asarray(column, dtype=np.int64)
+        """int32 indices of raw ids, an array of any shape (unseen ids -> the OOV slot)."""
+        column = _integers(column)
         if self._lut is not None:
             # Ids above the largest, and negative ones (-1: the last entry), read the OOV entry.
             return self._lut[np.clip(column, -1, len(self._lut) - 1)]
         if not self.oov:
             return np.zeros(column.shape, dtype=np.int32)
-        if self._hash is None:  # built on first use: a cached encoding never needs it
-            self._hash = _IdHash(self.ids)
-        out = np.empty(column.shape, dtype=np.int32)
-        for lo in range(0, len(column), _HASH_BLOCK):
-            block = np.ascontiguousarray(column[lo : lo + _HASH_BLOCK])
-            out[lo : lo + _HASH_BLOCK] = self._hash.lookup(block)
-        return out
+        # Sorted search: correct for any ids, no table, no input that makes it slow (a binary
+        # search per id: at 12 M rows it costs a few times a lookup table, docs/benchmarks.md).
+        flat = column.reshape(-1)
+        out = np.empty(flat.shape, dtype=np.int32)
+        last = self.oov - 1
+        for lo in range(0, len(flat), _SEARCH_BLOCK):
+            block = np.asarray(flat[lo : lo + _SEARCH_BLOCK], dtype=np.int64)
+            pos = np.searchsorted(self.ids, block)
+            np.minimum(pos, last, out=pos)
+            out[lo : lo + _SEARCH_BLOCK] = np.where(self.ids[pos] == block, pos, self.oov)
+        return out.reshape(column.shape)
 
 
-class _IdHash:
-    """Open-addressing hash table (linear probing) from the kept ids to ``0..n-1``, built and
-    probed with whole-array NumPy steps, no Python loop over ids or rows.
-
-    Why not a sorted search: at 12 M rows ``np.searchsorted`` took 2 to 17 times as long as a
-    lookup table (a binary search per row, with cache misses); this hash 1 to 2 times
-    (``benchmarks/bench_memory_ids.py``). Capacity is the power of two above twice the ids
-    (load below 1/2, so probe sequences stay short): 12 bytes per slot, at most 48 bytes per
-    kept id. Empty slots hold the OOV index ``n``, so a probe that meets one has its answer
-    (not present) without a further test.
-    """
-
-    _EMPTY = -1  # ids are >= 0, so no id is mistaken for an empty slot
-    _MULTIPLIER = np.uint64(0x9E3779B97F4A7C15)  # 2**64 / golden ratio: Fibonacci hashing
-
-    def __init__(self, ids: np.ndarray) -> None:
-        self.bits = max(4, (2 * len(ids)).bit_length())
-        self.mask = (1 << self.bits) - 1
-        self.keys = np.full(self.mask + 1, self._EMPTY, dtype=np.int64)
-        self.values = np.full(self.mask + 1, len(ids), dtype=np.int32)
-        pending = np.arange(len(ids))
-        slots = self._slots(ids)
-        while len(pending):  # each round: one key per free slot, the rest probe one further
-            free = np.flatnonzero(self.keys[slots] == self._EMPTY)
-            taken, first = np.unique(slots[free], return_index=True)
-            winners = free[first]
-            self.keys[taken] = ids[pending[winners]]
-            self.values[taken] = pending[winners]
-            left = np.ones(len(pending), dtype=bool)
-            left[winners] = False
-            pending = pending[left]
-            slots = (slots[left] + 1) & self.mask
-
-    @property
-    def nbytes(self) -> int:
-        return self.keys.nbytes + self.values.nbytes
-
-    def _slots(self, ids: np.ndarray) -> np.ndarray:
-        hashed = np.multiply(ids.view(np.uint64), self._MULTIPLIER)  # wraps mod 2**64: meant
-        hashed >>= np.uint64(64 - self.bits)
-        return hashed.view(np.int64)  # below 2**bits: a valid index
-
-    def lookup(self, query: np.ndarray) -> np.ndarray:
-        """int32 index of each id of ``query`` (int64); ``n`` for ids not in the table."""
-        slots = self._slots(query)
-        found = self.keys[slots]
-        out = self.values[slots]  # right where the slot holds the id, or is empty
-        rows = np.flatnonzero((found != query) & (found != self._EMPTY))
-        wanted, slots = query[rows], slots[rows]
-        while len(rows):  # each round probes one slot further for the rows not yet settled
-            slots += 1
-            slots &= self.mask
-            found = self.keys[slots]
-            out[rows] = self.values[slots]
-            go_on = (found != wanted) & (found != self._EMPTY)
-            rows, wanted, slots = rows[go_on], wanted[go_on], slots[go_on]
-        return out
+def _integers(values: np.ndarray) -> np.ndarray:
+    """``values`` as an array of signed integers; float ids are refused, not truncated
+    (``2.5`` is no id). Unsigned ids wrap to int64: those above 2**63 - 1, which no
+    vocabulary holds, become negative and so map to the OOV slot."""
+    array = np.asarray(values)
+    if array.dtype.kind == "i":
+        return array
+    if array.dtype.kind != "u" and array.size:
+        raise TypeError(f"ids must be integers, got an array of {array.dtype}")
+    return array.astype(np.int64)  # unsigned, or empty (``np.asarray([])`` is float64)
 
 
 def build_vocabularies(categorical: np.ndarray, min_count: int) -> tuple[Vocabulary, ...]:

@@ -13,7 +13,7 @@ import functools
 import math
 import os
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import IO, Any
 
 import hydra.utils
 import lightning.pytorch as pl
@@ -21,6 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities.model_helpers import _restricted_classmethod
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import Tensor, nn
 from torchmetrics import MaxMetric, MeanMetric, SumMetric
@@ -157,6 +158,43 @@ def _supports_sparse(optimizer: torch.optim.Optimizer) -> bool:
         if isinstance(optimizer, cls):
             return True
     return False
+
+
+#: Where the classes a checkpoint's hyper-parameters name may come from
+#: (``MultiTaskModule.load_from_checkpoint``): the project's models and optimizers, torch's.
+SAFE_TARGET_PREFIXES: tuple[str, ...] = ("mtl_clippy.", "torch.optim.", "torch.nn.")
+
+
+def _read_checkpoint(source: Any) -> dict[str, Any]:
+    """A checkpoint (a path or an open binary file) loaded with ``weights_only=True``; an open
+    file is rewound for the loader that reads it next."""
+    if hasattr(source, "read"):
+        position = source.tell()
+        try:
+            return torch.load(source, map_location="cpu", weights_only=True)
+        finally:
+            source.seek(position)
+    from mtl_clippy.resume import load_checkpoint
+
+    return load_checkpoint(source)
+
+
+def _targets(node: Any, where: str) -> list[tuple[str, Any]]:
+    """Every ``_target_`` in a nested config, with where it is (``hyper_parameters.backbone``)."""
+    found: list[tuple[str, Any]] = []
+    if isinstance(node, Mapping):
+        if "_target_" in node:
+            found.append((where, node["_target_"]))
+        for key, value in node.items():
+            found += _targets(value, f"{where}.{key}")
+    elif isinstance(node, list | tuple):
+        for i, value in enumerate(node):
+            found += _targets(value, f"{where}[{i}]")
+    return found
+
+
+def _name(source: Any) -> str:
+    return os.fspath(source) if isinstance(source, str | os.PathLike) else repr(source)
 
 
 # --------------------------------------------------------------------------------------------
@@ -441,6 +479,60 @@ class MultiTaskModule(pl.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._resumed_val_auc_best = checkpoint.get("val_auc_mean_best")
+
+    @_restricted_classmethod
+    def load_from_checkpoint(
+        cls,
+        checkpoint_path: str | os.PathLike[str] | IO[bytes],
+        map_location: Any = None,
+        hparams_file: str | os.PathLike[str] | None = None,
+        strict: bool | None = None,
+        weights_only: bool | None = None,
+        *,
+        trusted_targets: Sequence[str] = (),
+        **kwargs: Any,
+    ) -> MultiTaskModule:
+        """Lightning's ``load_from_checkpoint``, safe for a checkpoint from anywhere.
+
+        The file is read with ``torch.load(weights_only=True)`` whatever ``weights_only`` and
+        the environment say (Lightning leaves it to torch's default, which
+        ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1`` turns off); a file that needs more raises
+        :class:`~mtl_clippy.resume.UnsafeCheckpoint` naming it. Its hyper-parameters name the
+        classes the model is built from (``_target_``), which would be imported and called:
+        each must lie in ``mtl_clippy``, ``torch.optim`` or ``torch.nn``, or start with one of
+        ``trusted_targets`` (your own backbone's module, say), else ``UnsafeCheckpoint`` too.
+        """
+        import pickle
+
+        from mtl_clippy import resume
+
+        del weights_only  # always True
+        try:
+            checkpoint = _read_checkpoint(checkpoint_path)
+        except pickle.UnpicklingError as exc:
+            if resume.refused_for_safety(checkpoint_path, exc):
+                raise resume.UnsafeCheckpoint(
+                    resume.unsafe_checkpoint_message(_name(checkpoint_path), exc)
+                ) from None
+            raise
+        allowed = (*SAFE_TARGET_PREFIXES, *trusted_targets)
+        hparams = checkpoint.get(cls.CHECKPOINT_HYPER_PARAMS_KEY) or {}
+        for where, target in _targets(hparams, "hyper_parameters"):
+            if not isinstance(target, str) or not target.startswith(allowed):
+                raise resume.UnsafeCheckpoint(
+                    f"checkpoint {_name(checkpoint_path)} is refused: {where}._target_ is "
+                    f"{target!r}, which building the model would import and call; only "
+                    f"classes of {', '.join(p.rstrip('.') for p in allowed)} are built from a "
+                    "checkpoint: pass trusted_targets=[<its module>] if you trust the file"
+                )
+        return super().load_from_checkpoint(  # type: ignore[misc]
+            checkpoint_path,
+            map_location=map_location,
+            hparams_file=hparams_file,
+            strict=strict,
+            weights_only=True,
+            **kwargs,
+        )
 
     # -- optimization --------------------------------------------------------------------------
 
