@@ -15,7 +15,8 @@ table. This benchmark measures, each case in a fresh subprocess (peak resident s
 3. **Encoding speed at scale**: building the vocabularies and encoding ``--scale-rows`` rows
    (default 12,000,000, the NL split's size) of ids resembling the real data's (label-encoded,
    Zipf-like, 3 to 3,000,000 values per field), and the same ids scattered over
-   ``[0, 2**24)`` (a sparse field: a hash table now, a 64 MiB lookup table before).
+   ``[0, 2**24)`` (a sparse field: a sorted search of its ids now, a 64 MiB lookup table
+   before).
 
 ``--compare ROOT`` runs every case also with another checkout (for example a worktree of
 the commit before the fix: ``git worktree add /tmp/before c4e28d3``), its ``src`` and its

@@ -433,15 +433,22 @@ def test_after_a_kill_and_a_resume_only_the_newest_step_checkpoint_remains(tmp_p
     assert torch.load(folder / "step-0000040.ckpt", weights_only=True)["global_step"] == 40
 
 
+def _step_file(path: Path, run_id: str, mtime: float | None = None) -> Path:
+    """A checkpoint as StepCheckpoint saves it (its own state names the run and the file)."""
+    state = {"run_id": run_id, "best_model_path": str(path), "dirpath": str(path.parent)}
+    torch.save({"global_step": 1, "callbacks": {"StepCheckpoint": state}}, path)
+    if mtime is not None:
+        os.utime(path, (mtime, mtime))
+    return path
+
+
 @pytest.mark.parametrize("resumed_from", ["step-0000020.ckpt", "last.ckpt", None])
 def test_at_fit_start_only_the_newest_step_checkpoint_is_kept(tmp_path, resumed_from):
-    from mtl_clippy.callbacks import StepCheckpoint
-
     cb = StepCheckpoint(dirpath=str(tmp_path), every_n_train_steps=10)
     for i, step in enumerate([10, 20, 30]):
-        path = tmp_path / f"step-{step:07d}.ckpt"
-        path.write_bytes(b"x")
-        os.utime(path, (1000 + i, 1000 + i))
+        _step_file(tmp_path / f"step-{step:07d}.ckpt", cb.run_id, 1000 + i)
+    other_run = _step_file(tmp_path / "step-0000040.ckpt", "another run", 2000)
+    (tmp_path / "step-0000050.ckpt").write_bytes(b"x")  # unreadable: whose is it?
     (tmp_path / "last.ckpt").write_bytes(b"x")
     removed = []
     trainer = SimpleNamespace(
@@ -450,5 +457,75 @@ def test_at_fit_start_only_the_newest_step_checkpoint_is_kept(tmp_path, resumed_
     )
     cb.on_fit_start(trainer, None)
     kept = "step-0000020.ckpt" if resumed_from == "step-0000020.ckpt" else "step-0000030.ckpt"
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["last.ckpt", kept])
+    expected = ["last.ckpt", kept, other_run.name, "step-0000050.ckpt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(expected)
     assert len(removed) == 2
+
+
+def _fit(dirpath: Path, every: int, steps: int, *, ckpt_path=None, **step_kwargs) -> list[str]:
+    """A short fit (10 batches an epoch) with a StepCheckpoint and a best/last ModelCheckpoint
+    in ``dirpath``; the names in ``dirpath`` after it."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.demos.boring_classes import BoringModel
+
+    torch.set_num_threads(1)
+    callbacks = [
+        StepCheckpoint(dirpath=str(dirpath), every_n_train_steps=every, **step_kwargs),
+        ModelCheckpoint(dirpath=str(dirpath), filename="best", save_last=True),
+    ]
+    trainer = pl.Trainer(
+        max_steps=steps, limit_train_batches=10, limit_val_batches=0, logger=False,
+        enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks,
+        default_root_dir=str(dirpath.parent), plugins=[AtomicCheckpointIO()],
+    )  # fmt: skip
+    trainer.fit(BoringModel(), ckpt_path=ckpt_path)
+    return sorted(p.name for p in dirpath.iterdir())
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_a_step_name_of_fields_only_never_removes_best_or_last(tmp_path):
+    """``callbacks.step_checkpoint.filename='{step}'``: its files (``24.ckpt``) and the other
+    callback's (``best.ckpt``, ``last.ckpt``) share no text; only its own are pruned."""
+    names = _fit(tmp_path / "checkpoints", every=3, steps=25, filename="{step}")
+    assert names == ["24.ckpt", "best.ckpt", "last.ckpt"]
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_a_shared_step_folder_keeps_each_runs_newest_checkpoint(tmp_path, caplog):
+    """Two runs (sweep jobs) with one ``dirpath``: neither deletes the other's step
+    checkpoint; a resume from its own continues to prune its own."""
+    shared = tmp_path / "ckpts"
+    assert "step-0000004.ckpt" in _fit(shared, every=4, steps=5)  # run B, then killed
+    names = _fit(shared, every=3, steps=4)  # run A
+    assert {"step-0000003.ckpt", "step-0000004.ckpt"} <= set(names)
+    assert "not saved by this run" in caplog.text
+    names = _fit(shared, every=4, steps=9, ckpt_path=shared / "step-0000004.ckpt")  # B resumed
+    assert [n for n in names if n.startswith("step")] == ["step-0000003.ckpt", "step-0000008.ckpt"]
+
+
+_TEMPLATES = ["step-{step:07d}", "{step}", "{epoch}-{step}", "run_{step:05d}.x",
+              "{epoch:02d}{step}", "{val/auc:.3f}-{step}"]  # fmt: skip
+
+
+@given(
+    template=st.sampled_from(_TEMPLATES),
+    auto_insert=st.booleans(),
+    step=st.integers(0, 10**8),
+    epoch=st.integers(0, 999),
+    version=st.one_of(st.none(), st.integers(1, 20)),
+    auc=st.floats(0, 1),
+)
+def test_the_name_pattern_matches_exactly_the_names_lightning_makes(
+    template, auto_insert, step, epoch, version, auc
+):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    cb = ModelCheckpoint(dirpath=None, filename=template, auto_insert_metric_name=auto_insert)
+    metrics = {"step": torch.tensor(step), "epoch": torch.tensor(epoch),
+               "val/auc": torch.tensor(auc)}  # fmt: skip
+    name = cb.format_checkpoint_name(metrics, ver=version)
+    pattern = name_pattern(template, auto_insert)
+    match = pattern.match(name)
+    assert match is not None and int(match["step"]) == step, (name, pattern.pattern)
+    for other in ("best.ckpt", "last.ckpt", "last-v1.ckpt", "best-v2.ckpt", f".{name}.tmp1@h"):
+        assert pattern.match(other) is None

@@ -82,14 +82,95 @@ def test_dense_fields_keep_the_lookup_table():
     assert Vocabulary.from_column(_rows(LIMIT - 41)[:, 0])._lut is None
 
 
-def test_colliding_ids_probe_to_the_right_slot():
-    """Ids that share the hash's high bits (multiples of 2**56) make long probe chains."""
-    ids = np.arange(100, dtype=np.int64) << 56
+def _fibonacci_colliders(n: int) -> np.ndarray:
+    """``n`` ids whose Fibonacci hash (``id * 0x9E3779B97F4A7C15 mod 2**64``, the common
+    multiplicative hash) is 0: they share one slot of such a hash table at any size, so a
+    table with that public multiplier probes quadratically (review of issue 12: 4,000 such
+    ids took 0.75 s to build and encode, random ids 2 ms)."""
+    inverse = pow(0x9E3779B97F4A7C15, -1, 1 << 64)
+    candidates = ((inverse * r) % (1 << 64) for r in range(4 * n))
+    return np.sort(np.array([i for i in candidates if i < 1 << 63][:n], dtype=np.int64))
+
+
+HOSTILE = {
+    "Fibonacci-hash colliders": _fibonacci_colliders(4000),
+    "multiples of 2^56": np.arange(100, dtype=np.int64) << 56,
+    "one id per power of two": np.int64(1) << np.arange(63, dtype=np.int64),
+}
+
+
+@pytest.mark.parametrize("ids", HOSTILE.values(), ids=HOSTILE.keys())
+def test_hostile_ids_encode_to_their_ranks(ids):
+    """Ids crafted against hash tables (one shared slot, shared high bits) take the sorted
+    search, which has no such input and holds no table: each id encodes to its rank, its
+    neighbours, negative and unsigned ids above 2**63 to the OOV slot. (No timing is
+    asserted; ``benchmarks/bench_memory_ids.py`` measures the speed.)"""
+    vocabulary = Vocabulary.from_column(np.repeat(ids, 3))
+    n = len(ids)
+    assert vocabulary.oov == n
+    np.testing.assert_array_equal(vocabulary.encode(ids[::-1]), np.arange(n)[::-1])
+    assert vocabulary._lut is None and vocabulary.table_bytes == 0  # nothing held but the ids
+    neighbours = np.setdiff1d(np.concatenate([ids - 1, ids + 1]), ids)
+    neighbours = neighbours[neighbours >= 0]  # ids + 1 at 2**63 - 1 wraps negative
+    assert (vocabulary.encode(neighbours) == n).all()
+    assert vocabulary.encode(np.array([-1, -(1 << 63)])).tolist() == [n, n]
+    assert vocabulary.encode(np.array([(1 << 64) - 1, 1 << 63], dtype=np.uint64)).tolist() == [
+        n,
+        n,
+    ]
+
+
+@pytest.mark.parametrize(
+    "ids",
+    [np.arange(8, dtype=np.int64) * 3, _fibonacci_colliders(8)],
+    ids=["lookup table", "sorted search"],
+)
+def test_encode_keeps_the_shape_of_its_input(ids):
+    """``encode`` maps an array of any shape (here [2, 4], [2, 2, 2], [8, 1], empty) to
+    indices of that shape, on both mappings; before the fix the hash path raised IndexError
+    on a 2-D array. Float ids are refused (``2.5`` is no id), as before."""
     vocabulary = Vocabulary(ids)
-    assert vocabulary._lut is None
-    query = np.concatenate([ids[::-1], ids + 1, [-1, 0, 1, (1 << 63) - 1]])
-    expected = [*range(99, -1, -1), *([100] * 100), 100, 0, 100, 100]
-    assert vocabulary.encode(query).tolist() == expected
+    for shape in [(2, 4), (2, 2, 2), (8, 1)]:
+        codes = vocabulary.encode(ids.reshape(shape))
+        assert codes.dtype == np.int32
+        np.testing.assert_array_equal(codes, np.arange(8).reshape(shape))
+    strided = np.stack([ids, ids + 1], axis=1)  # a column of a row-major array: a view
+    np.testing.assert_array_equal(vocabulary.encode(strided[:, 0]), np.arange(8))
+    assert vocabulary.encode(np.empty((0, 3), dtype=np.int64)).shape == (0, 3)
+    assert vocabulary.encode([]).shape == (0,)
+    with pytest.raises(TypeError, match="ids must be integers, got an array of float64"):
+        vocabulary.encode(ids.astype(np.float64))
+    with pytest.raises(TypeError, match="ids must be integers"):
+        Vocabulary.from_column(np.array([1.0, 2.5]))
+
+
+def _counting_peak(column: np.ndarray) -> int:
+    tracemalloc.start()
+    try:
+        Vocabulary.from_column(column, 1)
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_counting_memory_follows_id_values():
+    """1,000,000 rows of the same 200,000 distinct ids, spread over ranges from dense
+    (0..200,000) to 2**40: counting (and the table it builds) allocates at most ~32 bytes
+    per row at any spread. Before the fix a largest id below 2**24 (or, later, below 8 times
+    the rows) was counted by ``np.bincount``: one int64 per id value, 64 MiB here for ids
+    up to 8,000,000 but 14 MiB for ids up to 9,000,000 (a sort)."""
+    rng = np.random.default_rng(0)
+    rows, n = 1_000_000, 200_000
+    pick = rng.integers(0, n, rows)
+    peaks = {}
+    for spread in (1, 10, 40, 45, 1 << 20):
+        ids = np.sort(rng.choice(spread * n, n, replace=False)) if spread < 1000 else None
+        if ids is None:
+            ids = np.unique(rng.integers(0, spread * n, 2 * n))[:n]
+        peaks[spread] = _counting_peak(ids[pick])
+    for spread, peak in peaks.items():
+        assert peak < 32 * rows, f"spread {spread}: {peak / MiB:.0f} MiB for {rows:,} rows"
+    assert peaks[40] < 2 * peaks[45], f"{peaks[40] / MiB:.0f} vs {peaks[45] / MiB:.0f} MiB"
 
 
 # ----------------------------------------------------------------------------- the mapping
@@ -120,7 +201,7 @@ def _reference(train: list[int], min_count: int, query: list[int]) -> list[int]:
 )
 def test_encode_equals_a_dict_reference(train, unseen, min_count):
     """Random ids (small, huge, mixed, at the limits), min_count and unseen (even negative)
-    query ids: both mappings (lookup table where dense, hash table) equal a dict."""
+    query ids: both mappings (lookup table where dense, sorted search) equal a dict."""
     column = np.array(train, dtype=np.int64)
     query = [*train, *unseen]
     expected = _reference(train, min_count, query)
@@ -128,10 +209,10 @@ def test_encode_equals_a_dict_reference(train, unseen, min_count):
     assert vocabulary.size == len(set(i for i in train if train.count(i) >= min_count)) + 1
     codes = vocabulary.encode(np.array(query, dtype=np.int64))
     assert codes.dtype == np.int32 and codes.tolist() == expected
-    # The same vocabulary forced onto the hash table (no lookup table at any density):
+    # The same vocabulary forced onto the sorted search (no lookup table at any density):
     with (
-        mock.patch.object(vocab_module, "_LUT_SLOTS_PER_ID", 0),
-        mock.patch.object(vocab_module, "_SMALL_TABLE", 0),
+        mock.patch.object(vocab_module, "_LUT_SLOTS_PER_ID", -1),
+        mock.patch.object(vocab_module, "_SMALL_IDS", 0),
     ):
         hashed = Vocabulary.from_column(column, min_count)
     assert hashed._lut is None
@@ -144,8 +225,8 @@ def test_encode_equals_a_dict_reference(train, unseen, min_count):
     seed=st.integers(0, 2**32 - 1),
 )
 def test_many_ids_at_any_density(n_ids, spread, seed):
-    """Thousands of ids spread from dense to sparse (both mappings, hash tables with many
-    collisions): each id encodes to its rank, and ids in between to the OOV slot."""
+    """Thousands of ids spread from dense to sparse (both mappings): each id encodes to its
+    rank, and ids in between to the OOV slot."""
     rng = np.random.default_rng(seed)
     ids = np.unique(rng.integers(0, n_ids * spread, size=n_ids, dtype=np.int64))
     vocabulary = Vocabulary(ids)

@@ -368,6 +368,14 @@ RULES: dict[str, Rule] = {
     "callbacks.model_checkpoint.save_top_k": whole(-1),
     "callbacks.model_checkpoint.save_last": flag(also="link", null=True),
     "callbacks.model_checkpoint.auto_insert_metric_name": flag(),
+    "callbacks.last_checkpoint.dirpath": text(),
+    "callbacks.last_checkpoint.filename": text(),
+    "callbacks.last_checkpoint.monitor": Rule(
+        "null (it keeps the newest epoch; best.ckpt follows a metric)", lambda v: v is None
+    ),
+    "callbacks.last_checkpoint.save_top_k": one_of(1),
+    "callbacks.last_checkpoint.enable_version_counter": flag(),
+    "callbacks.last_checkpoint.auto_insert_metric_name": flag(),
     "callbacks.step_checkpoint.dirpath": text(),
     "callbacks.step_checkpoint.every_n_train_steps": whole(1),
     "callbacks.early_stopping.monitor": checked_by(_WATCHED, _METRIC),
