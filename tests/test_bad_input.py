@@ -91,6 +91,17 @@ DATA_CASES: list[tuple[str, Callable[[list[str]], str | bytes | list[str]] | Non
      r", line 1: the first column has no name: a pandas index column, as DataFrame\.to_csv\(\) "
      r"writes it without index=False \(write the file with df\.to_csv\(path, index=False\), or "
      r"delete its first column\)"),
+    ("only commas between rows", lambda L: [*L[:30], "," * 81 + "\n", *L[30:]],
+     r", line 31: the line has no values \(only commas\) \(rows must follow each other; only the "
+     r"end of the file may have empty lines or lines of only commas: delete this one\)"),
+    ("CR CR LF line ends", lambda L: "".join(x.replace("\n", "\r\r\n") for x in L),
+     r", line 1: line ends are \\r\\r\\n \(a file written by Python's csv module without "
+     r"newline=''\) \(write it with newline='' or convert it\)"),
+    ("CR line ends", lambda L: "".join(x.replace("\n", "\r") for x in L),
+     r", line 1: line ends are \\r only \(old Mac format\) \(save with \\n or \\r\\n line ends\)"),
+    ("first column without its name", lambda L: [L[0].replace("search_id", "", 1), *L[1:]],
+     r", line 1: the first column has no name, expected search_id \(name it search_id in the "
+     r"header: its cells are the search ids\)"),
     ("label 2", lambda L: _set(L, 12, "click", "2"),
      r", line 12, column 'click': label 2 is not 0 or 1"),
     ("label text", lambda L: _set(L, 12, "conversion", "yes"),

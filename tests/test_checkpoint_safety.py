@@ -14,6 +14,7 @@ import builtins
 import os
 import pickle
 import tempfile
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -108,6 +109,102 @@ def test_a_planted_checkpoint_stops_the_search_for_the_newest(tmp_path, caplog):
     assert not (tmp_path / "MARKER").exists()
 
 
+def _zip_with_pickle(path: Path, data_pkl: bytes) -> Path:
+    """A file in torch's zip layout whose ``data.pkl`` is ``data_pkl``."""
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED) as z:
+        z.writestr("archive/data.pkl", data_pkl)
+        z.writestr("archive/byteorder", "little")
+        z.writestr("archive/version", "3\n")
+    return path
+
+
+def test_a_payload_of_inst_opcodes_in_a_zip_is_refused_not_skipped(tmp_path):
+    """``INST`` imports and calls in one opcode (no ``GLOBAL``); torch's safe loader meets an
+    opcode it does not run. The ``data.pkl`` inside the zip is a complete pickle: refused,
+    not "damaged" (which would skip it in silence and resume from an older file)."""
+    marker = tmp_path / "MARKER"
+    evil = _zip_with_pickle(tmp_path / "evil.ckpt", f"(S'touch {marker}'\nios\nsystem\n.".encode())
+    for load in (load_checkpoint, checkpoint_step):
+        with pytest.raises(UnsafeCheckpoint, match=r"evil\.ckpt is refused"):
+            load(evil)
+    assert not marker.exists()
+
+
+def test_a_checkpoint_cut_short_is_damaged_not_refused(tmp_path):
+    """A real checkpoint cut in half (a partial copy), in the zip and the old format, or a
+    zip whose data.pkl is cut: skipped with a warning, the resume takes an older one."""
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    torch.save({"global_step": 5, "epoch": 0}, folder / "last.ckpt")
+    content = {"global_step": 9, "epoch": 0, "state_dict": {"w": torch.randn(64, 64)}}
+    for name, zipped in (("step-0000009.ckpt", False), ("step-0000008.ckpt", True)):
+        torch.save(content, folder / name, _use_new_zipfile_serialization=zipped)
+        data = (folder / name).read_bytes()
+        (folder / name).write_bytes(data[: len(data) // 2])
+    pickled = pickle.dumps({"global_step": 7}, protocol=2)
+    _zip_with_pickle(folder / "step-0000007.ckpt", pickled[: len(pickled) // 2])
+    assert find_checkpoint(tmp_path) == (folder / "last.ckpt", 5)
+
+
+def test_a_fifo_named_like_a_checkpoint_is_skipped_not_waited_on(tmp_path):
+    """Opening a FIFO for reading blocks until someone writes: resume would hang."""
+    import threading
+
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    torch.save({"global_step": 3, "epoch": 0}, folder / "step-0000003.ckpt")
+    os.mkfifo(folder / "step-0000009.ckpt")
+    (folder / "last.ckpt").symlink_to(folder / "step-0000009.ckpt")  # a link to it, too
+    found = []
+    search = threading.Thread(target=lambda: found.append(find_checkpoint(tmp_path)), daemon=True)
+    search.start()
+    search.join(20)
+    if search.is_alive():  # blocked in open(): let it go, then fail
+        os.close(os.open(folder / "step-0000009.ckpt", os.O_WRONLY | os.O_NONBLOCK))
+        pytest.fail("find_checkpoint waited on a FIFO")
+    assert found == [(folder / "step-0000003.ckpt", 3)]
+    with pytest.raises(OSError, match="not a regular file"):
+        load_checkpoint(folder / "step-0000009.ckpt")
+
+
+def test_a_planted_best_checkpoint_stops_a_resume_before_training(tmp_path):
+    """best.ckpt is never resumed from, but the test loads it after training: it is refused
+    when the resume looks for its checkpoint, before anything trains."""
+    from omegaconf import OmegaConf
+
+    from mtl_clippy.train import _resume_point
+
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    torch.save({"global_step": 5, "epoch": 0}, folder / "last.ckpt")
+    _craft(folder / "best.ckpt", tmp_path / "MARKER")
+    with pytest.raises(UnsafeCheckpoint, match=r"best\.ckpt is refused"):
+        find_checkpoint(tmp_path)
+    with pytest.raises(UnsafeCheckpoint, match=r"best\.ckpt is refused"):
+        _resume_point(OmegaConf.create({"resume": str(tmp_path), "ckpt_path": None}), tmp_path)
+    assert not (tmp_path / "MARKER").exists()
+
+
+def test_load_from_checkpoint_stays_safe_when_the_environment_turns_it_off(tmp_path, monkeypatch):
+    """``MultiTaskModule.load_from_checkpoint`` (docs/models.md): weights_only=True whatever
+    is asked, and no class named by the hyper-parameters outside the project and torch."""
+    from mtl_clippy.models import MultiTaskModule
+
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    marker = tmp_path / "MARKER"
+    evil = _craft(tmp_path / "evil.ckpt", marker)
+    for weights_only in (None, False):
+        with pytest.raises(UnsafeCheckpoint, match=r"evil\.ckpt is refused"):
+            MultiTaskModule.load_from_checkpoint(evil, weights_only=weights_only)
+    # plain values only, but they name a function to call when the model is built
+    run = {"_target_": "os.system", "_args_": [f"touch {marker}"]}
+    hparams = {"backbone": {"_target_": "mtl_clippy.models.SharedBottom", "embed_dim": run}}
+    torch.save({"state_dict": {}, "hyper_parameters": hparams}, tmp_path / "targets.ckpt")
+    with pytest.raises(UnsafeCheckpoint, match=r"backbone\.embed_dim\._target_ is 'os\.system'"):
+        MultiTaskModule.load_from_checkpoint(tmp_path / "targets.ckpt")
+    assert not marker.exists()
+
+
 # ----------------------------------------------------------------------------- end to end
 
 FAST = ["logger=none", "threads=1", "callbacks.progress_bar.refresh_rate=0"]
@@ -153,7 +250,7 @@ def test_resume_refuses_a_checkpoint_planted_in_the_run_folder(tmp_path):
     assert not (tmp_path / "MARKER").exists()
 
 
-def test_the_projects_own_checkpoints_load_with_weights_only(tmp_path):
+def test_the_projects_own_checkpoints_load_with_weights_only(tmp_path, monkeypatch):
     """ClippyAdagrad with sparse embeddings, a plateau scheduler, every default callback
     (early stopping, best/last/step checkpoints, divergence monitor, telemetry, random
     states) and the module's hyper-parameters with the data's metadata."""
@@ -191,3 +288,10 @@ def test_the_projects_own_checkpoints_load_with_weights_only(tmp_path):
         assert {"optimizer_states", "lr_schedulers", "callbacks"} <= set(ckpt)
         assert "ResumeState" in ckpt["callbacks"] and "DivergenceMonitor" in ckpt["callbacks"]
         assert ckpt["hyper_parameters"]["metadata"]["vocab_sizes"]
+    # the documented way to rebuild a model without its data, safe even so
+    from mtl_clippy.models import MultiTaskModule
+
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    model = MultiTaskModule.load_from_checkpoint(files[0])
+    saved = torch.load(files[0], map_location="cpu", weights_only=True)["state_dict"]
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in saved.items())

@@ -80,8 +80,9 @@ VARIANTS = st.fixed_dictionaries(
         "quote": st.sampled_from(["none", "all", "ids", "header"]),
         "numbers": st.sampled_from(["repr", "%.16e", "%.17E", "numpy"]),
         "float_labels": st.booleans(),
-        # blank lines after the last row (empty, spaces, tabs), or none and no final newline
-        "tail": st.lists(st.sampled_from(["", " ", "\t", "  \t "]), max_size=3),
+        # blank lines after the last row (empty, spaces, tabs, only commas: a spreadsheet's
+        # empty rows), or none and no final newline
+        "tail": st.lists(st.sampled_from(["", " ", "\t", "  \t ", "," * 81, ",, ,"]), max_size=3),
         "final_newline": st.booleans(),
         "block_size": st.sampled_from([1 << 25, 1 << 12, 1 << 10]),
     }
@@ -169,6 +170,10 @@ TAILS = {
     "whitespace-only lines": "  \n\t\n \t \n",
     "spaces without a final newline": "\n   ",
     "100 KiB of empty lines": "\n" * 100_000,
+    # Excel's formatted but empty rows below the data (review of issue 12: "empty cell")
+    "a line of only commas": "\n" + "," * 81 + "\n",
+    "three lines of only commas, CRLF": "\r\n" + ("," * 81 + "\r\n") * 3,
+    "commas and spaces, no final newline": "\n , ,,\n,,,",
 }
 
 
@@ -179,6 +184,30 @@ def test_trailing_empty_lines_are_not_rows(tmp_path, plain, tail, block_size):
     after the last row)."""
     end = "\r\n" if "\r" in tail else "\n"
     path = _write(tmp_path / "train.csv", sample_lines(), end=end, tail=tail)
+    _assert_same(read_split(path, cache=False, block_size=block_size), plain)
+
+
+#: What may follow the last row's last cell (no line end before it) with a lone ``\r`` as
+#: the line end: pyarrow ends a line at a lone ``\r``, so what follows is a blank tail.
+CR_TAILS = {
+    "a lone CR": "\r",
+    "a lone CR, then spaces": "\r  ",
+    "a lone CR, then a tab and a newline": "\r\t\n",
+    "CR, space, LF": "\r \n",
+    "CR CR LF": "\r\r\n",
+    "CR CR": "\r\r",
+    "spaces and CRs": " \r \r",
+}
+
+
+@pytest.mark.parametrize("tail", CR_TAILS.values(), ids=CR_TAILS.keys())
+@pytest.mark.parametrize("block_size", [1 << 25, 1 << 10])
+def test_a_lone_cr_then_blanks_ends_the_file(tmp_path, plain, tail, block_size):
+    """Before the fix ``\\r  `` after the last row was "expected 82 comma-separated cells,
+    got 1" without a line number, ``\\r\\r`` "empty cell" on line 102."""
+    lines = sample_lines()
+    path = tmp_path / "train.csv"
+    path.write_bytes(("\n".join(lines) + tail).encode())
     _assert_same(read_split(path, cache=False, block_size=block_size), plain)
 
 
@@ -239,6 +268,107 @@ def test_empty_line_deep_in_a_large_file_gets_its_line(tmp_path):
     assert info.value.line == 2501
 
 
+COMMAS = {
+    "81 commas (a spreadsheet's empty row)": "," * 81,
+    "commas and spaces": " ,  ,",
+    "one": ",",
+}
+
+
+@pytest.mark.parametrize("blank", COMMAS.values(), ids=COMMAS.keys())
+@pytest.mark.parametrize("line", [2, 57])
+@pytest.mark.parametrize("end", ["\n", "\r\n"], ids=["LF", "CRLF"])
+def test_line_of_only_commas_between_rows_is_named(tmp_path, blank, line, end):
+    """Before the fix: "column 'categorical_1': empty cell" (81 commas), or "expected 82
+    comma-separated cells, got 4" (fewer)."""
+    lines = sample_lines()
+    lines.insert(line - 1, blank)
+    path = _write(tmp_path / "train.csv", lines, end=end)
+    with pytest.raises(DataError) as info:
+        read_split(path, cache=False, block_size=1 << 12)
+    assert str(info.value) == (
+        f"{path}, line {line}: the line has no values (only commas) (rows must follow each "
+        "other; only the end of the file may have empty lines or lines of only commas: "
+        "delete this one)"
+    )
+
+
+# ----------------------------------------------------------------------------- line ends
+
+LINE_END_ERRORS = {
+    # Python's csv.writer on Windows into a file opened without newline=''
+    "CR CR LF": (
+        "\r\r\n",
+        "line ends are \\r\\r\\n (a file written by Python's csv module "
+        "without newline='') (write it with newline='' or convert it)",
+    ),
+    # Excel for Mac's "CSV (Macintosh)"
+    "lone CR": (
+        "\r",
+        "line ends are \\r only (old Mac format) (save with \\n or \\r\\n line ends)",
+    ),
+}
+
+
+@pytest.mark.parametrize(("end", "message"), LINE_END_ERRORS.values(), ids=LINE_END_ERRORS.keys())
+@pytest.mark.parametrize("final", [True, False], ids=["final line end", "none"])
+def test_odd_line_ends_are_named_at_line_1(tmp_path, end, message, final):
+    """Before the fix: "line 3, column 'categorical_1': empty cell" for CR CR LF (line 3
+    holds all 82 cells), and a 361-character header complaint for lone CRs."""
+    lines = sample_lines()
+    path = tmp_path / "train.csv"
+    path.write_bytes((end.join(lines) + (end if final else "")).encode())
+    with pytest.raises(DataError) as info:
+        read_split(path, cache=False)
+    assert str(info.value) == f"{path}, line 1: {message}"
+
+
+@pytest.mark.parametrize(
+    ("end", "what"),
+    [
+        ("\r\r\n", "\\r\\r\\n (as written by Python's csv module without newline='')"),
+        ("\r", "\\r only (old Mac format)"),
+    ],
+    ids=["CR CR LF", "lone CR"],
+)
+@pytest.mark.parametrize("line", [2, 40, 100])
+@pytest.mark.parametrize("block_size", [1 << 25, 1 << 10])
+def test_an_odd_line_end_between_rows_is_named_with_its_line(tmp_path, end, what, line, block_size):
+    """One such line end in a file of ``\\n`` (rows pasted from another file): its line, not
+    an "empty cell" or a row count that does not match."""
+    lines = sample_lines()
+    text = "".join(row + (end if k == line else "\n") for k, row in enumerate(lines, 1))
+    path = tmp_path / "train.csv"
+    path.write_bytes(text.encode())
+    with pytest.raises(DataError) as info:
+        read_split(path, cache=False, block_size=block_size)
+    assert info.value.line == line
+    assert info.value.problem == f"the line ends with {what}"
+
+
+BAD_WITH_CR = {
+    "bad cell after a lone CR": lambda L: L[:50] + [L[50].replace(",", ",x", 1)] + L[51:],
+    "short row after a lone CR": lambda L: L[:50] + [L[50].rsplit(",", 3)[0]] + L[51:],
+    "empty line after a lone CR": lambda L: L[:50] + [""] + L[50:],
+    # row 20, a lone CR, spaces, LF: before the fix "expected 82 cells, got 1" and no line
+    "spaces between the lone CR and the next LF": lambda L: L[:20] + ["  "] + L[20:],
+}
+
+
+@pytest.mark.parametrize("edit", BAD_WITH_CR.values(), ids=BAD_WITH_CR.keys())
+@pytest.mark.parametrize("block_size", [1 << 25, 1 << 10])
+def test_every_error_near_a_lone_cr_has_a_line(tmp_path, edit, block_size):
+    """pyarrow counts a lone CR as a line end, the reader's line search does not: whatever
+    else is wrong, the error names a line (before the fix some had none)."""
+    lines = edit(sample_lines())
+    path = tmp_path / "train.csv"
+    path.write_bytes(("\n".join(lines[:20]) + "\r" + "\n".join(lines[20:]) + "\n").encode())
+    with pytest.raises(DataError) as info:
+        read_split(path, cache=False, block_size=block_size)
+    assert info.value.line is not None, str(info.value)
+    assert "\n" not in str(info.value)
+
+
 # ----------------------------------------------------------------------------- pandas index
 
 
@@ -263,6 +393,68 @@ def test_pandas_index_column_says_how_to_fix_it(tmp_path, plain):
         read_split(tmp_path / "named.csv", cache=False)
     frame.to_csv(tmp_path / "fixed.csv", index=False)
     _assert_same(read_split(tmp_path / "fixed.csv", cache=False), plain)
+
+
+def _header_case(tmp_path, header: list[str], rows: list[str]) -> DataError:
+    path = tmp_path / "train.csv"
+    path.write_text("\n".join([",".join(header), *rows]) + "\n")
+    with pytest.raises(DataError) as info:
+        read_split(path, cache=False)
+    assert info.value.line == 1 and "\n" not in str(info.value)
+    return info.value
+
+
+def test_a_first_column_without_its_name_is_not_called_an_index(tmp_path):
+    """``,categorical_1,...,conversion``: the 82 columns, the search ids' name missing.
+    Before the fix the message said "a pandas index column ... or delete its first column",
+    which would delete the search ids."""
+    err = _header_case(tmp_path, ["", *COLUMNS[1:]], sample_lines()[1:])
+    assert err.problem == "the first column has no name, expected search_id"
+    assert err.hint == "name it search_id in the header: its cells are the search ids"
+    err = _header_case(tmp_path, ["Unnamed: 0", *COLUMNS[1:]], sample_lines()[1:])
+    assert err.problem == "the first column is 'Unnamed: 0', expected search_id"
+
+
+def test_index_names_only_in_the_header(tmp_path):
+    """A header shifted by a name its rows do not have (82 cells): delete the name, not a
+    column of the rows."""
+    err = _header_case(tmp_path, ["Unnamed: 0", *COLUMNS], sample_lines()[1:])
+    assert str(err).endswith(
+        "line 1: the header has an extra name before search_id ('Unnamed: 0'), which the "
+        "rows lack: they have 82 cells (delete it from the header)"
+    )
+
+
+def test_two_index_columns(tmp_path):
+    """``df.set_index([a, b]).to_csv()`` writes two unnamed index columns."""
+    rows = [f"{k},{k},{row}" for k, row in enumerate(sample_lines()[1:])]
+    err = _header_case(tmp_path, ["", "", *COLUMNS], rows)
+    assert err.problem == (
+        "the first 2 columns come before search_id: pandas index columns, as "
+        "DataFrame.to_csv() writes them without index=False"
+    )
+    assert (
+        err.hint
+        == "write the file with df.to_csv(path, index=False), or delete its first 2 columns"
+    )
+
+
+def test_an_unnamed_last_column(tmp_path):
+    """A comma at the end of every line: an 83rd, unnamed column. Named in the header;
+    where only the rows have it, the width error says what the extra cell is."""
+    rows = [row + "," for row in sample_lines()[1:]]
+    err = _header_case(tmp_path, [*COLUMNS, ""], rows)
+    assert str(err).endswith(
+        "line 1: the header has an unnamed column after conversion (remove that column: a "
+        "comma at the end of every line, or one a tool added)"
+    )
+    path = _write(tmp_path / "rows.csv", [",".join(COLUMNS), *rows])
+    with pytest.raises(DataError) as info:
+        read_split(path, cache=False)
+    assert str(info.value) == (
+        f"{path}, line 2: expected 82 comma-separated cells, got 83 (the line ends with a "
+        "comma, an empty column after conversion: remove it)"
+    )
 
 
 # ----------------------------------------------------------------------------- pinned shapes

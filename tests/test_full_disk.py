@@ -10,6 +10,7 @@ checkpoints fit and a later one does not, whatever the size of a checkpoint.
 
 from __future__ import annotations
 
+import csv
 import errno
 import json
 import os
@@ -26,6 +27,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from app_helpers import ROOT, TINY, run_train
+from mtl_clippy.atomic import write_atomically
 from mtl_clippy.callbacks import AtomicCheckpointIO
 from mtl_clippy.data import DataError
 from mtl_clippy.errors import (
@@ -209,6 +211,83 @@ def test_a_plain_write_names_the_file_it_had_open(tmpfs):
     assert str(disk_full(caught.value)) == f"{MESSAGE}{target}"
 
 
+def test_only_the_zip_writers_lost_errno_counts_as_a_full_disk_by_free_space(tmpfs):
+    """With less than 1 MiB free, a write that fails for another reason (a permission, an I/O
+    error, a CUDA error while pickling) is not reported as a full disk; only an error
+    without an errno in the zip writer's words may be taken as one."""
+    folder = tmpfs("4m")
+    fill(folder, leave=512 * 1024)
+
+    class CudaFails:
+        def __reduce__(self):
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    def denied(tmp):
+        raise PermissionError(errno.EACCES, "Permission denied", str(tmp))
+
+    def io_error(tmp):
+        raise OSError(errno.EIO, "Input/output error")
+
+    with pytest.raises(RuntimeError, match="CUDA error") as caught:
+        AtomicCheckpointIO().save_checkpoint({"x": CudaFails()}, folder / "a.ckpt")
+    assert not isinstance(caught.value, DiskFull)
+    for write, kind in ((denied, PermissionError), (io_error, OSError)):
+        with pytest.raises(kind) as caught:
+            write_atomically(folder / "metrics.json", write)
+        assert not isinstance(caught.value, DiskFull), caught.value
+    lost = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 4096 vs 3")
+    assert str(disk_full(lost, folder=folder)).startswith(f"{MESSAGE}into {folder}")
+    assert disk_full(RuntimeError("shape mismatch"), folder=folder) is None
+    assert temporaries(folder) == []
+
+
+def test_pyarrows_errno_in_its_message_is_a_full_disk(tmp_path):
+    arrow = OSError("Error writing bytes to file. Detail: [errno 28] No space left on device")
+    assert arrow.errno is None
+    assert str(disk_full(arrow, path=tmp_path / "d")) == f"{MESSAGE}{tmp_path / 'd'}"
+
+
+def test_the_advice_to_resume_only_where_the_run_has_a_checkpoint(tmp_path):
+    """Resuming needs last.ckpt or a step checkpoint (best.ckpt is never resumed from): else
+    the advice is to run the command again."""
+    from mtl_clippy.errors import RUN_AGAIN_HINT, RUN_FOLDER_HINT, resume_hint
+
+    run = tmp_path / "run"
+    full = DiskFull(run / "checkpoints" / "step-0000003.ckpt", hint=RUN_FOLDER_HINT)
+    assert resume_hint(run) == RUN_AGAIN_HINT
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "best.ckpt").write_bytes(b"x")
+    (run / "checkpoints" / ".last.ckpt.tmp1@h").write_bytes(b"x")
+    os.mkfifo(run / "checkpoints" / "step-0000001.ckpt")
+    assert str(reported(full, run)).endswith(f"({RUN_AGAIN_HINT})")
+    assert "resume=true" not in disk_full_message(full, run)
+    (run / "checkpoints" / "last.ckpt").write_bytes(b"x")
+    assert reported(full, run) is full and str(full).endswith(f"({RUN_FOLDER_HINT})")
+    other = DiskFull(run / "data", hint="choose another folder")  # not a run folder's advice
+    assert reported(other, tmp_path / "elsewhere") is other
+
+
+def test_a_failed_rewrite_for_a_new_column_keeps_the_header_and_the_rows_in_step(tmpfs):
+    """The rewrite that adds a column fails; the save Lightning's finalize does next must not
+    append rows of the new columns under the old header (the columns would shift)."""
+    folder = tmpfs("1m")
+    writer = AtomicExperimentWriter(log_dir=str(folder / "log"))
+    writer.log_metrics({"train/loss": 0.7}, step=0)
+    writer.save()
+    fill(folder)
+    writer.log_metrics({"train/loss": 0.6, "val/auc": 0.55}, step=1)
+    for _ in range(2):  # the failed save, then finalize's
+        with pytest.raises(DiskFull):
+            writer.save()
+    rows = list(csv.reader((folder / "log" / "metrics.csv").read_text().splitlines()))
+    assert rows == [["step", "train/loss"], ["0", "0.7"]]
+    (folder / "ballast").unlink()
+    writer.save()  # room again: the kept rows, under the new header
+    rows = list(csv.DictReader((folder / "log" / "metrics.csv").read_text().splitlines()))
+    assert [r["val/auc"] for r in rows] == ["", "0.55"]
+    assert temporaries(folder) == []
+
+
 # ----------------------------------------------------------------------------- the writers
 
 
@@ -322,6 +401,45 @@ def test_a_tensorboard_event_file_is_named(tmpfs):
         writer.close()
 
 
+@pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning")
+def test_a_tensorboard_writer_that_cannot_start_names_its_file_and_leaves_none(tmpfs, capfd):
+    """The event file's first record does not fit: its writer thread fails, and its
+    traceback is not printed (the main thread reports it); no empty event file is left."""
+    folder = tmpfs("256k")
+    (folder / "tb").mkdir()
+    fill(folder)
+    logger = TensorBoardLogger(save_dir=str(folder), name="tb", version="")
+    with pytest.raises(DiskFull) as caught:
+        logger.experiment  # noqa: B018 (creating it writes the file)
+    assert str(caught.value).startswith(f"{MESSAGE}{folder / 'tb'}/events.out.tfevents.")
+    assert list((folder / "tb").iterdir()) == []
+    assert "Exception in thread" not in capfd.readouterr().err
+
+
+def test_only_a_full_disk_of_tensorboards_writer_threads_goes_unprinted(monkeypatch):
+    import threading
+    from types import SimpleNamespace
+
+    from tensorboard.summary.writer.event_file_writer import _AsyncWriterThread
+
+    from mtl_clippy import loggers
+
+    printed = []
+    monkeypatch.setattr(threading, "excepthook", printed.append)
+    loggers.quiet_full_disk_in_writer_threads()
+    writer = _AsyncWriterThread.__new__(_AsyncWriterThread)
+    for thread, exc in [
+        (writer, OSError(errno.ENOSPC, "No space left on device")),  # quiet
+        (writer, OSError(errno.EIO, "Input/output error")),
+        (threading.Thread(), OSError(errno.ENOSPC, "No space left on device")),
+        (writer, ValueError("bad")),
+    ]:
+        threading.excepthook(SimpleNamespace(exc_type=type(exc), exc_value=exc,
+                                             exc_traceback=None, thread=thread))  # fmt: skip
+    assert [type(a.exc_value) for a in printed] == [OSError, OSError, ValueError]
+    assert [getattr(a.exc_value, "errno", None) for a in printed] == [errno.EIO, errno.ENOSPC, None]
+
+
 # ----------------------------------------------------------------------------- end to end
 
 
@@ -406,3 +524,130 @@ def test_train_py_with_tensorboard_on_a_disk_that_fills_up(tmp_path, tmpfs, monk
     _check_one_line(result, str(run))
     assert temporaries(disk) == []
     assert torch.load(run / "checkpoints" / "step-0000003.ckpt", weights_only=True)
+
+
+def test_train_py_on_a_disk_full_from_the_start(tmp_path, tmpfs):
+    """Hydra itself writes first (.hydra/config.yaml): one line naming it, not Hydra's
+    tracebacks; the run folder it could not fill is not left behind."""
+    disk = tmpfs("8m", "outputs")
+    fill(disk)
+    result = run_train([*RUN, "logger=none", f"paths.log_dir={disk}"], cwd=tmp_path)
+    line = _check_one_line(result, str(disk / "runs"))
+    assert line.endswith("/.hydra/config.yaml (the run has no checkpoint to resume from yet: "
+                         "free some space, then run the same command again)"), line  # fmt: skip
+    assert [p.name for p in disk.rglob("*") if p.is_file()] == ["ballast"]
+
+
+@pytest.mark.slow  # a sweep of train.py (the same guard as the run above; main's is below)
+def test_a_sweep_on_a_full_disk_stops_at_its_first_job(tmp_path, tmpfs):
+    disk = tmpfs("8m", "outputs")
+    fill(disk)
+    result = run_train(["-m", "optim.lr=0.01,0.02", *RUN, "logger=none",
+                        f"paths.log_dir={disk}"], cwd=tmp_path)  # fmt: skip
+    _check_one_line(result, str(disk / "multirun"))
+    assert "optim.lr=0.02" not in result.stderr
+
+
+def test_a_full_disk_in_a_sweep_job_ends_the_sweep(tmp_path, monkeypatch, capsys):
+    """Every later job would fail on it too: one line, status 2 (a job that fails for another
+    reason is recorded and the sweep goes on)."""
+    from omegaconf import OmegaConf
+
+    from mtl_clippy import train as train_mod
+    from mtl_clippy.errors import RUN_FOLDER_HINT
+
+    def train(cfg):
+        raise DiskFull(tmp_path / "run" / "metrics.json", hint=RUN_FOLDER_HINT)
+
+    monkeypatch.setattr(train_mod, "_is_multirun", lambda: True)
+    monkeypatch.setattr(train_mod, "train", train)
+    cfg = OmegaConf.create({"paths": {"output_dir": str(tmp_path / "run")}})
+    with pytest.raises(SystemExit) as caught:
+        train_mod.main(cfg)
+    assert caught.value.code == 2
+    assert capsys.readouterr().err == (
+        f"error: {MESSAGE}{tmp_path / 'run' / 'metrics.json'} (the run has no checkpoint to "
+        "resume from yet: free some space, then run the same command again)\n"
+    )
+    monkeypatch.setattr(train_mod, "train", lambda cfg: (_ for _ in ()).throw(ValueError("x")))
+    assert train_mod.main(cfg) is None  # recorded; the sweep goes on
+
+
+def test_hydras_own_full_disk_is_one_line(tmp_path, capsys):
+    """What train.py wraps around hydra.main: Hydra's writer of .hydra/config.yaml fails in
+    its close (the error raised in C, without frames of its own)."""
+    import hydra._internal.utils as hydra_utils
+
+    from mtl_clippy.full_disk_cli import full_disk_exits
+
+    run = tmp_path / "runs" / "r"
+    (run / ".hydra").mkdir(parents=True)
+    (run / "train.log").touch()
+
+    def start():
+        with open(run / ".hydra" / "config.yaml", "w") as file:  # what Hydra's _save_config does
+            try:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            except OSError:
+                raise OSError(errno.ENOSPC, "No space left on device") from None
+        return file
+
+    with full_disk_exits(), pytest.raises(SystemExit) as caught:
+        hydra_utils.run_and_report(start)
+    assert caught.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {MESSAGE}{run / '.hydra' / 'config.yaml'} (the run has no ")
+    assert not run.exists()  # only the empty files of a start: gone
+    with full_disk_exits(), pytest.raises(SystemExit) as caught:  # other errors: Hydra's report
+        hydra_utils.run_and_report(lambda: (_ for _ in ()).throw(ValueError("other")))
+    assert caught.value.code == 1
+
+
+def test_only_an_empty_start_is_removed(tmp_path):
+    from mtl_clippy.full_disk_cli import remove_empty_start
+
+    run = tmp_path / "run"
+    (run / ".hydra").mkdir(parents=True)
+    (run / ".hydra" / "config.yaml").write_text("seed: 0\n")
+    (run / "train.log").touch()
+    (run / "checkpoints").mkdir()
+    (run / "checkpoints" / "last.ckpt").write_bytes(b"x")
+    assert not remove_empty_start(run)
+    (run / "checkpoints" / "last.ckpt").unlink()
+    (run / "train.log").write_text("a line of an earlier attempt\n")
+    assert not remove_empty_start(run)
+    (run / "train.log").write_text("")
+    assert remove_empty_start(run) and not run.exists()
+
+
+def test_a_full_disk_met_by_a_library_stays_the_first_failure_reported(tmp_path, monkeypatch):
+    """TensorBoard's writer thread meets the full disk first (a bare ``OSError``, its file
+    only in the frames of the write), then metrics.json does not fit either: the event file
+    is named first, metrics.json after it."""
+    from hydra import compose, initialize_config_dir
+
+    from mtl_clippy import train as train_mod
+
+    events = tmp_path / "run" / "tensorboard" / "events.out.tfevents.1.host.1.0"
+    events.parent.mkdir(parents=True)
+
+    def fit(*args, **kwargs):  # as the writer thread's error, raised again by the main thread
+        with open(events, "ab") as f:  # noqa: F841 (the open file is what names it)
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    def write_json(path, payload):
+        raise DiskFull(path, hint="free some space")
+
+    monkeypatch.setattr(pl.Trainer, "fit", fit)
+    monkeypatch.setattr(train_mod, "write_json_atomic", write_json)
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=[*TINY, "logger=none", "threads=1"])
+    cfg.paths.output_dir = str(tmp_path / "run")
+    cfg.paths.data_dir = str(tmp_path / "data")
+    with pytest.raises(DiskFull) as caught:
+        train_mod.train(cfg)
+    assert reported(caught.value).path == str(events)
+    assert disk_full_message(caught.value, tmp_path / "run") == (
+        f"{MESSAGE}{events}; then also {tmp_path / 'run' / 'metrics.json'} (the run has no "
+        "checkpoint to resume from yet: free some space, then run the same command again)"
+    )

@@ -39,6 +39,14 @@ from mtl_clippy.models.layers import NORMS
 #: 0 .. 2**32 - 1 and picks a random seed, with a warning, for anything else.
 MAX_SEED = 2**32 - 1
 
+#: The most CPU threads a run may ask for: far above any machine's cores (more threads than
+#: cores only slow torch down), and small enough for torch's C int.
+MAX_THREADS = 1024
+#: The widest layer (embedding, hidden, expert) and the most experts a model may have: a
+#: million units is beyond any model of this project, and keeps every size in torch's range.
+MAX_WIDTH = 2**20
+MAX_EXPERTS = 1024
+
 #: What ``best.monitor`` in metrics.json says when no metric chose the best checkpoint.
 NO_VALIDATION = "last epoch (no validation rows)"
 #: What ``early_stopping`` in metrics.json says when it was switched off for that reason.
@@ -167,10 +175,11 @@ def text(*, null: bool = False) -> Rule:
 
 
 def sizes() -> Rule:
-    """A list of layer widths: whole numbers >= 1 (an empty list: no layer)."""
+    """A list of layer widths: whole numbers >= 1 (an empty list: no layer), at most
+    ``MAX_WIDTH`` each."""
     return Rule(
-        "a list of whole numbers >= 1 (layer widths)",
-        lambda v: isinstance(v, list) and all(_is_whole(x) and x >= 1 for x in v),
+        f"a list of whole numbers >= 1 and <= {MAX_WIDTH} (layer widths)",
+        lambda v: isinstance(v, list) and all(_is_whole(x) and 1 <= x <= MAX_WIDTH for x in v),
     )
 
 
@@ -248,7 +257,7 @@ _PRECISIONS = ("auto", "16-mixed", "bf16-mixed", "32-true", "64-true", "16-true"
 RULES: dict[str, Rule] = {
     # top level (configs/train.yaml)
     "seed": _SEED,
-    "threads": whole(1, null=True)._replace(allowed="a positive whole number or null"),
+    "threads": whole(1, MAX_THREADS, null=True),
     "task_weights": Rule(
         f"null (equal weights) or a list of {len(TASKS)} finite numbers >= 0, one per task "
         f"({', '.join(TASKS)}), not all 0",
@@ -272,20 +281,20 @@ RULES: dict[str, Rule] = {
     "data.data_seed": whole(0),
     "data.num_workers": _data(whole(0), "a whole number >= 0"),
     # model (configs/model/*.yaml)
-    "model.embed_dim": whole(1),
+    "model.embed_dim": whole(1, MAX_WIDTH),
     "model.bottom_dims": sizes(),
     "model.tower_dims": sizes(),
     "model.expert_dims": sizes(),
     "model.mlp_dims": sizes(),
-    "model.n_experts": whole(1),
-    "model.n_shared_experts": whole(1),
-    "model.n_task_experts": whole(1),
+    "model.n_experts": whole(1, MAX_EXPERTS),
+    "model.n_shared_experts": whole(1, MAX_EXPERTS),
+    "model.n_task_experts": whole(1, MAX_EXPERTS),
     "model.dropout": number(0, 1, high_open=True),
     "model.sparse_embeddings": flag(),
     "model.norm": checked_by("the backbone (mtl_clippy.models.layers)", one_of(*NORMS)),
-    # optim (configs/optim/*.yaml); lr's sign is the optimizer's to check (each says
-    # "lr must be >= 0" in its words), its type and finiteness are checked here
-    "optim.lr": number(),
+    # optim (configs/optim/*.yaml); torch's optimizers would say "Invalid learning rate"
+    # without naming the key
+    "optim.lr": number(0),
     # the accumulators are float32 tensors filled with it (and larger values stop learning)
     "optim.initial_accumulator_value": number(0, 1e30),
     "optim.variable_relative_threshold": checked_by(_CLIPPY, number(0, finite=False)),
@@ -356,9 +365,19 @@ RULES: dict[str, Rule] = {
     "trainer.num_nodes": whole(1),
     "trainer.sync_batchnorm": flag(),
     "trainer.accumulate_grad_batches": whole(1),
+    # not in the shipped configs (``+trainer.val_check_interval=...``); 0 divides by zero
+    "trainer.val_check_interval": Rule(
+        "a whole number of training batches >= 1, a fraction in (0, 1] of an epoch, or null",
+        lambda v: (
+            v is None
+            or (_is_whole(v) and v >= 1)
+            or (isinstance(v, float) and _in(v, 0.0, 1.0, True, False))
+        ),
+    ),
     # callbacks (configs/callbacks/default.yaml)
     "callbacks.model_checkpoint.dirpath": text(),
-    "callbacks.model_checkpoint.filename": text(),
+    # null: Lightning's own name, <epoch>-<step>.ckpt
+    "callbacks.model_checkpoint.filename": text(null=True),
     "callbacks.model_checkpoint.monitor": checked_by(
         _WATCHED,
         _METRIC._replace(ok=lambda v: v is None or _METRIC.ok(v)),
@@ -430,6 +449,62 @@ def _value(cfg: Any, key: str) -> Any:
     return node
 
 
+def _interpolated_leaves(node: Any, prefix: str = "") -> list[tuple[str, str]]:
+    """(dotted key, raw text) of each value of ``node`` (a plain container, unresolved)
+    that holds an interpolation; a list counts as its key's value (``task_weights``)."""
+    found: list[tuple[str, str]] = []
+    if isinstance(node, Mapping):
+        for name, child in node.items():
+            found += _interpolated_leaves(child, f"{prefix}.{name}" if prefix else str(name))
+    elif isinstance(node, list):
+        texts = [t for _, t in _interpolated_leaves(dict(enumerate(node)))]
+        found += [(prefix, t) for t in texts[:1]]
+    elif isinstance(node, str) and "${" in node:
+        found.append((prefix, node))
+    return found
+
+
+def _outside_hydra(exc: Exception) -> bool:
+    """Whether ``exc`` is only Hydra's ``${hydra:...}`` resolver missing its runtime config:
+    the config is used outside a Hydra run (tests, the Python API), not wrong."""
+    from hydra.core.hydra_config import HydraConfig
+
+    text = str(exc)
+    hydra = "interpolation type hydra" in text or "HydraConfig was not set" in text
+    return hydra and not HydraConfig.initialized()
+
+
+def _reason(exc: Exception) -> str:
+    """OmegaConf's reason in one line: ``Interpolation key 'nope' not found``, without its
+    ``full_key`` lines and its ``KeyError raised while resolving interpolation:`` prefix."""
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    first = first.split(" raised while resolving interpolation: ", 1)[-1]
+    return first.strip().strip("\"'") if first[:1] in "\"'" else first.strip()
+
+
+def unresolvable(cfg: Any) -> str | None:
+    """The message for the first value of ``cfg`` whose interpolation cannot be resolved
+    (``optim.lr=${nope}``, ``seed=${oc.env:UNSET}``), or None. A key that only fails
+    because it refers to another unresolvable key (``data.seed: ${seed}``) gives way to that
+    key, so the message names the value to fix. Hydra's own config is not looked at."""
+    if not isinstance(cfg, DictConfig):
+        return None
+    raw = OmegaConf.to_container(cfg, resolve=False)
+    failing: list[tuple[str, str, str]] = []
+    for key, text_ in _interpolated_leaves({k: v for k, v in raw.items() if k != "hydra"}):
+        try:
+            node = OmegaConf.select(cfg, key, throw_on_missing=False)
+            if isinstance(node, DictConfig | ListConfig):
+                OmegaConf.to_container(node, resolve=True, throw_on_missing=False)
+        except Exception as exc:  # any resolver's failure: the key cannot be read
+            if not _outside_hydra(exc):
+                failing.append((key, text_, _reason(exc)))
+    for key, text_, reason in failing:
+        if not any("${" + other in text_ for other, _, _ in failing if other != key):
+            return f"{key}: cannot resolve {text_} ({reason})"
+    return None
+
+
 def problem(key: str, value: Any) -> str | None:
     """The error message for ``key=value`` by its rule, or None when the value is allowed
     (or no rule names the key)."""
@@ -479,6 +554,29 @@ def _watched_metric(cfg: Any, name: str, optional: bool) -> str | None:
     return None
 
 
+def _endless_without_validation(cfg: Any) -> str | None:
+    """A run without validation has its early stopping on a ``val/`` metric switched off
+    (``without_validation``); with no epoch, step or time limit it would then never end."""
+    if has_validation(cfg) or _value(cfg, "trainer.max_epochs") != -1:
+        return None
+    if _value(cfg, "trainer.max_steps") not in (-1, _ABSENT) or _value(
+        cfg, "trainer.max_time"
+    ) not in (None, _ABSENT):
+        return None
+    stopping = _value(cfg, "callbacks.early_stopping.monitor")
+    if isinstance(stopping, str) and not stopping.startswith("val/"):
+        return None  # early stopping on a train/ loss still ends it
+    why = (
+        "data.val_fraction=0" if _value(cfg, "data.val_fraction") == 0
+        else "trainer.limit_val_batches=0"
+    )  # fmt: skip
+    return (
+        f"trainer.max_epochs: -1 (no limit) never ends without validation ({why}: early "
+        "stopping is off); expected a whole number of epochs >= 1, or a limit in "
+        "trainer.max_steps or trainer.max_time"
+    )
+
+
 def _combinations(cfg: Any) -> str | None:
     """Rules between keys, once each key alone is valid."""
     max_epochs = _value(cfg, "trainer.max_epochs")
@@ -496,6 +594,9 @@ def _combinations(cfg: Any) -> str | None:
             f"(no epoch would be validated), got {every}; for a run without validation set "
             "trainer.limit_val_batches=0"
         )
+    endless = _endless_without_validation(cfg)
+    if endless:
+        return endless
     spike = _value(cfg, "callbacks.divergence_monitor.spike_factor")
     small = _value(cfg, "callbacks.divergence_monitor.small_spike_factor")
     if _is_number(spike) and small is None and spike <= 2:
@@ -530,6 +631,9 @@ def _combinations(cfg: Any) -> str | None:
 def check_config(cfg: DictConfig | Mapping[str, Any]) -> None:
     """Raise one ``ConfigError`` for the first value of ``cfg`` that its rule rejects (in
     the table's order), then for the first bad combination of values."""
+    message = unresolvable(cfg)  # before anything reads a value
+    if message:
+        raise ConfigError(message)
     plain = _plain(cfg)
     view = plain if plain is not None else cfg  # plain dicts: read in microseconds
     for key, rule in RULES.items():
@@ -574,7 +678,9 @@ def has_validation(cfg: Any) -> bool:
     return fraction != 0 and limit != 0
 
 
-def without_validation(callbacks: list[Any]) -> tuple[list[Any], str | None]:
+def without_validation(
+    callbacks: list[Any], undefined: Mapping[str, str] | None = None
+) -> tuple[list[Any], str | None]:
     """The callbacks of a run without validation, and what its early stopping became.
 
     Early stopping on a ``val/`` metric is dropped (Lightning would stop the run after its
@@ -582,6 +688,11 @@ def without_validation(callbacks: list[Any]) -> tuple[list[Any], str | None]:
     the best epoch by a ``val/`` metric keeps the last epoch instead (no monitor: Lightning
     then saves after each training epoch, replacing the previous file), so ``best.ckpt``
     exists and the test runs on the final weights of training.
+
+    With ``undefined`` (metric -> why, from ``check_data``) the run validates, but those
+    metrics are NaN every epoch: only callbacks watching one of them change, the same way
+    (a NaN score would keep whichever epoch came first). Each changed checkpoint callback
+    gets ``last_epoch_because``, which ``best_monitor`` reports.
     """
     from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 
@@ -589,21 +700,186 @@ def without_validation(callbacks: list[Any]) -> tuple[list[Any], str | None]:
     stopping: str | None = None
     for callback in callbacks:
         monitor = getattr(callback, "monitor", None)
-        on_val = isinstance(monitor, str) and monitor.startswith("val/")
-        if isinstance(callback, EarlyStopping) and on_val:
-            stopping = NO_EARLY_STOPPING
+        if undefined is None:
+            affected, why = isinstance(monitor, str) and monitor.startswith("val/"), None
+        else:
+            affected, why = monitor in undefined, undefined.get(monitor)
+        if isinstance(callback, EarlyStopping) and affected:
+            stopping = NO_EARLY_STOPPING if why is None else f"off ({monitor} undefined: {why})"
             continue
-        if isinstance(callback, ModelCheckpoint) and on_val:
+        if isinstance(callback, ModelCheckpoint) and affected:
             callback.monitor = None
+            callback.last_epoch_because = (  # type: ignore[attr-defined]
+                NO_VALIDATION if why is None else f"last epoch ({monitor} undefined: {why})"
+            )
         kept.append(callback)
     return kept, stopping
 
 
 def best_monitor(checkpoint: Any, validation: bool) -> str | None:
-    """What chose the best checkpoint, for metrics.json: its metric, or the last epoch
-    (None without a checkpoint callback: the final weights are tested)."""
+    """What chose the best checkpoint, for metrics.json: its metric, or the last epoch and
+    why (None without a checkpoint callback: the final weights are tested)."""
     if checkpoint is None:
         return None
     if getattr(checkpoint, "monitor", None):
         return str(checkpoint.monitor)
+    because = getattr(checkpoint, "last_epoch_because", None)
+    if because:
+        return str(because)
     return "last epoch" if validation else NO_VALIDATION
+
+
+# ----------------------------------------------------------------------------- data checks
+# Some values are only wrong for the data they meet: a fraction of batches that rounds to
+# none, a validation split too small for an AUC. They are checked once the data is set up
+# (its rows are known), before training starts.
+
+
+def _round(x: float, up: bool, digits: int = 2) -> float:
+    """``x`` rounded up (or down) to ``digits`` significant digits: a value to suggest that
+    still satisfies the bound it was computed from (1/3 -> 0.34, not 0.33)."""
+    from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal
+
+    d = Decimal(repr(float(x)))
+    step = Decimal(1).scaleb(d.adjusted() - digits + 1)
+    return float(d.quantize(step, rounding=ROUND_CEILING if up else ROUND_FLOOR))
+
+
+def _rows_key(datamodule: Any, rows: int) -> str:
+    """What set the number of training-file rows: ``data.train_rows`` (generated data, or a
+    cap on the file), or the file itself."""
+    if getattr(datamodule, "train_rows", None) == rows:
+        return f"data.train_rows={rows}"
+    return f"the train file's {rows} rows"
+
+
+def _labels(loader: Any) -> Any:
+    """The labels ``[rows, tasks]`` of a loader of the data module (``BatchDataset``)."""
+    dataset = getattr(loader, "dataset", None)
+    labels = getattr(dataset, "labels", None)
+    if labels is None:
+        return None
+    return labels[getattr(dataset, "start", 0) : getattr(dataset, "stop", len(labels))]
+
+
+#: Rows an AUC needs at the least: one positive and one negative.
+MIN_VAL_ROWS = 2
+
+
+def check_data(cfg: Any, datamodule: Any) -> dict[str, str]:
+    """The validation split, once the data is set up: ``ConfigError`` for one that holds
+    fewer than ``MIN_VAL_ROWS`` rows (``data.val_fraction=0.0001`` holds out 1 row: every
+    AUC would be NaN); for a task with one class only in it (no positive conversion in a
+    small split), a warning, and the metrics it leaves undefined, each with why
+    (``{"val/auc_mean": "the validation split has no positive conversion"}``): best.ckpt
+    and early stopping cannot follow them (``without_validation``)."""
+    rows = ((getattr(datamodule.metadata, "extra", None) or {}).get("rows")) or {}
+    n_val, n_fit = rows.get("val"), rows.get("train")
+    fraction = _value(cfg, "data.val_fraction")
+    if not has_validation(cfg) or not _is_whole(n_val) or not _is_whole(n_fit):
+        return {}
+    n = n_val + n_fit
+    if n_val < MIN_VAL_ROWS:
+        needed, most = _round(MIN_VAL_ROWS / n, up=True), _round((n - 1) / n, up=False)
+        if needed > most or n < MIN_VAL_ROWS + 1:
+            raise ConfigError(
+                f"{_rows_key(datamodule, n)}: too few to hold out {MIN_VAL_ROWS} validation "
+                f"rows (an AUC needs a positive and a negative) and train on the rest; expected "
+                f"at least {MIN_VAL_ROWS + 1} rows, or data.val_fraction=0 (no validation)"
+            )
+        raise ConfigError(
+            f"data.val_fraction={fraction} holds out {n_val} of the {n} training rows for "
+            f"validation, too few for an AUC (it needs a positive and a negative); expected at "
+            f"least {needed} here, or 0 (no validation)"
+        )
+    labels = _labels(datamodule.val_dataloader())
+    tasks = list(getattr(datamodule.metadata, "tasks", TASKS))
+    undefined: dict[str, str] = {}
+    for i, task in enumerate(tasks):
+        if labels is None or labels.shape[-1] <= i:
+            break
+        positives = int((labels[:, i] > 0.5).sum())
+        if 0 < positives < len(labels):
+            continue
+        why = f"the validation split has no {'positive' if positives == 0 else 'negative'} {task}"
+        undefined.update({f"val/auc_{task}": why, "val/auc_mean": why, "val/auc_mean_best": why})
+        if rank_zero():
+            import logging
+
+            logging.getLogger("mtl_clippy").warning(
+                "data.val_fraction=%s: %s (%d rows), so val/auc_%s and val/auc_mean are "
+                "undefined (NaN) every epoch: best.ckpt is the last epoch and early stopping "
+                "on them is off; raise data.val_fraction for a validation split with both "
+                "classes",
+                fraction, why, n_val, task,
+            )  # fmt: skip
+    return undefined
+
+
+def rank_zero() -> bool:
+    """Whether this process is Lightning's global rank 0 (the one that warns)."""
+    from lightning.pytorch.utilities import rank_zero_only
+
+    return getattr(rank_zero_only, "rank", 0) == 0
+
+
+def _batches_per_process(rows: int, batch_size: int, world_size: int, train: bool) -> int:
+    """The loader's batches on the process with the fewest (``EpochBatchSampler``'s
+    arithmetic: the training loader drops an incomplete last batch)."""
+    from mtl_clippy.data.datamodule import EpochBatchSampler
+
+    return min(
+        len(EpochBatchSampler(rows, batch_size, shuffle=train, rank=r, world_size=world_size,
+                              drop_last=train))
+        for r in range(world_size)
+    )  # fmt: skip
+
+
+def check_batches(cfg: Any, datamodule: Any, world_size: int = 1) -> None:
+    """``trainer.limit_*_batches`` fractions against the loaders' batches: Lightning keeps
+    ``int(fraction x batches)`` and stops with an exception when that is 0 (0.5 of a
+    single validation batch); ``trainer.val_check_interval`` as a number of batches must fit
+    in an epoch. ``ConfigError`` naming the key and the smallest value that works."""
+    rows = ((getattr(datamodule.metadata, "extra", None) or {}).get("rows")) or {}
+    batch = getattr(datamodule, "batch_size", None)
+    eval_batch = getattr(datamodule, "eval_batch_size", None) or batch
+    if not _is_whole(batch) or not rows:
+        return
+    loaders = [("train", "training", "data.batch_size", batch, True)]
+    if has_validation(cfg):
+        loaders.append(("val", "validation", "data.eval_batch_size", eval_batch, False))
+    if _value(cfg, "test") is not False:
+        loaders.append(("test", "test", "data.eval_batch_size", eval_batch, False))
+    per_process = f" per process of {world_size}" if world_size > 1 else ""
+    train_batches = None
+    for split, name, size_key, size, train in loaders:
+        n = rows.get(split)
+        if not _is_whole(n) or n < 1:
+            continue
+        length = _batches_per_process(n, size, world_size, train)
+        key = f"trainer.limit_{split}_batches"
+        limit = _value(cfg, key)
+        kept = length
+        if isinstance(limit, float) and 0 < limit <= 1:
+            kept = int(length * limit)
+            if kept == 0:
+                plural = "batch" if length == 1 else "batches"
+                raise ConfigError(
+                    f"{key}: {limit} of the {length} {name} {plural}{per_process} ({n} rows, "
+                    f"{size_key}={size}) is no batch; expected at least "
+                    f"{_round(1 / length, up=True)} (one batch), a whole number of batches "
+                    ">= 1, or null (all)"
+                )
+        elif _is_whole(limit):
+            kept = min(length, limit)
+        if train:
+            train_batches = kept
+    interval = _value(cfg, "trainer.val_check_interval")
+    every = _value(cfg, "trainer.check_val_every_n_epoch")
+    if _is_whole(interval) and train_batches is not None and every is not None:
+        if interval > train_batches and has_validation(cfg):
+            raise ConfigError(
+                f"trainer.val_check_interval: expected at most the {train_batches} training "
+                f"batches of an epoch{per_process}, or a fraction in (0, 1] of it, got "
+                f"{interval}"
+            )

@@ -158,16 +158,12 @@ def _remove_empty_event_files(folder: str) -> None:
                 os.unlink(entry.path)
 
 
-_QUIET_HOOK_INSTALLED = False
-
-
 def quiet_full_disk_in_writer_threads() -> None:
     """Keep Python from printing the traceback of a TensorBoard writer thread that stopped on
     a full disk (``threading.excepthook``, for those threads and that error only). The writer
     keeps the error and raises it again at its next call in the main thread, where the run
     reports it in one line naming the event file; any other error is printed as usual."""
-    global _QUIET_HOOK_INSTALLED
-    if _QUIET_HOOK_INSTALLED:
+    if getattr(threading.excepthook, "_quiet_full_disk", False):  # installed already
         return
     try:
         from tensorboard.summary.writer.event_file_writer import _AsyncWriterThread
@@ -182,8 +178,8 @@ def quiet_full_disk_in_writer_threads() -> None:
             return  # raised again, and reported, by the main thread
         previous(args)
 
+    hook._quiet_full_disk = True  # type: ignore[attr-defined]
     threading.excepthook = hook
-    _QUIET_HOOK_INSTALLED = True
 
 
 __all__ = ["AtomicExperimentWriter", "CSVLogger", "TensorBoardLogger"]

@@ -23,6 +23,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
+from mtl_clippy import best as best_mod
 from mtl_clippy import config_checks, launch, preemption
 from mtl_clippy import resume as resume_mod
 from mtl_clippy.atomic import remove_dead_temporaries, write_atomically
@@ -396,6 +397,11 @@ def _cause(exc: BaseException, run_dir: Path | None = None) -> str:
     return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
 
 
+def _select(cfg: DictConfig, key: str) -> Any:
+    """The value of ``key``, or None where it is missing or cannot be resolved."""
+    return OmegaConf.select(cfg, key, default=None, throw_on_resolution_failure=False)
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Fit and test one configuration; returns (and writes) its ``metrics.json`` content."""
     out_dir = Path(cfg.paths.output_dir)
@@ -406,8 +412,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "model": _name_of(cfg.model, choices.get("model")),
         "optim": _name_of(cfg.optim, choices.get("optim")),
         # a bad value is the run's error (below): recorded as None here, never a crash
-        "lr": config_checks.number_or_none(cfg.optim.get("lr")),
-        "seed": config_checks.whole_or_none(cfg.get("seed")),
+        # (an interpolation that cannot be resolved reads as None too)
+        "lr": config_checks.number_or_none(_select(cfg, "optim.lr")),
+        "seed": config_checks.whole_or_none(_select(cfg, "seed")),
         "overrides": _overrides(),
         "epochs": 0,
         "steps": 0,
@@ -456,6 +463,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         summary["threads"] = torch.get_num_threads()
         pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
         datamodule, module = build(cfg)
+        undefined = config_checks.check_data(cfg, datamodule)  # val metrics that stay NaN
         _check_checkpoint_vocabulary(ckpt_path, datamodule.metadata)
         extra = getattr(datamodule.metadata, "extra", {}) or {}
         if extra.get("bayes_auc"):
@@ -469,11 +477,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         throughput = ThroughputMeter()
         loggers = _instantiate_loggers(cfg.get("logger"), ckpt_step)
         callbacks = [*_instantiate_all(cfg.get("callbacks")), throughput, ResumeState(),
-                     stop_on_signal]  # fmt: skip
+                     stop_on_signal, best_mod.ValidationRecord()]  # fmt: skip
         validation = config_checks.has_validation(cfg)
-        if not validation:  # early stopping off, best.ckpt = the last epoch
-            callbacks, summary["early_stopping"] = config_checks.without_validation(callbacks)
-        else:
+        if not validation or undefined:  # early stopping off, best.ckpt = the last epoch
+            callbacks, summary["early_stopping"] = config_checks.without_validation(
+                callbacks, undefined if validation else None
+            )
+        if validation and summary.get("early_stopping") is None:
             summary["early_stopping"] = next(
                 (c.monitor for c in callbacks if isinstance(c, pl.callbacks.EarlyStopping)), None
             )
@@ -500,6 +510,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                 "together (srun, torchrun), but the trainer runs on one process; use "
                 "trainer=ddp with trainer.devices=<processes per node> trainer.num_nodes=<nodes>"
             )
+        config_checks.check_batches(cfg, datamodule, trainer.world_size)
         if trainer.world_size > 1:
             _ddp_children_run_this_job()
         monitor = next((c for c in callbacks if isinstance(c, DivergenceMonitor)), None)
@@ -521,17 +532,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
         ckpt_cb = trainer.checkpoint_callback
         best_path = getattr(ckpt_cb, "best_model_path", "") or ""
-        best_score = getattr(ckpt_cb, "best_model_score", None)
-        summary["best"] = {
-            "val/auc_mean": _float(best_score)
-            if best_score is not None
-            else summary["val"].get("auc_mean_best"),
-            "checkpoint": os.path.relpath(best_path, out_dir) if best_path else None,
-            "monitor": config_checks.best_monitor(ckpt_cb, validation),  # what chose it
-        }
-        if best_path:
-            best_epoch = resume_mod.load_checkpoint(best_path).get("epoch")
-            summary["best"]["epoch"] = best_epoch
+        # what chose best.ckpt, its score, that epoch's val/auc_mean (mtl_clippy.best)
+        summary["best"] = best_mod.summary(ckpt_cb, validation, out_dir, summary["val"])
         if diverged:
             # A result, not a crash: no test numbers from a broken model.
             summary["status"] = "diverged"
@@ -772,6 +774,11 @@ def main(cfg: DictConfig) -> float | None:
     as usual. In a sweep, a failing job is recorded (``metrics.json`` with status ``failed``
     and its error) and the sweep goes on; the results table lists it. A full disk ends the
     sweep (one line, status 2): every later job would fail on it too.
+
+    Returns metrics.json's ``best.score`` (``mtl_clippy.best.score``), which a Hydra sweeper
+    (Optuna) optimises: the best value of ``callbacks.model_checkpoint.monitor``, higher is
+    better for the default ``val/auc_mean`` (``direction: maximize``), lower for a loss;
+    None when no metric chose the checkpoint, or the job failed.
     """
     multirun = _is_multirun()
     env_before = {k: os.environ.get(k) for k in _DDP_ENV}
@@ -800,7 +807,7 @@ def main(cfg: DictConfig) -> float | None:
         if multirun:
             _end_distributed(env_before)
     if not _is_global_zero():  # other DDP ranks: rank 0 reports
-        return (summary.get("best") or {}).get("val/auc_mean")
+        return best_mod.score(summary.get("best"))
     print()
     print(format_summary(summary))
     if summary.get("status") == "diverged":
@@ -814,10 +821,13 @@ def main(cfg: DictConfig) -> float | None:
             f"\ncollapsed tasks (test AUC within {COLLAPSE_TOLERANCE} of 0.5): "
             + ", ".join(summary["collapsed"])
         )
-    if (summary.get("best") or {}).get("monitor") == config_checks.NO_VALIDATION:
+    chosen = str((summary.get("best") or {}).get("monitor"))
+    if chosen == config_checks.NO_VALIDATION:
         print("\nno validation: early stopping off, the last epoch's checkpoint was tested")
+    elif chosen.startswith("last epoch ("):  # a validation metric that stayed undefined
+        print(f"\nbest.ckpt: {chosen}; the last epoch's checkpoint was tested")
     print(f"\nrun folder: {cfg.paths.output_dir}")
-    return (summary.get("best") or {}).get("val/auc_mean")
+    return best_mod.score(summary.get("best"))  # what a sweeper optimises: best.score
 
 
 #: Set by Lightning's DDP launcher in the launching process; a later job of the same sweep

@@ -48,7 +48,7 @@ from mtl_clippy.data.vocab import (
     encoded_ids,
     oov_rates,
 )
-from mtl_clippy.errors import DiskFull
+from mtl_clippy.errors import ConfigError, DiskFull
 
 log = logging.getLogger(__name__)
 
@@ -384,10 +384,7 @@ class AliExpressDataModule(L.LightningDataModule):
         if self.val_fraction > 0:
             n_val = max(n_val, 1)
         if n - n_val < 1:
-            raise DataError(
-                train.source,
-                f"{n} rows are too few to hold out {self.val_fraction:.0%} for validation",
-            )
+            raise self._too_few_to_train(train.source, n)
         self._n_fit = n - n_val
 
         self.vocabularies = build_vocabularies(train.categorical[: self._n_fit], self.min_count)
@@ -428,6 +425,31 @@ class AliExpressDataModule(L.LightningDataModule):
         self._test = (test_idx, test.numerical, test.labels)
         self.metadata = DatasetMetadata(
             vocab_sizes=tuple(v.size for v in self.vocabularies), extra=self._extra(n, len(test))
+        )
+
+    def _too_few_to_train(self, source: Any, n: int) -> Exception:
+        """Holding out ``val_fraction`` of ``n`` rows (at least one) leaves none to train on:
+        name the value to change (``data.val_fraction``, or ``data.train_rows`` when that
+        set ``n``) and the value that works."""
+        from decimal import ROUND_FLOOR, Decimal
+
+        fraction = self.val_fraction
+        if n >= 2:  # the largest fraction that leaves a training row (rounded down)
+            most = Decimal((n - 1) / n).quantize(Decimal(1).scaleb(-len(str(n))), ROUND_FLOOR)
+            return ConfigError(
+                f"data.val_fraction={fraction} holds out all {n} training rows for validation, "
+                f"leaving none to train on; expected at most {most} (or 0: no validation)"
+            )
+        if self.train_rows == n:
+            return ConfigError(
+                f"data.train_rows={n}: too few to hold out data.val_fraction={fraction} for "
+                "validation and train on the rest; expected at least 2, or "
+                "data.val_fraction=0 (no validation)"
+            )
+        return DataError(
+            source,
+            f"{n} row is too few to hold out data.val_fraction={fraction} for validation and "
+            "train on the rest; use more rows, or data.val_fraction=0 (no validation)",
         )
 
     def _encoded(

@@ -1,4 +1,4 @@
-"""Fast, validating reader of one processed AliExpress split, with an ``.npy`` cache.
+r"""Fast, validating reader of one processed AliExpress split, with an ``.npy`` cache.
 
 ``read_split(path)`` parses ``train.csv`` / ``test.csv`` (the 82-column processed layout of
 ``schema.py``) with pyarrow's multithreaded CSV reader, typed per column (int64 ids, float32
@@ -20,10 +20,11 @@ line 1) and the column. Validation is vectorised: masks per block, first offende
 
 Common shapes of the same data are read as the plain file: ``\r\n`` line ends, a UTF-8 byte
 order mark, quoted cells (``"3"``), scientific notation (``1e-3``), labels written ``1.0`` /
-``0.0``, no final newline, and empty or whitespace-only lines at the end of the file (which
-many editors and tools write; they are not rows). An empty line between rows, and a pandas
-index column (an unnamed first column, what ``DataFrame.to_csv()`` writes without
-``index=False``), are errors that say so.
+``0.0``, no final newline, and empty, whitespace-only or only-comma lines at the end of the
+file (which many editors, spreadsheets and tools write; they are not rows). An empty or
+only-comma line between rows, ``\r\r\n`` or lone ``\r`` line ends, a pandas index column (an
+unnamed first column, what ``DataFrame.to_csv()`` writes without ``index=False``), a first
+column without its name and an unnamed last column are errors that say so, with a line.
 """
 
 from __future__ import annotations
@@ -313,11 +314,17 @@ def _grow(arrays: tuple[np.ndarray, ...], filled: int, rows: int) -> tuple[np.nd
 
 #: Bytes that make a line blank: an empty or whitespace-only line (``\r`` of a CRLF included).
 _BLANK = b" \t\r\n\x0b\x0c"
+#: Bytes that make a line at the end of the file no row: blanks, and commas (the empty rows a
+#: spreadsheet writes for formatted cells below the data, ``,,,,...``).
+_TAIL_BLANK = _BLANK + b","
+#: A line end as pyarrow reads one: ``\n``, ``\r\n`` or a lone ``\r``.
+_LINE_END = re.compile(rb"\r\n?|\n")
 
 
 def _content_end(path: Path, size: int, chunk: int = 1 << 16) -> int:
-    """Length of ``path`` without its trailing blank lines: up to and including the line end
-    of the last line that holds anything but whitespace (``size`` if that line has none).
+    r"""Length of ``path`` without its trailing blank lines (empty, whitespace or only commas):
+    up to and including the line end (``\n``, ``\r\n`` or a lone ``\r``, as pyarrow reads
+    them) of the last line that holds anything else (``size`` if that line has none).
 
     Reads backwards from the end in small blocks, so it costs the trailing blank lines only.
     """
@@ -326,15 +333,18 @@ def _content_end(path: Path, size: int, chunk: int = 1 << 16) -> int:
         while end > 0:
             start = max(0, end - chunk)
             f.seek(start)
-            kept = len(f.read(end - start).rstrip(_BLANK))
+            kept = len(f.read(end - start).rstrip(_TAIL_BLANK))
             if kept:
-                last = start + kept  # one past the last byte that is not whitespace
+                last = start + kept  # one past the last byte that is not blank
                 f.seek(last)
-                while piece := f.read(chunk):  # the newline that ends that line
-                    newline = piece.find(b"\n")
-                    if newline >= 0:
-                        return last + newline + 1
-                    last += len(piece)
+                while piece := f.read(chunk):  # the line end of that line
+                    found = _LINE_END.search(piece)
+                    if found is None:
+                        last += len(piece)
+                        continue
+                    if found.end() == len(piece) and found.group() == b"\r":
+                        return last + found.end() + (f.read(1) == b"\n")  # \r | \n cut
+                    return last + found.end()
                 return size
             end = start
     return 0
@@ -351,9 +361,12 @@ def _parse_range(
     try:
         table = pacsv.read_csv(pa.BufferReader(pa.py_buffer(chunk)), read_options, _PARSE, _CONVERT)
     except pa.ArrowInvalid as err:
-        raise _explain_arrow_error(path, err, first_row) from None
+        # pyarrow also ends lines at a lone \r, the line counting here at \n only: such line
+        # ends shift every line number, so they are named first.
+        odd = _line_end_problem(path, bytes(chunk), first_row + 2)
+        raise odd or _with_line(_explain_arrow_error(path, err, first_row), first_row) from None
     if table.num_rows != rows:  # cannot happen with \n or \r\n line endings
-        raise DataError(
+        raise _line_end_problem(path, bytes(chunk), first_row + 2) or DataError(
             path,
             f"parsed {table.num_rows} rows where {rows} lines were counted",
             line=first_row + 2,
@@ -392,21 +405,17 @@ def _check_header(path: Path) -> None:
     if not first:
         raise DataError(path, "the file is empty", hint="expected a header line and data rows")
     _check_text(path, first)
+    if first.endswith(b"\r\r\n"):  # the header's line end: the whole file's, surely
+        raise _odd_line_end(path, _CR_CR_LF, 1)
+    if not first.endswith(b"\n") and _LONE_CR.search(first):  # no \n in 1 MiB: lone \r's
+        raise _odd_line_end(path, _CR, 1)
     text = first.decode("utf-8", errors="replace").lstrip("\ufeff").rstrip("\r\n")
     if not text.strip():
         raise DataError(path, "the header line is empty", line=1, hint=_EXPECTED_HEADER)
     got = [c.strip().strip('"') for c in text.split(",")]
     if got == list(COLUMNS):
         return
-    if got[1:] == list(COLUMNS) or _PANDAS_INDEX.fullmatch(got[0]):
-        what = f"is {_quoted(got[0])}, before search_id" if got[0] else "has no name"
-        raise DataError(
-            path,
-            f"the first column {what}: a pandas index column, as DataFrame.to_csv() writes "
-            "it without index=False",
-            line=1,
-            hint="write the file with df.to_csv(path, index=False), or delete its first column",
-        )
+    _check_shifted_header(path, got)
     missing = [c for c in COLUMNS if c not in got]
     extra = [c for c in got if c not in COLUMNS]
     dupes = sorted({c for c in got if got.count(c) > 1})
@@ -429,6 +438,59 @@ def _check_header(path: Path) -> None:
         column=column,
         hint=_EXPECTED_HEADER,
     )
+
+
+def _check_shifted_header(path: Path, got: list[str]) -> None:
+    """Raise for a header that is the expected one but for its first or last column: a pandas
+    index column before it, a first column without its name, an unnamed column after it."""
+    extra = len(got) - len(COLUMNS)
+    if extra > 0 and got[extra:] == list(COLUMNS) and _second_line_cells(path) == len(COLUMNS):
+        names = _names([_quoted(c) for c in got[:extra]])
+        many = "an extra name" if extra == 1 else f"{extra} extra names"
+        raise DataError(
+            path,
+            f"the header has {many} before search_id ({names}), which the rows lack: they "
+            f"have {len(COLUMNS)} cells",
+            line=1,
+            hint=f"delete {'it' if extra == 1 else 'them'} from the header",
+        )
+    if extra > 0 and got[extra:] == list(COLUMNS):  # the whole header, shifted right
+        if extra == 1:
+            what = f"is {_quoted(got[0])}, before search_id" if got[0] else "has no name"
+            problem = f"the first column {what}: a pandas index column"
+        else:
+            problem = f"the first {extra} columns come before search_id: pandas index columns"
+        raise DataError(
+            path,
+            f"{problem}, as DataFrame.to_csv() writes {'it' if extra == 1 else 'them'} "
+            "without index=False",
+            line=1,
+            hint="write the file with df.to_csv(path, index=False), or delete "
+            + ("its first column" if extra == 1 else f"its first {extra} columns"),
+        )
+    if extra == 0 and got[1:] == list(COLUMNS[1:]):  # only the first name is wrong
+        what = f"is {_quoted(got[0])}" if got[0] else "has no name"
+        raise DataError(
+            path,
+            f"the first column {what}, expected {COLUMNS[0]}",
+            line=1,
+            hint=f"name it {COLUMNS[0]} in the header: its cells are the search ids",
+        )
+    if extra == 1 and got[:-1] == list(COLUMNS) and _PANDAS_INDEX.fullmatch(got[-1]):
+        raise DataError(
+            path,
+            f"the header has an unnamed column after {COLUMNS[-1]}",
+            line=1,
+            hint="remove that column: a comma at the end of every line, or one a tool added",
+        )
+
+
+def _second_line_cells(path: Path) -> int | None:
+    """Cells of the file's second line (the first row), or None without one."""
+    with open(path, "rb") as f:
+        f.readline(1 << 20)
+        row = f.readline(1 << 20)
+    return row.count(b",") + 1 if row.strip(_BLANK) else None
 
 
 _EXPECTED_HEADER = "expected: search_id, categorical_1..16, numerical_1..63, click, conversion"
@@ -561,21 +623,30 @@ def _explain_arrow_error(path: Path, err: pa.ArrowInvalid, first_row: int = 0) -
             problem = f"cell {shown} holds bytes that are not UTF-8 text"
             hint = "is this a binary file, or text in another encoding?"
         line = None if row is None else row + 2
-        if value == "" and line is not None and _is_blank(path, line):
-            return _empty_line(path, line)  # pyarrow reads an empty line as one empty cell
+        if value == "" and line is not None:
+            empty = _no_values(path, line)  # pyarrow reads an empty line as one empty cell
+            if empty is not None:
+                return empty
         if line is not None and column == COLUMNS[-1] and _cut_short(path, line):
             hint = _CUT_SHORT  # a line cut within its last cell still has all its cells
         return DataError(path, problem, line=line, column=column, hint=hint)
     width = _WIDTH_ERROR.search(message)
     if width:
         line = _first_line_with_wrong_width(path, len(COLUMNS))
-        if line is not None and _is_blank(path, line):
-            return _empty_line(path, line)  # a line of spaces: one cell
+        empty = None if line is None else _no_values(path, line)  # spaces: one cell
+        if empty is not None:
+            return empty
+        hint = None
+        if line is not None and _cut_short(path, line):
+            hint = _CUT_SHORT
+        elif line is not None and int(width.group(2)) == len(COLUMNS) + 1:
+            if (_line_text(path, line) or b"").rstrip(_BLANK).endswith(b","):
+                hint = "the line ends with a comma, an empty column after conversion: remove it"
         return DataError(
             path,
             f"expected {width.group(1)} comma-separated cells, got {width.group(2)}",
             line=line,
-            hint=_CUT_SHORT if line is not None and _cut_short(path, line) else None,
+            hint=hint,
         )
     return DataError(path, f"cannot parse the CSV: {message}")
 
@@ -583,19 +654,31 @@ def _explain_arrow_error(path: Path, err: pa.ArrowInvalid, first_row: int = 0) -
 _CUT_SHORT = "the file ends in the middle of this line: was it cut short by an interrupted copy?"
 
 
-def _empty_line(path: Path, line: int) -> DataError:
+_ONLY_END_BLANK = "rows must follow each other; only the end of the file may have empty lines"
+
+
+def _no_values(path: Path, line: int) -> DataError | None:
+    """The error for editor ``line`` if it holds no values (empty, whitespace, or only commas,
+    a spreadsheet's empty row), else None."""
+    text = _line_text(path, line)
+    if text is None or text.strip(_TAIL_BLANK):
+        return None
+    if text.strip(_BLANK):
+        return DataError(
+            path,
+            "the line has no values (only commas)",
+            line=line,
+            hint=f"{_ONLY_END_BLANK} or lines of only commas: delete this one",
+        )
     return DataError(
-        path,
-        "the line is empty",
-        line=line,
-        hint="rows must follow each other; only the end of the file may have empty lines: "
-        "delete this one",
+        path, "the line is empty", line=line, hint=f"{_ONLY_END_BLANK}: delete this one"
     )
 
 
-def _is_blank(path: Path, line: int, chunk: int = 1 << 24) -> bool:
-    """Whether editor ``line`` (1-based) of ``path`` holds nothing but whitespace. Called on
-    an error only: skips whole blocks by counting their newlines, then finds the line."""
+def _line_text(path: Path, line: int, chunk: int = 1 << 24) -> bytes | None:
+    r"""The bytes of editor ``line`` (1-based, lines ended by ``\n``) of ``path``, at most the
+    first 64 KiB of it; None past the end. Called on an error only: skips whole blocks by
+    counting their newlines, then finds the line."""
     current = 1  # the editor number of the line at ``start`` in the block
     text = bytearray()
     with open(path, "rb") as f:
@@ -613,7 +696,64 @@ def _is_blank(path: Path, line: int, chunk: int = 1 << 24) -> bool:
             text += block[start : end if end >= 0 else len(block)]
             if end >= 0 or len(text) > 1 << 16:
                 break
-    return current == line and not bytes(text).strip(_BLANK)
+    return bytes(text[: 1 << 16]) if current == line else None
+
+
+#: A ``\r`` followed by anything but ``\n``: pyarrow ends a line there, an editor may not.
+_LONE_CR = re.compile(rb"\r(?=[^\n])")
+
+
+def _line_end_problem(path: Path, data: bytes, first_line: int) -> DataError | None:
+    r"""The error for the first line end of ``data`` (whole lines, the first of them editor
+    line ``first_line``) that is neither ``\n`` nor ``\r\n``, or None.
+
+    ``\r\r\n`` is what Python's ``csv.writer`` writes on Windows into a file opened without
+    ``newline=''`` (its ``\r\n`` line end, then text mode's), and a lone ``\r`` what old Mac
+    programs write (Excel's "CSV (Macintosh)"). pyarrow ends a line at each ``\r``, so both
+    would be reported as empty lines, empty cells or lines of the wrong width at line
+    numbers no editor shows. A ``\r`` that ends ``data`` (the file's last line end) is fine.
+    """
+    double = data.find(b"\r\r\n")
+    lone = _LONE_CR.search(data)  # also the first \r of a \r\r\n: the same position
+    if lone is not None and (double < 0 or lone.start() < double):
+        at, kind = lone.start(), _CR
+    elif double >= 0:
+        at, kind = double, _CR_CR_LF
+    else:
+        return None
+    return _odd_line_end(path, kind, first_line + data.count(b"\n", 0, at))
+
+
+_CR_CR_LF = "\\r\\r\\n (a file written by Python's csv module without newline='')"
+_CR = "\\r only (old Mac format)"
+
+
+def _odd_line_end(path: Path, kind: str, line: int) -> DataError:
+    r"""The error for ``\r\r\n`` (``kind`` ``_CR_CR_LF``) or lone ``\r`` (``_CR``) line ends,
+    found in the header (line 1: the whole file's line ends) or at ``line``."""
+    if kind == _CR_CR_LF:
+        hint = "write it with newline='' or convert it"
+    else:
+        hint = "save with \\n or \\r\\n line ends"
+    if line == 1:
+        problem = f"line ends are {kind}"
+    else:
+        problem = f"the line ends with {kind.replace('a file written by', 'as written by')}"
+    return DataError(path, problem, line=line, hint=hint)
+
+
+def _with_line(err: DataError, first_row: int) -> DataError:
+    """``err``, or where its line could not be found, the same error at the first line of the
+    range it was found in (``first_row``: that range's first data row)."""
+    if err.line is not None:
+        return err
+    return DataError(
+        err.path,
+        f"{err.problem} (in this line or one of the following)",
+        line=first_row + 2,
+        column=err.column,
+        hint=err.hint,
+    )
 
 
 def _quoted(value: str, limit: int = 40) -> str:

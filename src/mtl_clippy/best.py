@@ -1,0 +1,111 @@
+"""What ``metrics.json`` says about the best checkpoint, and the score a sweep optimises.
+
+``best.ckpt`` is kept by ``callbacks.model_checkpoint.monitor``, which may be any metric the
+run logs (``val/auc_mean`` by default, a validation log loss, ``train/loss``), or none (the
+last epoch). Its record in metrics.json therefore names the metric and its value apart::
+
+    "best": {"monitor": "val/logloss_click", "score": 0.4183, "val/auc_mean": 0.7012,
+             "checkpoint": "checkpoints/best.ckpt", "epoch": 3}
+
+``score`` is the monitored metric's value at the best checkpoint (null when no metric chose
+it); ``val/auc_mean`` is always the mean validation AUC of that checkpoint's epoch (null
+without validation, or where it was undefined), so a sweep's ``best_val_auc_mean`` column
+never holds another metric's number. The mean AUC of an epoch other metrics chose is read
+from the checkpoint itself: :class:`ValidationRecord` stores it with every checkpoint.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+
+from mtl_clippy import config_checks
+from mtl_clippy import resume as resume_mod
+
+#: The metric a sweep's ``best_val_auc_mean`` column and :func:`auc_at_best` report.
+AUC_MEAN = "val/auc_mean"
+
+
+def _finite(value: Any) -> float | None:
+    try:
+        v = float(value.item() if hasattr(value, "item") else value)
+    except (TypeError, ValueError):
+        return None
+    return v if math.isfinite(v) else None
+
+
+class ValidationRecord(pl.Callback):
+    """Keeps the epoch and ``val/auc_mean`` of the latest validation, in every checkpoint.
+
+    Lightning runs checkpoint callbacks after all others, so a checkpoint taken after a
+    validation holds that validation's mean AUC: metrics.json reads it from ``best.ckpt``
+    when another metric chose the checkpoint. It changes nothing in training.
+    """
+
+    def __init__(self) -> None:
+        self.epoch: int | None = None
+        self.auc_mean: float | None = None
+
+    @property
+    def state_key(self) -> str:
+        return "ValidationRecord"
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking:  # not an epoch of training
+            return
+        self.epoch = int(trainer.current_epoch)
+        self.auc_mean = _finite(trainer.callback_metrics.get(AUC_MEAN))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, AUC_MEAN: self.auc_mean}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.epoch = state_dict.get("epoch")
+        self.auc_mean = state_dict.get(AUC_MEAN)
+
+
+def summary(
+    checkpoint_callback: Any, validation: bool, out_dir: Path, val: dict[str, Any]
+) -> dict[str, Any]:
+    """metrics.json's ``best``: what chose the checkpoint (``monitor``), the monitored value
+    there (``score``), that epoch's ``val/auc_mean``, the file and its epoch.
+
+    ``val`` is the last validation's metrics (``summary["val"]``): without a checkpoint
+    callback the final weights are tested, and their mean AUC is the last one.
+    """
+    monitor = config_checks.best_monitor(checkpoint_callback, validation)
+    path = getattr(checkpoint_callback, "best_model_path", "") or ""
+    watched = getattr(checkpoint_callback, "monitor", None)
+    score = _finite(getattr(checkpoint_callback, "best_model_score", None)) if watched else None
+    best: dict[str, Any] = {
+        "monitor": monitor,
+        "score": score,
+        AUC_MEAN: None,
+        "checkpoint": os.path.relpath(path, out_dir) if path else None,
+    }
+    if checkpoint_callback is None:
+        best[AUC_MEAN] = val.get("auc_mean")
+        return best
+    if watched == AUC_MEAN:
+        best[AUC_MEAN] = score
+    if path:
+        ckpt = resume_mod.load_checkpoint(path)  # weights_only=True: runs no code
+        best["epoch"] = ckpt.get("epoch")
+        record = (ckpt.get("callbacks") or {}).get("ValidationRecord") or {}
+        if watched != AUC_MEAN and record.get("epoch") == ckpt.get("epoch"):
+            best[AUC_MEAN] = _finite(record.get(AUC_MEAN))
+    return best
+
+
+def score(best: dict[str, Any] | None) -> float | None:
+    """What ``train.main`` returns to Hydra (a sweeper such as Optuna optimises it): the
+    monitored metric's value at the best checkpoint, ``best["score"]``. Its direction is the
+    checkpoint's ``mode``: higher is better for ``val/auc_mean`` (the default; an Optuna
+    sweep sets ``direction: maximize``), lower for a loss. None where no metric chose the
+    checkpoint (``monitor: null``, no validation rows), which a sweeper records as a failed
+    trial."""
+    return (best or {}).get("score")
