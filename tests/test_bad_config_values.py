@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 import torch
@@ -212,8 +213,8 @@ def test_any_value_is_built_or_one_line_naming_its_key(group, data, base):
     key: by check_config in the rule's words, or (keys the table leaves to the code that
     takes them: the data module's sizes, ClippyAdagrad's thresholds, ...) by that code.
     Allowed values may still be refused by the code where the table says it checks further
-    (an lr's sign, an empty layer list for a backbone that needs a layer, an accelerator
-    this machine lacks), in one line too."""
+    (an empty layer list for a backbone that needs a layer, an accelerator this machine
+    lacks), in one line too."""
     key = data.draw(st.sampled_from(BUILT[group]), label="key")
     value = data.draw(VALUES, label="value")
     if key.startswith("model.") and isinstance(value, int | list):  # sizes: keep them small
@@ -302,8 +303,24 @@ NAMED = [
     ("trainer.max_epochs=-2", "trainer.max_epochs: expected"),
     ("+trainer.max_steps=0", "trainer.max_steps: expected a whole number >= 1, or -1 (no limit), got 0"),
     ("callbacks.step_checkpoint.every_n_train_steps=0", "callbacks.step_checkpoint.every_n_train_steps: expected a whole number >= 1, got 0"),
-    ("optim.lr=abc", "optim.lr: expected a finite number, got 'abc'"),
-    ("optim.lr=inf", "optim.lr: expected a finite number, got inf"),
+    ("optim.lr=abc", "optim.lr: expected a finite number >= 0, got 'abc'"),
+    ("optim.lr=inf", "optim.lr: expected a finite number >= 0, got inf"),
+    # torch's optimizers said "optim: Invalid learning rate: -0.1" (no key, no range)
+    ("optim.lr=-0.1", "optim.lr: expected a finite number >= 0, got -0.1"),
+    # interpolations that cannot be resolved (a traceback, and for optim.lr and seed no
+    # metrics.json: the summary read them first)
+    ("optim.lr=${nope}", "optim.lr: cannot resolve ${nope} (Interpolation key 'nope' not found)"),
+    ("seed=${oc.env:MTL_CLIPPY_TEST_UNSET}", "seed: cannot resolve ${oc.env:MTL_CLIPPY_TEST_UNSET} (Environment variable 'MTL_CLIPPY_TEST_UNSET' not found)"),
+    ("trainer.max_epochs=${nope}", "trainer.max_epochs: cannot resolve ${nope} ("),
+    ("data.batch_size=${nope}", "data.batch_size: cannot resolve ${nope} ("),
+    ("callbacks.early_stopping.patience=${nope}", "callbacks.early_stopping.patience: cannot resolve ${nope} ("),
+    ("task_weights=[${nope},1]", "task_weights: cannot resolve ${nope} ("),
+    # beyond torch's C integers (an overflow from torch.set_num_threads / torch.empty)
+    (f"threads={2**70}", f"threads: expected a whole number in [1, 1024], or null, got {2**70}"),
+    (f"model.embed_dim={2**70}", f"model.embed_dim: expected a whole number in [1, 1048576], got {2**70}"),
+    (f"model.bottom_dims=[{2**21}]", "model.bottom_dims: expected a list of whole numbers >= 1 and <= 1048576"),
+    # a ZeroDivisionError from Lightning
+    ("+trainer.val_check_interval=0", "trainer.val_check_interval: expected a whole number of training batches >= 1, a fraction in (0, 1] of an epoch, or null, got 0"),
     ("test=abc", "test: expected true or false"),
     ("trainer.limit_train_batches=0", "trainer.limit_train_batches: expected"),
     ("trainer.check_val_every_n_epoch=0", "trainer.check_val_every_n_epoch: expected"),
@@ -407,7 +424,7 @@ def e2e(tmp_path_factory) -> dict:
     ("name", "message"),
     [
         ("seed", "seed: expected a whole number in [0, 4294967295], got 1.5"),
-        ("lr", "optim.lr: expected a finite number, got 'abc'"),
+        ("lr", "optim.lr: expected a finite number >= 0, got 'abc'"),
     ],
 )  # fmt: skip
 def test_train_py_bad_value_is_one_line_status_2_and_a_failed_metrics_json(e2e, name, message):
@@ -417,7 +434,7 @@ def test_train_py_bad_value_is_one_line_status_2_and_a_failed_metrics_json(e2e, 
     (metrics,) = root.glob("outputs/runs/*/metrics.json")
     summary = json.loads(metrics.read_text())
     assert summary["status"] == "failed" and summary["error"] == f"ConfigError: {message}"
-    assert summary["seed"] == (None if name == "seed" else 42)
+    assert summary["seed"] == (None if name == "seed" else 42)  # read without failing
     assert summary["lr"] == (None if name == "lr" else 0.1)
     assert not (root / "data").exists()  # nothing built
 
@@ -480,3 +497,258 @@ def test_train_py_without_a_validation_split(tmp_path):
     assert 0 < m["test"]["auc_click"] < 1
     assert "| click " in res.stdout and "no validation: early stopping off" in res.stdout
     assert (run / "checkpoints" / "best.ckpt").is_file()
+
+
+# ----------------------------------------------------------------------------- wrong for the data
+# Values a rule allows that the data makes impossible: checked once the data is set up.
+
+
+def _main(cfg, capsys):
+    """``train.main`` in-process: (exit status, stderr, metrics.json or None)."""
+    capsys.readouterr()
+    try:
+        app.main(cfg)
+        code = 0
+    except SystemExit as exc:
+        code = exc.code
+    err = capsys.readouterr().err
+    path = Path(cfg.paths.output_dir) / "metrics.json"
+    return code, err, json.loads(path.read_text()) if path.is_file() else None
+
+
+def _with(base, tmp_path, overrides: list[str]):
+    cfg = base.copy()
+    for override in overrides:
+        key, value = override.lstrip("+").split("=", 1)
+        OmegaConf.update(cfg, key, _parse(value), force_add=True)
+    OmegaConf.update(cfg, "paths.output_dir", str(tmp_path / "run"))
+    return cfg
+
+
+#: (overrides, the error's start) on TINY data: 2700 training rows (10 batches of 256), 300
+#: validation rows (1 batch of data.eval_batch_size=8192).
+FOR_THE_DATA = [
+    # Lightning: MisconfigurationException "... 0.5 * 1 < 1" (a traceback)
+    (["trainer.limit_val_batches=0.5"], "trainer.limit_val_batches: 0.5 of the 1 validation batch (300 rows, data.eval_batch_size=8192) is no batch; expected at least 1.0 (one batch), a whole number of batches >= 1, or null (all)"),
+    (["trainer.limit_train_batches=0.05"], "trainer.limit_train_batches: 0.05 of the 10 training batches (2700 rows, data.batch_size=256) is no batch; expected at least 0.1 (one batch)"),
+    # Lightning: ValueError mid-setup of the fit
+    (["+trainer.val_check_interval=50"], "trainer.val_check_interval: expected at most the 10 training batches of an epoch, or a fraction in (0, 1] of it, got 50"),
+    # 1 validation row: every AUC NaN, best.ckpt chosen on NaN ("completed")
+    (["data.val_fraction=0.0001"], "data.val_fraction=0.0001 holds out 1 of the 3000 training rows for validation, too few for an AUC (it needs a positive and a negative); expected at least 0.00067 here, or 0 (no validation)"),
+    # said "<file>: 3000 rows are too few to hold out 100% for validation"
+    (["data.val_fraction=0.9999"], "data.val_fraction=0.9999 holds out all 3000 training rows for validation, leaving none to train on; expected at most 0.9996 (or 0: no validation)"),
+    (["data.train_rows=1"], "data.train_rows=1: too few to hold out data.val_fraction=0.1 for validation and train on the rest; expected at least 2, or data.val_fraction=0 (no validation)"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"), FOR_THE_DATA, ids=[o[0] for o, _ in FOR_THE_DATA]
+)
+def test_values_wrong_for_the_data_are_one_line(overrides, expected, base, tmp_path, capsys):
+    code, err, summary = _main(_with(base, tmp_path, overrides), capsys)
+    assert code == 2, err[-2000:]
+    lines = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1 and lines[0].startswith(f"error: {expected}"), err[-2000:]
+    assert summary["status"] == "failed" and "traceback" not in summary
+    assert summary["error"] == f"ConfigError: {lines[0][len('error: ') :]}"
+
+
+def _loader_batches(rows: int, size: int, world: int, train: bool) -> int:
+    from mtl_clippy.data.datamodule import EpochBatchSampler
+
+    return min(
+        len(EpochBatchSampler(rows, size, shuffle=train, rank=r, world_size=world, drop_last=train))
+        for r in range(world)
+    )
+
+
+@given(
+    rows=st.integers(1, 5000),
+    size=st.integers(1, 700),
+    world=st.integers(1, 4),
+    split=st.sampled_from(["train", "val", "test"]),
+    fraction=st.floats(1e-4, 1.0),
+)
+def test_a_batch_fraction_is_rejected_exactly_when_lightning_would(
+    rows, size, world, split, fraction
+):
+    """``check_batches`` raises where Lightning's own check would (``int(fraction x
+    batches) == 0``), and the fraction it suggests gives Lightning at least one batch."""
+    from types import SimpleNamespace
+
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+    from lightning.pytorch.trainer.connectors.data_connector import _parse_num_batches
+
+    assume(rows >= world)
+    counts = {"train": 5000, "val": 5000, "test": 5000, split: rows}
+    dm = SimpleNamespace(
+        metadata=SimpleNamespace(extra={"rows": counts}), batch_size=size, eval_batch_size=size
+    )
+    cfg = OmegaConf.create({"trainer": {f"limit_{split}_batches": fraction}})
+    length = _loader_batches(rows, size, world, split == "train")
+    stage = {"train": "train", "val": "sanity_check", "test": "test"}[split]
+    try:
+        _parse_num_batches(stage, length, fraction)
+        lightning_fails = False
+    except MisconfigurationException:
+        lightning_fails = True
+    try:
+        config_checks.check_batches(cfg, dm, world)
+    except ConfigError as exc:
+        assert lightning_fails, str(exc)
+        message = _one_line(exc)
+        assert message.startswith(f"trainer.limit_{split}_batches: {fraction} of the {length} ")
+        suggested = float(message.split("expected at least ")[1].split(" ")[0])
+        assert 0 < suggested <= 1 and _parse_num_batches(stage, length, suggested) >= 1
+    else:
+        assert not lightning_fails
+
+
+@given(n=st.integers(2, 10**7), fraction=st.floats(0.0, 0.9999999))
+def test_the_suggested_val_fraction_works(n, fraction):
+    """The value named for ``data.val_fraction`` (its largest value that leaves a training
+    row, or its smallest that holds out an AUC's 2 rows) does what the message says, with
+    the data module's own rounding."""
+    from types import SimpleNamespace
+
+    from mtl_clippy.data.datamodule import AliExpressDataModule
+
+    def held_out(f: float) -> int:
+        return max(round(n * f), 1) if f > 0 else 0
+
+    assume(fraction > 0)
+    n_val = held_out(fraction)
+    if n - n_val < 1:  # the data module's own check
+        fake = SimpleNamespace(val_fraction=fraction, train_rows=None)
+        message = str(AliExpressDataModule._too_few_to_train(fake, "train.csv", n))
+        assert message.startswith(f"data.val_fraction={fraction} holds out all {n} ")
+        most = float(message.split("expected at most ")[1].split(" ")[0])
+        assert 0 < most < 1 and n - held_out(most) >= 1
+        return
+    fake = SimpleNamespace(metadata=SimpleNamespace(extra={"rows": {"train": n - n_val, "val": n_val}}),
+                           train_rows=n)  # fmt: skip
+    cfg = OmegaConf.create({"data": {"val_fraction": fraction}})
+    if n_val >= config_checks.MIN_VAL_ROWS:
+        return  # the classes are checked on the rows themselves (below)
+    with pytest.raises(ConfigError) as info:
+        config_checks.check_data(cfg, fake)
+    message = _one_line(info.value)
+    if "expected at least " in message and " here" in message:
+        needed = float(message.split("expected at least ")[1].split(" ")[0])
+        assert needed < 1 and held_out(needed) >= 2 and n - held_out(needed) >= 1
+    else:  # no fraction can do both
+        assert message.startswith(f"data.train_rows={n}: too few") and n <= 3
+
+
+# ----------------------------------------------------------------------------- endless, filename
+
+
+def test_no_validation_and_no_limit_never_ends_so_it_is_rejected(base):
+    """Without validation early stopping on val/auc_mean is off: with max_epochs=-1 and no
+    step or time limit nothing would end the run."""
+    cfg = base.copy()
+    OmegaConf.update(cfg, "data.val_fraction", 0.0)
+    OmegaConf.update(cfg, "trainer.max_epochs", -1)
+    with pytest.raises(ConfigError, match=r"^trainer\.max_epochs: -1 \(no limit\) never ends without validation \(data\.val_fraction=0: early stopping is off\)"):  # fmt: skip
+        check_config(cfg)
+    for key, value in (("trainer.max_steps", 50), ("trainer.max_time", "00:01:00:00"),
+                       ("callbacks.early_stopping.monitor", "train/loss")):  # fmt: skip
+        ended = cfg.copy()
+        OmegaConf.update(ended, key, value, force_add=True)
+        if key.endswith("monitor"):
+            OmegaConf.update(ended, "callbacks.early_stopping.mode", "min")
+        check_config(ended)  # something ends it
+    limited = cfg.copy()
+    OmegaConf.update(limited, "data.val_fraction", 0.1)
+    OmegaConf.update(limited, "trainer.limit_val_batches", 0)
+    with pytest.raises(ConfigError, match=r"trainer\.limit_val_batches=0: early stopping"):
+        check_config(limited)
+
+
+def test_lightnings_default_checkpoint_name_is_allowed(base, tmp_path):
+    """``callbacks.model_checkpoint.filename=null``: Lightning names the file
+    ``<epoch>-<step>.ckpt``; it was rejected as not a text."""
+    cfg = base.copy()
+    OmegaConf.update(cfg, "callbacks.model_checkpoint.filename", None)
+    check_config(cfg)
+    callbacks = app._instantiate_all(cfg.callbacks)
+    assert any(getattr(c, "filename", "") is None for c in callbacks)
+
+
+def test_every_optimizer_rejects_a_negative_lr_by_its_key(base):
+    for optim in _choices("optim"):
+        cfg = base.copy()
+        cfg.optim = _load("optim", optim)
+        cfg.optim.lr = -0.1
+        with pytest.raises(ConfigError, match=r"^optim\.lr: expected a finite number >= 0, got -0\.1$"):  # fmt: skip
+            check_config(cfg)
+
+
+# ----------------------------------------------------------------------------- the best checkpoint
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["callbacks.model_checkpoint.monitor=val/logloss_click", "callbacks.model_checkpoint.mode=min"],
+        ["data.val_fraction=0", "callbacks.model_checkpoint.monitor=train/loss", "callbacks.model_checkpoint.mode=min"],
+    ],
+    ids=["val-logloss", "no-validation-train-loss"],
+)  # fmt: skip
+def test_best_names_its_metric_and_keeps_val_auc_mean_apart(overrides, base, tmp_path, capsys):
+    """best.ckpt kept by another metric than val/auc_mean: metrics.json's ``best`` names it
+    (``monitor``) with its value (``score``, what train.main returns to a sweeper), and
+    ``val/auc_mean`` is that epoch's mean AUC (null without validation); it held the
+    monitored value before, a log loss or a train loss filed as an AUC."""
+    cfg = _with(base, tmp_path, overrides)
+    capsys.readouterr()
+    returned = app.main(cfg)
+    summary = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    best = summary["best"]
+    monitor = overrides[-2].split("=", 1)[1]
+    assert summary["status"] == "completed" and best["monitor"] == monitor
+    assert isinstance(best["score"], float) and returned == best["score"]
+    assert best["checkpoint"] == "checkpoints/best.ckpt" and best["epoch"] == 0
+    if summary["val"]:
+        assert best["val/auc_mean"] == summary["val"]["auc_mean"]  # one epoch: the same
+        assert best["score"] == summary["val"]["logloss_click"]
+    else:
+        assert best["val/auc_mean"] is None
+
+
+def test_the_default_best_is_val_auc_mean(tmp_path):
+    """``mtl_clippy.best.summary`` on a checkpoint callback that watched val/auc_mean: the
+    score and val/auc_mean are the same number; without a checkpoint callback, the final
+    validation's mean AUC (the weights tested) and no score."""
+    from types import SimpleNamespace
+
+    from mtl_clippy import best
+
+    cb = SimpleNamespace(
+        monitor="val/auc_mean", best_model_score=torch.tensor(0.7), best_model_path=""
+    )
+    out = best.summary(cb, True, tmp_path, {"auc_mean": 0.69})
+    assert out == {"monitor": "val/auc_mean", "score": pytest.approx(0.7), "val/auc_mean": pytest.approx(0.7), "checkpoint": None}  # fmt: skip
+    assert best.score(out) == pytest.approx(0.7)
+    none = best.summary(None, True, tmp_path, {"auc_mean": 0.69})
+    assert none["monitor"] is None and none["score"] is None and none["val/auc_mean"] == 0.69
+
+
+def test_a_validation_split_with_one_class_keeps_the_last_epoch(base, tmp_path, capsys, caplog):
+    """30 validation rows without a positive conversion: val/auc_conversion and so
+    val/auc_mean are NaN every epoch. One warning names data.val_fraction and the task;
+    best.ckpt is the last epoch and early stopping is off, and metrics.json says why (a
+    best.ckpt kept by a NaN score, early stopping on it, before)."""
+    cfg = _with(base, tmp_path, ["data.val_fraction=0.01", "trainer.max_epochs=2"])
+    capsys.readouterr()
+    with caplog.at_level("WARNING", logger="mtl_clippy"):
+        app.main(cfg)
+    warned = [r.getMessage() for r in caplog.records if "data.val_fraction=0.01" in r.getMessage()]
+    assert len(warned) == 1 and "no positive conversion (30 rows)" in warned[0], warned
+    summary = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    why = "val/auc_mean undefined: the validation split has no positive conversion"
+    assert summary["status"] == "completed" and summary["epochs"] == 2
+    assert summary["best"]["monitor"] == f"last epoch ({why})" and summary["best"]["epoch"] == 1
+    assert summary["best"]["score"] is None and summary["best"]["val/auc_mean"] is None
+    assert summary["early_stopping"] == f"off ({why})"
+    assert f"best.ckpt: last epoch ({why})" in capsys.readouterr().out

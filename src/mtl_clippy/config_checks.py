@@ -808,9 +808,9 @@ def check_data(cfg: Any, datamodule: Any) -> dict[str, str]:
 
             logging.getLogger("mtl_clippy").warning(
                 "data.val_fraction=%s: %s (%d rows), so val/auc_%s and val/auc_mean are "
-                "undefined (NaN) every epoch: best.ckpt is the last epoch and early stopping "
-                "on them is off; raise data.val_fraction for a validation split with both "
-                "classes",
+                "undefined (NaN) every epoch: a best.ckpt watching them keeps the last epoch "
+                "and early stopping on them is off; raise data.val_fraction for a validation "
+                "split with both classes",
                 fraction, why, n_val, task,
             )  # fmt: skip
     return undefined

@@ -394,6 +394,37 @@ def _saved_this_step(trainer: pl.Trainer) -> bool:
     return False
 
 
+class WorkerInit:
+    """The ``worker_init_fn`` of the DataLoaders: a data-loading worker ignores the stop
+    signals, and then seeds itself as Lightning's would.
+
+    A scheduler stops a job by signalling its whole process group (SLURM's preemption and
+    ``scancel``, ``kill -TERM -<pgid>``, systemd, a terminal's Ctrl-C), which includes the
+    DataLoader's worker processes. A worker that dies of the signal makes the main process
+    fail with "DataLoader worker ... is killed by signal" before it can save its step, and the
+    run ends ``failed`` instead of ``interrupted``. Ignoring the signals in the workers
+    leaves the stop to the main process, which ends them itself when it exits. Setting a
+    ``worker_init_fn`` stops Lightning from adding its own (``seed_everything(workers=True)``
+    adds ``pl_worker_init_function`` only where there is none), so this one calls it, as
+    Lightning would, when ``PL_SEED_WORKERS`` says so.
+    """
+
+    def __init__(self, rank: int = 0) -> None:
+        self.rank = rank
+
+    def __call__(self, worker_id: int) -> None:
+        for signum in WORKER_IGNORED:
+            signal.signal(signum, signal.SIG_IGN)
+        if int(os.environ.get("PL_SEED_WORKERS", 0)):
+            from lightning.fabric.utilities.seed import pl_worker_init_function
+
+            pl_worker_init_function(worker_id, rank=self.rank)
+
+
+#: Signals that a DataLoader worker ignores (see :class:`WorkerInit`).
+WORKER_IGNORED = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGHUP)
+
+
 #: The instance whose handlers are installed (``uninstall`` puts the previous ones back).
 _ACTIVE: StopOnSignal | None = None
 

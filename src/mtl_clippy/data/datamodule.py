@@ -513,6 +513,10 @@ class AliExpressDataModule(L.LightningDataModule):
         cls: type[DataLoader] = DataLoader
         if train:
             cls, kwargs["position"] = ResumableDataLoader, self._train_position
+        if self.num_workers > 0:  # workers leave SIGTERM & co. to the main process
+            from mtl_clippy.preemption import WorkerInit
+
+            kwargs["worker_init_fn"] = WorkerInit(rank)
         return cls(
             dataset,
             sampler=sampler,

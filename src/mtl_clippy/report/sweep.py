@@ -47,7 +47,8 @@ def variant_of(overrides: list[str]) -> str | None:
     return ",".join(sorted(keep)) or None
 
 
-LAST_COLUMNS = ["best_val_auc_mean", "epochs", "steps", "wall_time_s", "samples_per_s", "error"]
+LAST_COLUMNS = ["best_monitor", "best_score", "best_val_auc_mean", "epochs", "steps",
+                "wall_time_s", "samples_per_s", "error"]  # fmt: skip
 
 
 def _row(path: Path, root: Path) -> dict[str, Any]:
@@ -63,7 +64,13 @@ def _row(path: Path, root: Path) -> dict[str, Any]:
     for key, value in sorted((m.get("bayes") or {}).items()):
         if key.startswith("auc_"):
             row[f"bayes_{key}"] = value
-    row["best_val_auc_mean"] = (m.get("best") or {}).get("val/auc_mean")
+    best = m.get("best") or {}
+    # The mean validation AUC of the best checkpoint's epoch, whatever chose it; a run whose
+    # best.ckpt followed another metric (model_checkpoint.monitor) also gets that metric and
+    # its value (only then: a table of default runs keeps its columns).
+    if best.get("monitor") not in (None, "val/auc_mean"):
+        row["best_monitor"], row["best_score"] = best.get("monitor"), best.get("score")
+    row["best_val_auc_mean"] = best.get("val/auc_mean")
     for key in ("epochs", "steps", "wall_time_s", "samples_per_s"):
         row[key] = m.get(key)
     div = m.get("divergence") or {}
