@@ -22,13 +22,24 @@ if __name__ == "__main__":
 
     exit_on_bad_overrides(sys.argv[1:], Path(__file__).resolve().parent / "configs", "train")
 
+    # SIGTERM / Ctrl-C while Lightning is imported and Hydra starts: the run stops on it
+    # as soon as it can record the stop (metrics.json "interrupted"), instead of dying.
+    from mtl_clippy import early_signals
+
+    early_signals.install()
+
 # Also registers the config resolvers that configs/hydra uses, before Hydra resolves them.
+from mtl_clippy import preemption
 from mtl_clippy.train import main as run
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    return run(cfg)
+    # The signal handlers (SIGTERM, Ctrl-C: stop with a checkpoint) for the whole task: a
+    # signal before the run can record it stops it once it can, one after its result is
+    # written changes nothing (mtl_clippy.preemption.guard).
+    with preemption.guard():
+        return run(cfg)
 
 
 if __name__ == "__main__":

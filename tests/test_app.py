@@ -410,7 +410,7 @@ def test_failing_job_does_not_stop_the_sweep(tmp_path, data_root):
         (["optim=lamb"], "clippy"),
         (["data=aliexpress", "data.data_dir=DIR"], "train.csv"),
         (["model.sparse_embeddings=true", "optim=adam"], "sparse"),
-        (["optim.lr=-1"], "lr must be >= 0"),
+        (["optim.lr=-1"], "optim.lr: expected a finite number >= 0, got -1"),
     ],
 )
 def test_user_mistakes_get_one_clear_message(args, expected, tmp_path):

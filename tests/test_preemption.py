@@ -78,9 +78,11 @@ def start_and_signal(
     signum: int,
     env: dict | None = None,
     timeout: float = 300,
+    group: bool = False,
 ) -> subprocess.CompletedProcess:
     """Start `python train.py ARGS` in ``cwd``, send it ``signum`` as soon as a file matching
-    ``wait_for`` (a glob under ``cwd``) exists, and wait for it to end by itself."""
+    ``wait_for`` (a glob under ``cwd``) exists, and wait for it to end by itself. ``group``:
+    to its whole process group (its DataLoader workers too), as SLURM and systemd do."""
     cmd = [sys.executable, str(ROOT / "train.py"), *args]
     proc = subprocess.Popen(
         cmd,
@@ -101,7 +103,7 @@ def start_and_signal(
             if time.monotonic() > deadline:
                 raise AssertionError(f"no {wait_for} within {timeout} s")
             time.sleep(0.002)
-        os.kill(proc.pid, signum)
+        (os.killpg if group else os.kill)(proc.pid, signum)
         _, err = proc.communicate(timeout=timeout)
         for _ in range(300):  # every process it started (DDP ranks) ends too, none hangs
             try:
@@ -190,8 +192,8 @@ def test_sigterm_mid_epoch_saves_the_step_and_resumes_to_identical_numbers(
     metrics = _check_interrupted(run, res, "SIGTERM", 143)
     assert BATCHES_PER_EPOCH < metrics["steps"] < 40  # in the second epoch
     assert metrics["resume_command"] == shlex.join(
-        ["python", str(ROOT / "train.py"), *args, "resume=true"]
-    )
+        ["python", str(ROOT / "train.py"), *args, f"resume={run.resolve()}"]
+    )  # the run's own folder: resume=true would pick the newest run of these overrides
 
     # The printed command continues it in its folder, to the numbers of an uninterrupted run.
     res = _run_command(metrics["resume_command"], tmp_path)
@@ -219,7 +221,7 @@ def test_ctrl_c_mid_epoch_exits_130_with_a_checkpoint_of_the_step(tmp_path, data
     run = _only_run(tmp_path)
     metrics = _check_interrupted(run, res, "SIGINT", 130)
     assert 5 <= metrics["steps"] < BATCHES_PER_EPOCH
-    assert metrics["resume_command"].endswith(" resume=true")
+    assert metrics["resume_command"].endswith(f" resume={run.resolve()}")
 
 
 @pytest.mark.slow  # about 25 s; the default suite resumes a SIGTERM-ed run
@@ -434,9 +436,11 @@ def _signal_at(step: int, *signums: int, stage: str = "train"):
     return hook
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
 def test_a_signal_in_the_middle_of_a_step_stops_after_it_with_its_checkpoint(tmp_path, signum):
     before = signal.getsignal(signum)
+    if signum == signal.SIGHUP and before == signal.SIG_IGN:
+        pytest.skip("the tests run under nohup")  # then the run leaves SIGHUP ignored
     # Inside training_step of the 8th step (7 done), before its backward pass and update.
     trainer, _, raised = _fit(tmp_path, _signal_at(7, signum), every_n=5)
     assert isinstance(raised, RunInterrupted) and raised.signum == signum
@@ -617,3 +621,217 @@ def test_requeue_calls_scontrol_with_the_job_or_array_task(tmp_path_factory, job
         if status == 0
         else f"requeueing SLURM job {wanted} failed: scontrol exited with 1"
     )
+
+
+class _Handlers(torch.utils.data.Dataset):
+    """One item: the SIGTERM, SIGINT, SIGUSR1 and SIGHUP handlers of the process reading it."""
+
+    def __len__(self) -> int:
+        return 1
+
+    def __getitem__(self, index):
+        sigs = preemption.WORKER_IGNORED
+        return torch.tensor([signal.getsignal(s) == signal.SIG_IGN for s in sigs])
+
+
+def test_dataloader_workers_ignore_the_stop_signals_and_keep_lightnings_seeding(monkeypatch):
+    # A scheduler signals the whole process group: a worker that died of SIGTERM made the
+    # main process fail ("DataLoader worker ... killed by signal") instead of stopping.
+    loader = DataLoader(
+        _Handlers(), batch_size=None, num_workers=1, worker_init_fn=preemption.WorkerInit()
+    )
+    assert next(iter(loader)).tolist() == [True] * 4
+    # Setting a worker_init_fn keeps Lightning from adding its own: ours calls it.
+    from lightning.fabric.utilities import seed
+
+    calls = []
+    monkeypatch.setattr(seed, "pl_worker_init_function", lambda w, rank: calls.append((w, rank)))
+    saved = {s: signal.getsignal(s) for s in preemption.WORKER_IGNORED}
+    try:
+        monkeypatch.setenv("PL_SEED_WORKERS", "0")
+        preemption.WorkerInit(rank=2)(3)
+        monkeypatch.setenv("PL_SEED_WORKERS", "1")
+        preemption.WorkerInit(rank=2)(3)
+    finally:
+        for s, handler in saved.items():
+            signal.signal(s, handler)
+    assert calls == [(3, 2)]
+
+
+@pytest.mark.parametrize("name", ["run_1", "a b,c", "it's [x]=1"])
+def test_the_resume_command_names_the_run_folder_quoted_for_shell_and_hydra(tmp_path, name):
+    # resume=true picks the newest run of the same overrides: after the same command ran
+    # again, it would continue that other run, never this one.
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    folder = tmp_path / name
+    argv = shlex.split(preemption.resume_command(folder))
+    assert argv[:2] == ["python", "train.py"] and len(argv) == 3
+    override = OverridesParser.create().parse_override(argv[2])
+    assert override.key_or_group == "resume" and override.value() == str(folder.resolve())
+
+
+def test_sighup_stops_like_sigterm_with_129_unless_started_under_nohup():
+    # A closed terminal or ssh connection: without a handler the run died between two
+    # checkpoints and left no metrics.json.
+    assert RunInterrupted(signal.SIGHUP).exit_code == 129
+    before = signal.getsignal(signal.SIGHUP)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        StopOnSignal().install()
+        assert signal.getsignal(signal.SIGHUP) == signal.SIG_IGN  # nohup: stays ignored
+        preemption.uninstall()
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
+        stopper = StopOnSignal().install()
+        assert signal.getsignal(signal.SIGHUP) == stopper._on_signal
+        preemption.uninstall()
+        assert signal.getsignal(signal.SIGHUP) == signal.SIG_DFL
+    finally:
+        preemption.uninstall()
+        signal.signal(signal.SIGHUP, before)
+
+
+def test_sigterm_to_the_process_group_with_dataloader_workers_stops_the_run(tmp_path, data_dir):
+    # The workers got the signal too and died of it: the run failed ("DataLoader worker ...
+    # killed by signal") instead of stopping with its step saved.
+    args = _args(tmp_path, data_dir, "trainer.max_epochs=1", "data.num_workers=2")
+    res = start_and_signal(
+        args, tmp_path, "outputs/runs/*/checkpoints/step-0000005.ckpt", signal.SIGTERM,
+        group=True,
+    )  # fmt: skip
+    _check_interrupted(_only_run(tmp_path), res, "SIGTERM", 143)
+
+
+def test_resume_state_keeps_the_validation_metrics_and_optimizer_paths(tmp_path):
+    # A resumed run that validates no more (stopped in its last, partial epoch under
+    # trainer.max_steps, or during testing) had no val metrics: early stopping failed on a
+    # missing metric at every resume, and metrics.json lost val and optimizer_path.
+    from types import SimpleNamespace
+
+    from mtl_clippy.callbacks.checkpointing import ResumeState
+    from mtl_clippy.optim.clippy import ClippyAdagrad
+
+    opt = ClippyAdagrad([torch.nn.Parameter(torch.zeros(2))], lr=0.1)
+    opt._record(0)["dense"].add("single")
+    metrics = {"val/auc_mean": torch.tensor(0.71), "train/loss": torch.tensor(0.3)}
+    saver = ResumeState()
+    saver._trainer = SimpleNamespace(callback_metrics=metrics, optimizers=[opt])
+    torch.save({"ResumeState": saver.state_dict()}, tmp_path / "state.ckpt")
+    loaded = torch.load(tmp_path / "state.ckpt", weights_only=True)["ResumeState"]
+
+    fresh = ClippyAdagrad([torch.nn.Parameter(torch.zeros(2))], lr=0.1)
+    resumed = SimpleNamespace(callback_metrics={}, optimizers=[fresh])
+    loader = ResumeState()
+    loader.load_state_dict(loaded)
+    loader.on_fit_end(resumed, None)  # a fit with nothing left to train
+    assert resumed.callback_metrics == {"val/auc_mean": torch.tensor(0.71)}
+    assert fresh.implementation() == opt.implementation()
+    # Newer values, logged by the resumed run itself, stand.
+    newer = SimpleNamespace(
+        callback_metrics={"val/auc_mean": torch.tensor(0.8)}, optimizers=[], callbacks=[]
+    )
+    loader.load_state_dict(loaded)
+    loader.on_train_start(newer, None)
+    assert newer.callback_metrics == {"val/auc_mean": torch.tensor(0.8)}
+
+
+def test_without_a_step_checkpoint_a_signal_keeps_only_its_own_newest_file(
+    tmp_path, monkeypatch, caplog
+):
+    # callbacks=none: every interrupted attempt left its step-*.ckpt behind; and Lightning
+    # logged "weights_only was not set" at each signal save.
+    from mtl_clippy.callbacks import checkpointing
+
+    monkeypatch.setattr(checkpointing, "_run_folder", lambda: str(tmp_path))
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "step-0000003.ckpt").write_bytes(b"an earlier attempt's")
+    with caplog.at_level("INFO"):
+        _, _, raised = _fit(tmp_path, _signal_at(7, signal.SIGTERM))
+    assert isinstance(raised, RunInterrupted)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-0000008.ckpt"]
+    assert not [r for r in caplog.records if "weights_only" in r.getMessage()]
+
+
+def test_a_signal_before_the_run_can_record_it_stops_it_once_it_can():
+    # guard() sets the handlers before train() starts: SIGTERM there killed the process
+    # and left no metrics.json.
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(RunInterrupted) as info, preemption.guard():
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.05)  # noted only
+        StopOnSignal.for_config({})  # train() inside its try: the stop is recorded
+    assert info.value.exit_code == 143
+    assert signal.getsignal(signal.SIGTERM) == before
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_after_the_result_is_written_changes_nothing(capsys, signum):
+    before = signal.getsignal(signum)
+    with preemption.guard():
+        stopper = StopOnSignal.for_config({})
+        preemption.settle()  # train()'s finally, before metrics.json
+        preemption.uninstall()
+        os.kill(os.getpid(), signum)
+        time.sleep(0.05)  # neither raises nor kills
+    assert stopper.late == signum and signal.getsignal(signum) == before
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        f"{signal.Signals(signum).name} received after the run had ended: nothing to stop "
+        "(metrics.json has its result)"
+    ]
+
+
+def test_uninstall_restores_sigterm_unless_a_requeue_succeeded(monkeypatch):
+    monkeypatch.setenv("SLURM_JOB_ID", "7")
+    before = signal.getsignal(signal.SIGTERM)
+    stopper = StopOnSignal(requeue=True).install()
+    stopper.signum = signal.SIGUSR1  # scontrol requeue failed: SIGTERM must stop it again
+    stopper.uninstall()
+    assert signal.getsignal(signal.SIGTERM) == before
+    stopper = StopOnSignal(requeue=True).install()
+    stopper.signum, stopper.requeued = signal.SIGUSR1, True
+    try:
+        stopper.uninstall()
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_IGN  # SLURM ends the old job
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
+def test_resume_true_on_a_folder_interrupted_before_its_first_checkpoint_starts_afresh(tmp_path):
+    # A SLURM job requeued before its first checkpoint restarts with resume=true in the same
+    # hydra.run.dir: it failed for good with "found no checkpoint".
+    from omegaconf import OmegaConf
+
+    from mtl_clippy.train import _resume_point
+
+    (tmp_path / "metrics.json").write_text(json.dumps({"status": "interrupted", "steps": 0}))
+    cfg = OmegaConf.create({"resume": True, "ckpt_path": None, "paths": {"log_dir": "x"}})
+    assert _resume_point(cfg, tmp_path) == (None, None, None)
+    (tmp_path / "metrics.json").write_text(json.dumps({"status": "failed"}))
+    with pytest.raises(ConfigError, match="found no checkpoint"):
+        _resume_point(cfg, tmp_path)
+
+
+def test_a_signal_while_train_py_starts_stops_the_first_task(monkeypatch):
+    # SIGTERM while Lightning was imported or Hydra started killed the process outright:
+    # no metrics.json, and a requeued SLURM job could not tell the folder from a mistake.
+    from mtl_clippy import early_signals
+
+    monkeypatch.setattr(early_signals, "_started", False)
+    monkeypatch.setattr(early_signals, "_pending", None)
+    monkeypatch.setattr(early_signals, "_previous", {})
+    saved = {s: signal.getsignal(s) for s in early_signals.SIGNALS}
+    try:
+        early_signals.install()
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.05)  # noted only
+        with pytest.raises(RunInterrupted) as info, preemption.guard():
+            StopOnSignal.for_config({})  # train(), inside its try: recorded as interrupted
+        assert info.value.signum == signal.SIGTERM and early_signals.take() is None
+        if saved[signal.SIGINT] is signal.default_int_handler:  # then: as before
+            with pytest.raises(KeyboardInterrupt):
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(1)
+    finally:
+        for s, handler in saved.items():
+            signal.signal(s, handler)

@@ -17,10 +17,17 @@ key that no rule names (an addition such as ``+optim.foo=1``) is left to the cod
 it; a callback's constructor that rejects it is reported in one line too
 (``train._instantiate_all``).
 
+Before any rule, every value must resolve: an interpolation of a key or an environment
+variable that does not exist (``optim.lr=${nope}``) is named in one line (``unresolvable``)
+instead of OmegaConf's traceback from wherever the value is first read.
+
 The second half handles runs without validation rows (``data.val_fraction=0`` or
 ``trainer.limit_val_batches=0``): early stopping and best-checkpoint selection on a ``val/``
 metric have nothing to watch there, so the first is switched off and the second keeps the
-last epoch (``without_validation``).
+last epoch (``without_validation``); the same holds for a validation split that lacks a
+class of a task (its AUC is NaN every epoch). Some values are only wrong for the data they
+meet (a fraction of batches that rounds to none, a validation split of one row): they are
+checked once the data is set up (``check_data``, ``check_batches``).
 """
 
 from __future__ import annotations
@@ -324,7 +331,8 @@ RULES: dict[str, Rule] = {
     "scheduler.mode": _MODES,
     "scheduler.factor": number(0, 1, low_open=True, high_open=True),
     "scheduler.patience": whole(0),
-    "scheduler.threshold": number(0),
+    # any sign: with threshold_mode=abs a negative threshold counts every epoch as better
+    "scheduler.threshold": number(),
     "scheduler.threshold_mode": one_of("rel", "abs"),
     "scheduler.cooldown": whole(0),
     "scheduler.min_lr": number(0),

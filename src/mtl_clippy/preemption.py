@@ -16,7 +16,7 @@ Told by a signal, it stops like this instead:
    ``resume_command``, the command that continues it.
 3. It prints one line on stderr saying so, and exits with status 128 + the signal's number,
    as a shell reports a process that the signal ended: 143 for SIGTERM, 130 for SIGINT, 138
-   for SIGUSR1.
+   for SIGUSR1. SIGHUP (a closed terminal or ssh connection) stops it like SIGTERM, with 129.
 
 Where the signal finds no training step in progress:
 
@@ -28,7 +28,15 @@ Where the signal finds no training step in progress:
   continues from the newest checkpoint, at most
   ``callbacks.step_checkpoint.every_n_train_steps`` steps (or an epoch's validation) back;
 * a second Ctrl-C stops at once, without waiting for the step to end. Other repeated signals
-  are ignored, since the run is already stopping.
+  are ignored, since the run is already stopping;
+* before the run can record a stop (``train.py``'s task has started, the configuration and
+  the resume point are being checked), :func:`guard`'s handlers note the signal and the run
+  stops on it as soon as it can, with ``metrics.json`` saying ``interrupted``;
+* once ``metrics.json`` is being written with the result, a signal changes nothing: the run
+  ends as it would have, with one line saying that the signal came too late.
+
+DataLoader workers ignore the signals (:class:`WorkerInit`): a scheduler signals the whole
+process group, and a worker killed by it made the run fail before it could save its step.
 
 How it fits with Lightning: Lightning's trainer installs its own SIGTERM handler while it
 runs. The handler sets ``trainer.received_sigterm`` and raises ``SIGTERMException`` at its
@@ -69,13 +77,16 @@ none exists, so ours replaces it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import re
 import shlex
 import signal
 import subprocess
 import sys
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -88,8 +99,10 @@ from mtl_clippy.errors import ConfigError
 
 log = logging.getLogger("mtl_clippy")
 
-#: Signals that stop a run with a checkpoint of its current step.
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+#: Signals that stop a run with a checkpoint of its current step. SIGHUP (the terminal or
+#: the ssh connection of an interactive run went away) is taken as SIGTERM: without a
+#: handler it kills the run outright, between two checkpoints and without metrics.json.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 #: Inside a SLURM job with ``slurm_requeue=true``: stop with a checkpoint, then requeue.
 REQUEUE_SIGNAL = signal.SIGUSR1
 
@@ -150,7 +163,7 @@ def _requeue_setting(cfg: Any) -> bool:
 
 
 class StopOnSignal(pl.Callback):
-    """Stops a run at a step boundary on SIGTERM, SIGINT (and, inside a SLURM job with
+    """Stops a run at a step boundary on SIGTERM, SIGINT, SIGHUP (and, inside a SLURM job with
     ``slurm_requeue=true``, SIGUSR1), with a checkpoint of that step.
 
     ``install`` sets the signal handlers for the whole task, from before the data is built.
@@ -167,16 +180,32 @@ class StopOnSignal(pl.Callback):
         self._raised = False
         self._previous: dict[int, Any] = {}
         self._launcher: Any = None  # Lightning's DDP launcher, in the process that started it
+        self._deferred = False  # installed by guard() before train(): only record a signal
+        self._guarded = False  # guard() puts the handlers back, not train()
+        self._settled = False  # metrics.json is being or has been written: nothing to stop
+        self.late: int | None = None  # a signal that came once the run was settled
+        self.requeued = False  # scontrol requeue succeeded
 
     @classmethod
     def for_config(cls, cfg: Any) -> StopOnSignal:
-        """The callback of a run config (``slurm_requeue`` checked), handlers installed."""
-        return cls(requeue=_requeue_setting(cfg)).install()
+        """The callback of a run config (``slurm_requeue`` checked), handlers installed. Under
+        :func:`guard` it is the instance whose handlers are already set: a signal that came
+        since (while the run folder and its resume point were looked at) stops now."""
+        requeue = _requeue_setting(cfg)
+        active = _ACTIVE
+        if active is not None and active._guarded and active._deferred:
+            active.requeue = requeue
+            active.install()  # SIGUSR1 where it now means requeue
+            active._deferred = False
+            if active.signum is not None:
+                active._stop()
+            return active
+        return cls(requeue=requeue).install()
 
     # ------------------------------------------------------------------ signal handlers
 
     def signals(self) -> list[int]:
-        """The signals handled: SIGTERM, SIGINT, and SIGUSR1 where it means requeue."""
+        """The signals handled: SIGTERM, SIGINT, SIGHUP, and SIGUSR1 where it means requeue."""
         handled = list(STOP_SIGNALS)
         if self.requeue and in_slurm_job():
             handled.append(REQUEUE_SIGNAL)
@@ -189,25 +218,46 @@ class StopOnSignal(pl.Callback):
         if threading.current_thread() is not threading.main_thread():
             return self
         for signum in self.signals():
-            self._previous[signum] = signal.getsignal(signum)
+            if signum in self._previous:
+                continue  # already installed
+            previous = signal.getsignal(signum)
+            if signum == signal.SIGHUP and previous == signal.SIG_IGN:
+                continue  # started under nohup: SIGHUP is to be ignored
+            self._previous[signum] = previous
             signal.signal(signum, self._on_signal)
         _ACTIVE = self
         return self
 
     def uninstall(self) -> None:
-        """Put back the handlers that :meth:`install` replaced. After a requeue SIGTERM stays
-        ignored: SLURM sends it to end the job it has just requeued, and the run, already
-        stopped and saved, exits with its own status."""
+        """Put back the handlers that :meth:`install` replaced. After a successful requeue
+        SIGTERM stays ignored: SLURM sends it to end the job it has just requeued, and the
+        run, already stopped and saved, exits with its own status. Under :func:`guard` the
+        handlers stay until the guard ends, and only note a signal (see :meth:`settle`)."""
         global _ACTIVE
+        if self._guarded:
+            self.settle()
+            return
         for signum, handler in self._previous.items():
             signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
-        if self.requeue and self.signum == REQUEUE_SIGNAL:
+        if self.requeued:
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
         self._previous = {}
         if _ACTIVE is self:
             _ACTIVE = None
 
+    def settle(self) -> None:
+        """The run's result is being written to metrics.json: from now on a signal stops
+        nothing (the result stands) and is only noted, for :func:`guard` to report."""
+        self._settled = True
+
     def _on_signal(self, signum: int, frame: Any) -> None:
+        if self._settled:
+            if self.late is None and not self._raised:
+                self.late = signum
+            return
+        if self._deferred:
+            self.signum = self.signum or signum  # train() stops on it, once it can record it
+            return
         if self.signum is None:
             self.signum = signum
             self._pass_on(signum)
@@ -357,16 +407,21 @@ class StopOnSignal(pl.Callback):
 
         check_pending_losses(trainer)
         step_cb = next((c for c in trainer.callbacks if isinstance(c, StepCheckpoint)), None)  # type: ignore[attr-defined]
+        pruner = None
         if step_cb is not None and step_cb.dirpath:
             path = step_cb.format_checkpoint_name({"step": trainer.global_step})
             previous, step_cb.best_model_path = step_cb.best_model_path, path
-        else:
+        else:  # no step checkpoint (callbacks=none): the same name, folder and pruning
             folder = Path(trainer.default_root_dir) / "checkpoints"
             path, previous = str(folder / f"step-{trainer.global_step:07d}.ckpt"), ""
-        trainer.save_checkpoint(path)
+            pruner = StepCheckpoint(dirpath=str(folder), every_n_train_steps=1)
+        # weights_only=False: the whole training state (Lightning warns when it is not said).
+        trainer.save_checkpoint(path, weights_only=False)
         self.checkpoint = path
         if previous and os.path.abspath(previous) != os.path.abspath(path):
             trainer.strategy.remove_checkpoint(previous)  # rank 0 only
+        if pruner is not None:  # the signal checkpoints of earlier attempts of this run
+            pruner._keep_only(trainer, path)
         log.info("saved %s on %s", path, signal_name(self.signum or signal.SIGTERM))
 
 
@@ -435,6 +490,49 @@ def uninstall() -> None:
         _ACTIVE.uninstall()
 
 
+def settle() -> None:
+    """The task's result is being written: a signal from now on only gets noted."""
+    if _ACTIVE is not None:
+        _ACTIVE.settle()
+
+
+@contextlib.contextmanager
+def guard() -> Iterator[None]:
+    """The signal handlers for one whole task (``train.py``'s Hydra task function), from
+    before ``train`` starts until the task returns.
+
+    Before the run can record a stop (its configuration checked, its folder and resume
+    point found), a signal is only noted, and the run stops on it as soon as it can, with
+    ``metrics.json`` saying ``interrupted``; without this, SIGTERM there killed the process
+    and left no ``metrics.json``. Once the run's result is being written, a signal no longer
+    changes it: the run has ended, completed (or failed); the task exits as it would have,
+    with one line saying that the signal came too late to stop anything, instead of a
+    traceback or an exit status that says interrupted.
+    """
+    global _ACTIVE
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    from mtl_clippy import early_signals
+
+    stopper = StopOnSignal()
+    stopper._deferred = stopper._guarded = True
+    stopper.install()
+    stopper.signum = early_signals.take()  # one that came while train.py started
+    try:
+        yield
+    finally:
+        stopper._guarded = False
+        stopper.uninstall()
+        if stopper.late is not None and rank_zero_only.rank == 0:
+            print(
+                f"{signal_name(stopper.late)} received after the run had ended: "
+                "nothing to stop (metrics.json has its result)",
+                file=sys.stderr,
+                flush=True,
+            )
+
+
 # ----------------------------------------------------------------------------- reporting
 
 
@@ -500,6 +598,8 @@ def record(summary: dict[str, Any], stop: RunInterrupted, trainer: Any, out_dir:
     if stop.requeue and stop.signum == REQUEUE_SIGNAL:
         ok, detail = requeue_slurm_job() if rank_zero_only.rank == 0 else (True, "")
         info["requeued"] = ok
+        if _ACTIVE is not None:
+            _ACTIVE.requeued = ok  # SIGTERM stays ignored only after a requeue
         if detail:
             info["requeue"] = detail
             message += f"; {detail}"
@@ -509,17 +609,20 @@ def record(summary: dict[str, Any], stop: RunInterrupted, trainer: Any, out_dir:
 
 def resume_command(out_dir: Path, resumable: bool = True) -> str:
     """The command that continues this run, from the folder it was started in: the same
-    overrides plus ``resume=true`` (without it where there is no checkpoint to continue).
-    A sweep's job is continued by its sweep: the sweep's command, ``hydra.sweep.dir`` and
-    ``resume=true``."""
+    overrides plus ``resume=<this run's folder>`` (without it where there is no checkpoint
+    to continue). The folder, not ``resume=true``: ``resume=true`` picks the newest run of
+    the same overrides, which is another run once the same command has run again. A sweep's
+    job is continued by its sweep: the sweep's command, ``hydra.sweep.dir`` and
+    ``resume=true`` (the sweep folder names the sweep)."""
     script = sys.argv[0] if os.path.basename(sys.argv[0]) == "train.py" else "train.py"
+    resume = _resume_override(out_dir)
     try:
         from hydra.core.hydra_config import HydraConfig
         from hydra.types import RunMode
 
         hc = HydraConfig.get()
     except Exception:  # not under Hydra
-        return shlex.join(["python", script, "resume=true"] if resumable else ["python", script])
+        return shlex.join(["python", script, resume] if resumable else ["python", script])
     if hc.mode == RunMode.MULTIRUN:
         hydra_overrides, task = _sweep_overrides(Path(str(hc.sweep.dir)))
         hydra_overrides = [
@@ -530,7 +633,17 @@ def resume_command(out_dir: Path, resumable: bool = True) -> str:
         return shlex.join(parts)
     hydra_overrides = [o for o in hc.overrides.hydra if _key(o) not in _HYDRA_OWN]
     parts = ["python", script, *hydra_overrides, *_without_start(hc.overrides.task)]
-    return shlex.join([*parts, "resume=true"] if resumable else parts)
+    return shlex.join([*parts, resume] if resumable else parts)
+
+
+def _resume_override(out_dir: Path) -> str:
+    """``resume=<absolute run folder>``, quoted for Hydra's override parser where the path
+    holds characters that it reads as syntax (spaces, commas, brackets, quotes ...); the
+    shell quoting comes on top, from ``shlex.join``."""
+    folder = str(Path(out_dir).resolve())
+    if re.fullmatch(r"[\w./@%+~:-]+", folder):
+        return f"resume={folder}"
+    return "resume='" + folder.replace("'", "\\'") + "'"
 
 
 def _sweep_overrides(sweep_dir: Path) -> tuple[list[str], list[str]]:

@@ -574,6 +574,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             raise full from exc
         raise
     finally:
+        preemption.settle()  # the result stands: a signal from here on changes nothing
         summary["wall_time_s"] = round(time.perf_counter() - t_start, 3)
         if _is_global_zero(trainer):
             write_json_atomic(out_dir / METRICS_FILE, summary)
@@ -641,6 +642,7 @@ def _resume_point(cfg: DictConfig, out_dir: Path) -> _ResumePoint:
     if not resume_mod.resume_requested(cfg):
         return _ResumePoint()
     metrics = out_dir / METRICS_FILE
+    previous = {}
     if metrics.is_file():
         try:
             previous = json.loads(metrics.read_text())
@@ -653,6 +655,11 @@ def _resume_point(cfg: DictConfig, out_dir: Path) -> _ResumePoint:
         log.info("resuming from %s", newest[0])
         return _ResumePoint(str(newest[0]), newest[1])
     if _is_multirun():  # a sweep job that had not started (or saved nothing): start it
+        return _ResumePoint()
+    if isinstance(previous, dict) and previous.get("status") == "interrupted":
+        # This folder's run was stopped (a requeued SLURM job, say) before its first
+        # checkpoint: there is nothing to resume, so it starts again, in the same folder.
+        log.info("resume: %s stopped before its first checkpoint; starting it afresh", out_dir)
         return _ResumePoint()
     raise ConfigError(
         f"resume={cfg.resume}: found no checkpoint of an earlier run with the same overrides "

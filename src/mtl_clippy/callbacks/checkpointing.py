@@ -270,7 +270,21 @@ class ResumeState(pl.Callback):
     checkpoint, and after a resume stops at once if early stopping had already decided to.
     At the start of a fit (rank 0) it deletes the temporary files that checkpoint writers
     killed mid-write left in the checkpoint folders (:func:`remove_dead_checkpoint_temps`).
+
+    It also keeps the newest validation metrics (``trainer.callback_metrics`` named
+    ``val...``), which Lightning does not checkpoint. A resumed run that validates no more
+    itself (it stopped inside its last, partial epoch under ``trainer.max_steps``, or during
+    testing) would otherwise have none: early stopping would fail on a missing metric at
+    every resume, and ``metrics.json`` would lose its ``val`` numbers. They are put back when
+    training starts (after Lightning's reset of the metrics and its sanity check), and at
+    the end of a fit that had nothing left to train, for the names not logged since. The
+    same goes for the optimizer's record of the implementations its steps ran.
     """
+
+    def __init__(self) -> None:
+        self._trainer: Any = None
+        self._metrics: dict[str, Any] = {}  # loaded, to restore
+        self._paths: list[Any] = []  # loaded optimizer_paths, to restore
 
     @property
     def state_key(self) -> str:
@@ -287,7 +301,57 @@ class ResumeState(pl.Callback):
         }  # fmt: skip
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             state["cuda"] = torch.cuda.get_rng_state_all()
+        state["metrics"] = self._validation_metrics()
+        state["optimizer_paths"] = self._optimizer_paths()
         return state
+
+    def _optimizer_paths(self) -> list[Any]:
+        """Per optimizer, the record of which implementations its steps ran (ClippyAdagrad's
+        ``implementation()``, the ``optimizer_path`` of metrics.json) as plain types; None
+        for optimizers that keep none."""
+        out: list[Any] = []
+        for opt in getattr(self._trainer, "optimizers", None) or []:
+            paths = getattr(opt, "_paths", None)
+            if not isinstance(paths, dict):
+                out.append(None)
+                continue
+            out.append(
+                {
+                    int(i): {
+                        "dense": sorted(r["dense"]),
+                        "sparse": bool(r["sparse"]),
+                        "fallback": r["fallback"],
+                    }
+                    for i, r in paths.items()
+                }
+            )
+        return out
+
+    def _validation_metrics(self) -> dict[str, Any]:
+        """The trainer's current ``val...`` metrics as CPU tensors (as logged: the same dtype,
+        so that the resumed run reports the same numbers)."""
+        metrics = getattr(self._trainer, "callback_metrics", None) or {}
+        return {
+            str(k): v.detach().cpu().clone() if isinstance(v, torch.Tensor) else float(v)
+            for k, v in metrics.items()
+            if str(k).startswith("val")
+        }
+
+    def _restore_metrics(self, trainer: pl.Trainer) -> None:
+        restored, self._metrics = self._metrics, {}
+        current = trainer.callback_metrics
+        for k, v in restored.items():
+            if k not in current:
+                current[k] = v
+        paths, self._paths = self._paths, []
+        for opt, saved in zip(trainer.optimizers, paths, strict=False):
+            if not saved or not hasattr(opt, "_record"):
+                continue
+            for i, r in saved.items():  # the steps before the checkpoint ran these too
+                rec = opt._record(int(i))
+                rec["dense"] |= set(r["dense"])
+                rec["sparse"] = rec["sparse"] or bool(r["sparse"])
+                rec["fallback"] = rec["fallback"] or r["fallback"]
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         random.setstate(state_dict["python"])
@@ -296,6 +360,11 @@ class ResumeState(pl.Callback):
         torch.set_rng_state(state_dict["torch"])
         if "cuda" in state_dict and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state_dict["cuda"])
+        self._metrics = dict(state_dict.get("metrics") or {})  # older checkpoints: none
+        self._paths = list(state_dict.get("optimizer_paths") or [])
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._trainer = trainer
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # A run killed while writing a checkpoint left its temporary file (AtomicCheckpointIO).
@@ -304,7 +373,11 @@ class ResumeState(pl.Callback):
             for folder in sorted(f for f in folders if f):
                 remove_dead_checkpoint_temps(folder)
 
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._restore_metrics(trainer)  # a resumed fit with nothing left to train
+
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._restore_metrics(trainer)
         # The killed run had already decided to stop after the epoch it checkpointed.
         for cb in trainer.callbacks:  # type: ignore[attr-defined]
             if isinstance(cb, EarlyStopping) and cb.wait_count >= cb.patience > 0:

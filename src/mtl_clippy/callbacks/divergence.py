@@ -269,6 +269,11 @@ class DivergenceMonitor(pl.Callback):
         # restore it after on_fit_start), and the module is on its device.
         self._apply_loaded(pl_module.device)
 
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # A resumed fit with nothing left to train (stopped during testing) calls no
+        # on_train_start: its summary is still the checkpoint's.
+        self._apply_loaded(pl_module.device)
+
     def _logit_hook(self, module: torch.nn.Module, args: Any, output: Any) -> None:
         if not module.training or not isinstance(output, Tensor) or output.numel() == 0:
             return
