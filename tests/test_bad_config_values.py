@@ -689,6 +689,7 @@ def test_every_optimizer_rejects_a_negative_lr_by_its_key(base):
 # ----------------------------------------------------------------------------- the best checkpoint
 
 
+@pytest.mark.slow  # end-to-end runs; test_the_default_best_is_val_auc_mean covers the default
 @pytest.mark.parametrize(
     "overrides",
     [
@@ -736,6 +737,7 @@ def test_the_default_best_is_val_auc_mean(tmp_path):
     assert none["monitor"] is None and none["score"] is None and none["val/auc_mean"] == 0.69
 
 
+@pytest.mark.slow  # about 15 s end to end; the rule is checked in-process by the FOR_THE_DATA cases
 def test_a_validation_split_with_one_class_keeps_the_last_epoch(base, tmp_path, capsys, caplog):
     """30 validation rows without a positive conversion: val/auc_conversion and so
     val/auc_mean are NaN every epoch. One warning names data.val_fraction and the task;

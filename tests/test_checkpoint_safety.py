@@ -227,6 +227,7 @@ def test_train_py_refuses_a_crafted_ckpt_path_before_anything_runs(tmp_path):
     assert not (tmp_path / "data").exists()  # nothing was built: no data generated
 
 
+@pytest.mark.slow  # about 10 s end to end; test_a_planted_checkpoint_stops_the_search_for_the_newest checks it in-process
 def test_resume_refuses_a_checkpoint_planted_in_the_run_folder(tmp_path):
     args = [*FAST, f"paths.log_dir={tmp_path}/outputs", f"paths.data_dir={tmp_path}/data"]
     # an earlier run of the same overrides (as far as resume=true can tell) ...

@@ -526,6 +526,7 @@ def test_train_py_with_tensorboard_on_a_disk_that_fills_up(tmp_path, tmpfs, monk
     assert torch.load(run / "checkpoints" / "step-0000003.ckpt", weights_only=True)
 
 
+@pytest.mark.slow  # about 8 s end to end; test_hydras_own_full_disk_is_one_line checks it in-process
 def test_train_py_on_a_disk_full_from_the_start(tmp_path, tmpfs):
     """Hydra itself writes first (.hydra/config.yaml): one line naming it, not Hydra's
     tracebacks; the run folder it could not fill is not left behind."""

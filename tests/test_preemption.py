@@ -213,6 +213,7 @@ def test_sigterm_mid_epoch_saves_the_step_and_resumes_to_identical_numbers(
     assert all(torch.equal(a, b) for (_, a), (_, b) in zip(ours, theirs, strict=True))
 
 
+@pytest.mark.slow  # about 15 s; in-process tests send real SIGINTs, the default suite checks a SIGTERM-ed run end to end
 def test_ctrl_c_mid_epoch_exits_130_with_a_checkpoint_of_the_step(tmp_path, data_dir):
     args = _args(tmp_path, data_dir, "trainer.max_epochs=1")
     res = start_and_signal(
