@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -173,24 +172,6 @@ def _train_peak(folder: Path, tree: Path, work: Path) -> tuple[float, float]:
     return usage.ru_maxrss / 1024, time.perf_counter() - start
 
 
-def _machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    mem_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    import numpy
-
-    return (
-        f"{cpu}, {os.cpu_count()} cores, {mem_gb:.0f} GiB, Python "
-        f"{platform.python_version()}, numpy {numpy.__version__}"
-    )
-
-
 def _best(runs: list[dict], key: str) -> float:
     return min(r[key] for r in runs)
 
@@ -204,6 +185,8 @@ def main() -> None:
     parser.add_argument("--compare", type=Path, default=None, help="another checkout's root")
     args = parser.parse_args()
     trees = {"now": ROOT} if args.compare is None else {"before": args.compare, "now": ROOT}
+
+    from bench_data import _machine  # the same machine line as the data benchmark
 
     print(f"machine: {_machine()}")
     with tempfile.TemporaryDirectory() as tmp:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -70,3 +71,15 @@ def start_and_kill(args: list[str], cwd: Path, wait_for: str, timeout: float = 3
         proc.wait()
         proc.stderr.close()
     assert proc.returncode == -signal.SIGKILL
+
+
+def only_run(tmp: Path) -> Path:
+    """The one run folder under ``tmp/outputs/runs``."""
+    runs = sorted((tmp / "outputs" / "runs").iterdir())
+    assert len(runs) == 1, runs
+    return runs[0]
+
+
+def read_metrics(run: Path) -> dict:
+    """A run folder's ``metrics.json``."""
+    return json.loads((run / "metrics.json").read_text())

@@ -28,7 +28,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch.utils.data import DataLoader
 
-from app_helpers import ROOT, run_train
+from app_helpers import ROOT, only_run, read_metrics, run_train
 from mtl_clippy import preemption
 from mtl_clippy.callbacks import StepCheckpoint
 from mtl_clippy.data.datamodule import EpochBatchSampler, ResumableDataLoader
@@ -59,16 +59,6 @@ def data_dir(tmp_path_factory):
 
 def _args(tmp: Path, data_dir: Path, *extra: str) -> list[str]:
     return [*ARGS, f"paths.log_dir={tmp}/outputs", f"paths.data_dir={data_dir}", *extra]
-
-
-def _only_run(tmp: Path) -> Path:
-    runs = sorted((tmp / "outputs" / "runs").iterdir())
-    assert len(runs) == 1, runs
-    return runs[0]
-
-
-def _metrics(run: Path) -> dict:
-    return json.loads((run / "metrics.json").read_text())
 
 
 def start_and_signal(
@@ -150,13 +140,13 @@ def uninterrupted(tmp_path_factory, data_dir):
     tmp = tmp_path_factory.mktemp("uninterrupted")
     res = run_train(_args(tmp, data_dir), cwd=tmp)
     assert res.returncode == 0, res.stderr[-3000:]
-    return _only_run(tmp)
+    return only_run(tmp)
 
 
 def _check_interrupted(run: Path, res: subprocess.CompletedProcess, name: str, code: int) -> dict:
     """The common promises of a run stopped mid-epoch by a signal; returns its metrics."""
     assert res.returncode == code, res.stderr[-3000:]
-    metrics = _metrics(run)
+    metrics = read_metrics(run)
     assert metrics["status"] == "interrupted"
     steps = metrics["steps"]
     info = metrics["interrupted"]
@@ -188,7 +178,7 @@ def test_sigterm_mid_epoch_saves_the_step_and_resumes_to_identical_numbers(
     res = start_and_signal(
         args, tmp_path, "outputs/runs/*/checkpoints/step-0000025.ckpt", signal.SIGTERM
     )
-    run = _only_run(tmp_path)
+    run = only_run(tmp_path)
     metrics = _check_interrupted(run, res, "SIGTERM", 143)
     assert BATCHES_PER_EPOCH < metrics["steps"] < 40  # in the second epoch
     assert metrics["resume_command"] == shlex.join(
@@ -198,8 +188,8 @@ def test_sigterm_mid_epoch_saves_the_step_and_resumes_to_identical_numbers(
     # The printed command continues it in its folder, to the numbers of an uninterrupted run.
     res = _run_command(metrics["resume_command"], tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
-    assert _only_run(tmp_path) == run
-    resumed, expected = _metrics(run), _metrics(uninterrupted)
+    assert only_run(tmp_path) == run
+    resumed, expected = read_metrics(run), read_metrics(uninterrupted)
     assert resumed["status"] == "completed"
     assert resumed["resumed_from"] == metrics["interrupted"]["checkpoint"]
     assert resumed["steps"] == expected["steps"] == 2 * BATCHES_PER_EPOCH
@@ -219,7 +209,7 @@ def test_ctrl_c_mid_epoch_exits_130_with_a_checkpoint_of_the_step(tmp_path, data
     res = start_and_signal(
         args, tmp_path, "outputs/runs/*/checkpoints/step-0000005.ckpt", signal.SIGINT
     )
-    run = _only_run(tmp_path)
+    run = only_run(tmp_path)
     metrics = _check_interrupted(run, res, "SIGINT", 130)
     assert 5 <= metrics["steps"] < BATCHES_PER_EPOCH
     assert metrics["resume_command"].endswith(f" resume={run.resolve()}")
@@ -233,11 +223,11 @@ def test_ctrl_c_then_resume_gives_identical_numbers(tmp_path, data_dir, uninterr
         "outputs/runs/*/checkpoints/step-0000010.ckpt",
         signal.SIGINT,
     )
-    run = _only_run(tmp_path)
+    run = only_run(tmp_path)
     metrics = _check_interrupted(run, res, "SIGINT", 130)
     res = _run_command(metrics["resume_command"], tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
-    resumed, expected = _metrics(run), _metrics(uninterrupted)
+    resumed, expected = read_metrics(run), read_metrics(uninterrupted)
     assert resumed["status"] == "completed"
     assert resumed["val"] == expected["val"] and resumed["test"] == expected["test"]
 
@@ -262,8 +252,8 @@ def test_slurm_warning_signal_saves_the_step_requeues_and_the_requeued_job_resum
         args, tmp_path, "outputs/runs/*/checkpoints/step-0000025.ckpt", signal.SIGUSR1, env=env
     )
     assert res.returncode == 128 + signal.SIGUSR1, res.stderr[-3000:]
-    run = _only_run(tmp_path)
-    metrics = _metrics(run)
+    run = only_run(tmp_path)
+    metrics = read_metrics(run)
     assert metrics["status"] == "interrupted"
     assert metrics["interrupted"]["signal"] == "SIGUSR1"
     assert metrics["interrupted"]["requeued"] is True
@@ -273,7 +263,7 @@ def test_slurm_warning_signal_saves_the_step_requeues_and_the_requeued_job_resum
     # What the batch script runs when SLURM starts the job again: the same command + resume.
     res = run_train([*args, "resume=true"], cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
-    assert _metrics(run)["test"] == _metrics(uninterrupted)["test"]
+    assert read_metrics(run)["test"] == read_metrics(uninterrupted)["test"]
 
 
 @pytest.mark.slow  # about 25 s
@@ -286,15 +276,15 @@ def test_ctrl_c_stops_a_sweep_and_its_resume_command_finishes_it(tmp_path, data_
     (sweep,) = (tmp_path / "outputs" / "multirun").iterdir()
     jobs = sorted(p for p in sweep.iterdir() if p.is_dir() and p.name[0].isdigit())
     assert [p.name.split("_")[0] for p in jobs] == ["0"]  # the second job never started
-    metrics = _metrics(jobs[0])
+    metrics = read_metrics(jobs[0])
     assert metrics["status"] == "interrupted"
     assert f"hydra.sweep.dir={sweep}" in metrics["resume_command"]
     assert " -m " in metrics["resume_command"]
     res = _run_command(metrics["resume_command"], tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
     jobs = sorted(p for p in sweep.iterdir() if p.is_dir() and p.name[0].isdigit())
-    assert [_metrics(p)["status"] for p in jobs] == ["completed", "completed"]
-    assert _metrics(jobs[0])["resumed_from"] == metrics["interrupted"]["checkpoint"]
+    assert [read_metrics(p)["status"] for p in jobs] == ["completed", "completed"]
+    assert read_metrics(jobs[0])["resumed_from"] == metrics["interrupted"]["checkpoint"]
 
 
 @pytest.mark.slow  # 75-115 s: three 2-process runs
@@ -307,7 +297,7 @@ def test_ddp_sigterm_stops_every_rank_at_one_step_and_resumes_to_the_same_metric
     (tmp_path / "full").mkdir()
     res = run_train(_args(tmp_path / "full", data_dir, *ddp), cwd=tmp_path / "full")
     assert res.returncode == 0, res.stderr[-3000:]
-    full = _metrics(_only_run(tmp_path / "full"))
+    full = read_metrics(only_run(tmp_path / "full"))
 
     cut = tmp_path / "cut"
     cut.mkdir()
@@ -317,11 +307,11 @@ def test_ddp_sigterm_stops_every_rank_at_one_step_and_resumes_to_the_same_metric
         "outputs/runs/*/checkpoints/step-0000025.ckpt",
         signal.SIGTERM,
     )
-    run = _only_run(cut)
+    run = only_run(cut)
     metrics = _check_interrupted(run, res, "SIGTERM", 143)
     res = _run_command(metrics["resume_command"], cut)
     assert res.returncode == 0, res.stderr[-3000:]
-    resumed = _metrics(run)
+    resumed = read_metrics(run)
     assert resumed["status"] == "completed" and resumed["steps"] == full["steps"]
     assert resumed["test"] == full["test"] and resumed["val"] == full["val"]
 
@@ -700,7 +690,7 @@ def test_sigterm_to_the_process_group_with_dataloader_workers_stops_the_run(tmp_
         args, tmp_path, "outputs/runs/*/checkpoints/step-0000005.ckpt", signal.SIGTERM,
         group=True,
     )  # fmt: skip
-    _check_interrupted(_only_run(tmp_path), res, "SIGTERM", 143)
+    _check_interrupted(only_run(tmp_path), res, "SIGTERM", 143)
 
 
 def test_resume_state_keeps_the_validation_metrics_and_optimizer_paths(tmp_path):

@@ -8,7 +8,6 @@ same folder and TensorBoard run.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from app_helpers import run_train, start_and_kill
+from app_helpers import only_run, read_metrics, run_train, start_and_kill
 from mtl_clippy.callbacks import AtomicCheckpointIO
 from mtl_clippy.data.datamodule import EpochBatchSampler
 from mtl_clippy.resume import find_checkpoint, run_identity
@@ -45,28 +44,18 @@ def _args(tmp: Path, data_dir: Path, *extra: str) -> list[str]:
     return [*ARGS, f"paths.log_dir={tmp}/outputs", f"paths.data_dir={data_dir}", *extra]
 
 
-def _only_run(tmp: Path) -> Path:
-    runs = sorted((tmp / "outputs" / "runs").iterdir())
-    assert len(runs) == 1, runs
-    return runs[0]
-
-
-def _metrics(run: Path) -> dict:
-    return json.loads((run / "metrics.json").read_text())
-
-
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory, data_dir):
     tmp = tmp_path_factory.mktemp("uninterrupted")
     res = run_train(_args(tmp, data_dir), cwd=tmp)
     assert res.returncode == 0, res.stderr[-3000:]
-    return _metrics(_only_run(tmp))
+    return read_metrics(only_run(tmp))
 
 
 def test_kill_mid_epoch_then_resume_gives_identical_metrics(tmp_path, data_dir, uninterrupted):
     start_and_kill(_args(tmp_path, data_dir), tmp_path, KILL_AFTER)
-    run = _only_run(tmp_path)
-    assert not (run / "metrics.json").exists() or _metrics(run)["status"] != "completed"
+    run = only_run(tmp_path)
+    assert not (run / "metrics.json").exists() or read_metrics(run)["status"] != "completed"
     # The newest checkpoint is the step checkpoint, inside the second epoch.
     ckpt, _ = find_checkpoint(run)
     assert ckpt.name.startswith("step-")
@@ -75,8 +64,8 @@ def test_kill_mid_epoch_then_resume_gives_identical_metrics(tmp_path, data_dir, 
 
     res = run_train(_args(tmp_path, data_dir, "resume=true"), cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
-    assert _only_run(tmp_path) == run  # the same folder, no new one
-    resumed = _metrics(run)
+    assert only_run(tmp_path) == run  # the same folder, no new one
+    resumed = read_metrics(run)
     assert resumed["status"] == "completed"
     assert resumed["resumed_from"].startswith(os.path.join("checkpoints", "step-"))
     assert resumed["steps"] == uninterrupted["steps"] == 3 * BATCHES_PER_EPOCH
@@ -108,11 +97,11 @@ def test_kill_mid_epoch_then_resume_gives_identical_metrics(tmp_path, data_dir, 
 def test_resuming_a_completed_run_changes_nothing(tmp_path, data_dir):
     args = _args(tmp_path, data_dir, "trainer.max_epochs=1")
     assert run_train(args, cwd=tmp_path).returncode == 0
-    run = _only_run(tmp_path)
+    run = only_run(tmp_path)
     before = (run / "metrics.json").read_text()
     res = run_train([*args, "resume=true"], cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-2000:]
-    assert _only_run(tmp_path) == run
+    assert only_run(tmp_path) == run
     assert (run / "metrics.json").read_text() == before
 
 
@@ -128,13 +117,13 @@ def test_same_seed_same_metrics_other_seed_other_metrics(tmp_path, data_dir, uni
     again = tmp_path / "again"
     again.mkdir()
     assert run_train(_args(again, data_dir), cwd=again).returncode == 0
-    repeat = _metrics(_only_run(again))
+    repeat = read_metrics(only_run(again))
     assert repeat["test"] == uninterrupted["test"] and repeat["val"] == uninterrupted["val"]
 
     other = tmp_path / "other"
     other.mkdir()
     assert run_train(_args(other, data_dir, "seed=7"), cwd=other).returncode == 0
-    different = _metrics(_only_run(other))
+    different = read_metrics(only_run(other))
     assert different["test"]["auc_click"] != uninterrupted["test"]["auc_click"]
     assert different["test"]["logloss_click"] != uninterrupted["test"]["logloss_click"]
 
@@ -230,7 +219,7 @@ def test_a_sweep_resumes_in_its_folder_and_keeps_finished_jobs(tmp_path, data_di
     assert list((tmp_path / "outputs" / "multirun").iterdir()) == [sweep]
     assert sorted(p for p in sweep.iterdir() if p.is_dir() and p.name[0].isdigit()) == jobs
     assert (jobs[0] / "metrics.json").read_text() == before  # finished: left alone
-    redone = _metrics(jobs[1])
+    redone = read_metrics(jobs[1])
     assert redone["status"] == "completed" and redone["resumed_from"] == "checkpoints/last.ckpt"
 
 
