@@ -16,6 +16,9 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from app_helpers import TINY, run_train
+from mtl_clippy import build as builder
+from mtl_clippy import loggers as loggers_mod
+from mtl_clippy import run_checks, runtime
 from mtl_clippy.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -84,25 +87,25 @@ def test_every_config_composes_and_instantiates(group, tmp_path, data_root, tiny
                 tmp_path / choice, [f"{group}={choice}", *base, *extra], group == "experiment"
             )
             if group == "data":
-                dm = app._instantiate_config(cfg.data, "data")
+                dm = builder.instantiate_config(cfg.data, "data")
                 dm.prepare_data()
                 dm.setup("fit")
                 cat, num, labels = next(iter(dm.val_dataloader()))
                 assert cat.shape[1] == len(dm.metadata.vocab_sizes) == 16, choice
                 assert num.shape[1] == 63 and labels.shape[1] == len(dm.metadata.tasks)
             elif group in ("model", "optim", "scheduler"):
-                _check_module(app.build_module(cfg, meta), cfg, meta, torch)
+                _check_module(builder.build_module(cfg, meta), cfg, meta, torch)
             elif group == "experiment":
                 _check_experiment(app, cfg, meta, tmp_path / choice, base, torch, seen)
             elif group == "trainer":
-                app._check_trainer_values(cfg.trainer)
+                run_checks.check_trainer_values(cfg.trainer)
                 accelerator = cfg.trainer.accelerator
                 if accelerator == "gpu" and not torch.cuda.is_available():
                     accelerator = "cpu"  # every other key is still checked by the Trainer
                 trainer = hydra.utils.instantiate(
                     cfg.trainer,
                     accelerator=accelerator,
-                    precision=app.resolve_precision(cfg.trainer.precision, accelerator),
+                    precision=runtime.resolve_precision(cfg.trainer.precision, accelerator),
                     logger=False,
                     callbacks=[],
                 )
@@ -110,7 +113,7 @@ def test_every_config_composes_and_instantiates(group, tmp_path, data_root, tiny
                 assert trainer.max_epochs == cfg.trainer.max_epochs
                 assert trainer.world_size == cfg.trainer.devices * cfg.trainer.get("num_nodes", 1)
             elif group == "logger":
-                loggers = app._instantiate_loggers(cfg.logger, None)
+                loggers = loggers_mod.instantiate_loggers(cfg.logger, None)
                 assert len(loggers) == len(cfg.logger or {}), choice
                 for lg in loggers:
                     assert isinstance(lg, pl.loggers.Logger)
@@ -118,7 +121,7 @@ def test_every_config_composes_and_instantiates(group, tmp_path, data_root, tiny
                     lg.finalize("success")
                     assert Path(lg.log_dir).is_relative_to(tmp_path / choice)
             elif group == "callbacks":
-                callbacks = app._instantiate_all(cfg.callbacks)
+                callbacks = builder.instantiate_callbacks(cfg.callbacks)
                 assert len(callbacks) == len(cfg.callbacks or {}), choice
                 assert all(isinstance(c, pl.Callback) for c in callbacks)
             else:  # pragma: no cover - a new group needs its own check here
@@ -158,7 +161,7 @@ def _check_experiment(app, cfg, meta, tmp_path, base, torch, seen: set[str]) -> 
     experiment = cfg.hydra.runtime.choices.experiment
     params = OmegaConf.to_container(cfg.hydra.sweeper.params)
     assert params, f"experiment {experiment} is a sweep"
-    _check_module(app.build_module(cfg, meta), cfg, meta, torch)
+    _check_module(builder.build_module(cfg, meta), cfg, meta, torch)
     groups = {p.name for p in CONFIGS.iterdir() if p.is_dir()}
     for key, values in params.items():
         for value in str(values).split(","):
@@ -174,7 +177,7 @@ def _check_experiment(app, cfg, meta, tmp_path, base, torch, seen: set[str]) -> 
                 OmegaConf.update(run, key, yaml.safe_load(value))
                 if not key.startswith("model."):  # the optimizer's check needs no big model
                     run.model = {"_target_": "mtl_clippy.models.LogisticRegression"}
-            _check_module(app.build_module(run, meta), run, meta, torch)
+            _check_module(builder.build_module(run, meta), run, meta, torch)
 
 
 @pytest.mark.parametrize(
@@ -458,10 +461,8 @@ def test_run_and_sweep_folders_are_unique_and_named(tmp_path):
 
 
 def test_precision_auto_follows_the_hardware(monkeypatch):
-    import mtl_clippy.train as app
-
-    assert app.resolve_precision("32-true", "cpu") == "32-true"  # explicit choices are kept
-    monkeypatch.setattr(app, "cpu_has_native_bf16", lambda: True)
-    assert app.resolve_precision("auto", "cpu") == "bf16-mixed"
-    monkeypatch.setattr(app, "cpu_has_native_bf16", lambda: False)
-    assert app.resolve_precision("auto", "cpu") == "32-true"
+    assert runtime.resolve_precision("32-true", "cpu") == "32-true"  # explicit choices are kept
+    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: True)
+    assert runtime.resolve_precision("auto", "cpu") == "bf16-mixed"
+    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: False)
+    assert runtime.resolve_precision("auto", "cpu") == "32-true"

@@ -24,10 +24,12 @@ from omegaconf import OmegaConf
 
 import mtl_clippy.train as app
 from app_helpers import ROOT, TINY, run_train
-from mtl_clippy import config_checks
+from mtl_clippy import build as builder
+from mtl_clippy import config_checks, run_checks, runtime
 from mtl_clippy.config_checks import RULES, check_config, problem
 from mtl_clippy.data.schema import DatasetMetadata
 from mtl_clippy.errors import ConfigError
+from mtl_clippy.summary import format_summary
 
 CONFIGS = ROOT / "configs"
 GROUPS = ("data", "model", "optim", "scheduler", "trainer")
@@ -100,27 +102,27 @@ def _built(cfg, key: str) -> None:
     the object rejects)."""
     group = key.split(".", 1)[0]
     if group == "data":
-        app._instantiate_config(cfg.data, "data")
+        builder.instantiate_config(cfg.data, "data")
     elif group in ("model", "optim", "scheduler", "task_weights"):
-        app.build_module(cfg, META)
+        builder.build_module(cfg, META)
     elif group == "trainer":
         deterministic = torch.are_deterministic_algorithms_enabled()
         try:
-            app._check_trainer_values(cfg.trainer)
-            app._instantiate_config(
+            run_checks.check_trainer_values(cfg.trainer)
+            builder.instantiate_config(
                 cfg.trainer,
                 "trainer",
                 callbacks=[],
                 logger=False,
                 enable_progress_bar=False,
-                precision=app.resolve_precision(
+                precision=runtime.resolve_precision(
                     cfg.trainer.get("precision", "32-true"), str(cfg.trainer.get("accelerator"))
                 ),
             )
         finally:  # Trainer(deterministic=True) sets it for the whole process
             torch.use_deterministic_algorithms(deterministic)
     elif group == "callbacks":
-        app._instantiate_all(cfg.callbacks)
+        builder.instantiate_callbacks(cfg.callbacks)
 
 
 # ----------------------------------------------------------------------------- values
@@ -391,7 +393,7 @@ def test_a_value_only_a_constructor_rejects_is_one_line(base):
     OmegaConf.update(cfg, "callbacks.lr_monitor.log_momentum", "sometimes", force_add=True)
     OmegaConf.update(cfg, "callbacks.model_checkpoint.every_n_epochs", -3, force_add=True)
     with pytest.raises(ConfigError) as info:
-        app._instantiate_all(cfg.callbacks)
+        builder.instantiate_callbacks(cfg.callbacks)
     assert _one_line(info.value).startswith("callbacks.model_checkpoint"), str(info.value)
 
 
@@ -472,7 +474,7 @@ def test_a_plateau_on_val_metrics_without_the_validation_loop_is_rejected(base):
 
 
 def test_summary_table_without_validation_lists_the_tasks():
-    table = app.format_summary(
+    table = format_summary(
         {"status": "completed", "val": {}, "test": {"auc_click": 0.7, "auc_conversion": 0.8, "auc_mean": 0.75}}
     )  # fmt: skip
     assert "| click " in table and "| conversion " in table and "0.7000" in table
@@ -673,7 +675,7 @@ def test_lightnings_default_checkpoint_name_is_allowed(base, tmp_path):
     cfg = base.copy()
     OmegaConf.update(cfg, "callbacks.model_checkpoint.filename", None)
     check_config(cfg)
-    callbacks = app._instantiate_all(cfg.callbacks)
+    callbacks = builder.instantiate_callbacks(cfg.callbacks)
     assert any(getattr(c, "filename", "") is None for c in callbacks)
 
 

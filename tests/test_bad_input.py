@@ -465,7 +465,7 @@ def test_a_cut_short_first_cell_on_the_last_line_is_found(tmp_path, good):
 @pytest.mark.parametrize("value", ["abc", 0, -2, 1.5, True])
 def test_threads_must_be_a_positive_whole_number(value):
     from mtl_clippy.errors import ConfigError
-    from mtl_clippy.train import _threads
+    from mtl_clippy.runtime import threads_setting as _threads
 
     with pytest.raises(ConfigError, match=r"^threads: expected a positive whole number or null"):
         _threads(value)

@@ -172,7 +172,7 @@ def test_a_planted_best_checkpoint_stops_a_resume_before_training(tmp_path):
     when the resume looks for its checkpoint, before anything trains."""
     from omegaconf import OmegaConf
 
-    from mtl_clippy.train import _resume_point
+    from mtl_clippy.resume_point import resume_point as _resume_point
 
     folder = tmp_path / "checkpoints"
     folder.mkdir()
@@ -244,7 +244,7 @@ def test_resume_refuses_a_checkpoint_planted_in_the_run_folder(tmp_path):
     # resume=<run folder> searches the same folder the same way (in-process: the same call)
     from omegaconf import OmegaConf
 
-    from mtl_clippy.train import _resume_point
+    from mtl_clippy.resume_point import resume_point as _resume_point
 
     with pytest.raises(UnsafeCheckpoint, match=r"step-0000100\.ckpt is refused"):
         _resume_point(OmegaConf.create({"resume": str(run), "ckpt_path": None}), run)

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from clippy_reference import reference_step
-from mtl_clippy.optim import ClippyAdagrad, clippy_step
+from mtl_clippy.optim import ClippyAdagrad, clippy_adagrad
 
 SHAPES = [(7, 5), (13,), (3, 4, 2), (1,)]
 
@@ -155,6 +155,56 @@ def test_lr_schedule_and_param_groups_match_reference():
             )  # fmt: skip
         sched.step()
     assert_matches(params, opt, ref_w, ref_a, np.float64)
+
+
+def test_every_option_is_per_param_group():
+    """Param groups with different options (as per-role groups set them: no clipping for the
+    embeddings, other thresholds and paths elsewhere) step exactly as separate optimizers."""
+    options = [
+        dict(
+            lr=0.5,
+            variable_relative_threshold=math.inf,
+            absolute_threshold=math.inf,
+            clip_accumulator_update=True,
+            foreach=False,
+            fused=False,
+        ),
+        dict(
+            lr=0.2,
+            initial_accumulator_value=0.3,
+            variable_relative_threshold=0.05,
+            accumulator_relative_threshold=0.05,
+            absolute_threshold=1e-3,
+            epsilon=1e-5,
+            use_standard_accumulator_update=True,
+            weight_decay=0.01,
+            foreach=True,
+        ),
+    ]
+    ws, grads = make_tensors(np.float64, seed=5)
+    together = [nn.Parameter(torch.tensor(w)) for w in ws]
+    apart = [nn.Parameter(torch.tensor(w)) for w in ws]
+    opt = ClippyAdagrad(
+        [{"params": together[:2], **options[0]}, {"params": together[2:], **options[1]}]
+    )
+    opts = [ClippyAdagrad(apart[:2], **options[0]), ClippyAdagrad(apart[2:], **options[1])]
+    sigmas = []
+    for gs in grads:
+        for a, b, g in zip(together, apart, gs):
+            a.grad, b.grad = torch.tensor(g), torch.tensor(g)
+        opt.step()
+        for o in opts:
+            o.step()
+        sigmas.append([opt.state[p]["clipping_factor"].item() for p in together])
+    for i, (a, b) in enumerate(zip(together, apart)):
+        other = opts[0 if i < 2 else 1]
+        assert torch.equal(a, b)
+        for key in ("sum", "clipping_factor", "step"):
+            assert torch.equal(opt.state[a][key], other.state[b][key])
+    assert opt.implementation()["groups"][0]["dense"] == ["single"]
+    assert opt.implementation()["groups"][1]["dense"] == ["foreach"]
+    assert all(s[:2] == [1.0, 1.0] for s in sigmas), "infinite thresholds never clip"
+    assert min(min(s[2:]) for s in sigmas) < 1, "the other group must clip"
 
 
 # ----------------------------------------------------------------------------- paths agree
@@ -361,7 +411,9 @@ def test_empty_tensor_and_params_without_grad(path):
     opt.step()
     assert opt.state[empty]["clipping_factor"].item() == 1.0
     assert torch.equal(frozen.detach(), torch.ones(3))
-    assert opt.state[frozen]["step"].item() == 0 and torch.all(opt.state[frozen]["sum"] == 0.1)
+    # State is created on a parameter's first step: the frozen one has none (no step counted,
+    # no accumulator), as torch.optim's lazily initialised optimizers.
+    assert frozen not in opt.state
     assert not torch.equal(live.detach(), torch.ones(3))
 
 
@@ -404,7 +456,7 @@ def test_functional_form_matches_class():
     ws, grads = make_tensors(np.float64)
     a = [torch.tensor(w) for w in ws]
     acc = [torch.full_like(t, 0.1) for t in a]
-    sig = clippy_step(a, [torch.tensor(g) for g in grads[0]], acc, lr=0.3)
+    sig = clippy_adagrad(a, [torch.tensor(g) for g in grads[0]], acc, lr=0.3)
     for t, w, g, s in zip(a, ws, grads[0], sig):
         rw, _, rs = reference_step(
             w,
@@ -458,7 +510,9 @@ def test_invalid_param_group_added_later():
 def test_path_selection(monkeypatch):
     from mtl_clippy.optim import clippy as impl
 
-    choose = ClippyAdagrad._choose_path
+    def choose(group, device, dtype):
+        return impl._choose_path(group["foreach"], group["fused"], device, dtype)
+
     cpu = torch.device("cpu")
     g = {"fused": None, "foreach": None}
     monkeypatch.setitem(impl._FUSED_STATUS, "cpu", True)
@@ -471,6 +525,34 @@ def test_path_selection(monkeypatch):
     monkeypatch.setenv("MTL_CLIPPY_DISABLE_FUSED", "1")
     assert choose(g, cpu, torch.float32) == "single"
     assert choose(g, torch.device("cuda"), torch.float32) == "foreach"
+
+
+def test_grouping_by_device_and_dtype():
+    """Pins what the optimizer relies on in torch's private
+    ``Optimizer._group_tensors_by_device_and_dtype`` (used once, in ``_group_by_device_and_dtype``):
+    parallel lists are split by the first list's device and dtype, every group keeps its
+    tensors (the same objects, not copies) in input order, with their positions in the input,
+    and each position is in exactly one group."""
+    from mtl_clippy.optim import clippy as impl
+
+    a, b, d = torch.zeros(2), torch.zeros(3, dtype=torch.float64), torch.ones(5)
+    c = torch.zeros(4, device="meta")
+    params, grads = [a, b, c, d], [a + 1, b + 1, torch.zeros(4, device="meta"), d + 1]
+    groups = impl._group_by_device_and_dtype([params, grads])
+    found = {}
+    for (ps, gs), where in groups:
+        assert len(ps) == len(gs) == len(where) and where == sorted(where)
+        assert all(p is params[i] and g is grads[i] for p, g, i in zip(ps, gs, where))
+        assert len({(p.device, p.dtype) for p in ps}) == 1
+        found[(ps[0].device, ps[0].dtype)] = where
+    assert found == {
+        (torch.device("cpu"), torch.float32): [0, 3],
+        (torch.device("cpu"), torch.float64): [1],
+        (torch.device("meta"), torch.float32): [2],
+    }
+    # The raw helper's own contract: keys (device, dtype), values (lists, indices).
+    raw = torch.optim.Optimizer._group_tensors_by_device_and_dtype([params], with_indices=True)
+    assert raw[(torch.device("cpu"), torch.float32)] == ([[a, d]], [0, 3])
 
 
 @pytest.mark.parametrize("path", sorted(PATHS))

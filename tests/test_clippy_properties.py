@@ -363,6 +363,7 @@ def _many_scenarios(n: int) -> None:
     rng = random.Random(11)
     graphs_before = counters["stats"]["unique_graphs"]
     signatures = set()
+    failures = []
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
         for k in range(n):
@@ -388,11 +389,12 @@ def _many_scenarios(n: int) -> None:
                 opt.step()
             used = opt.implementation()
             assert used["dense"] == ["fused"] and used["fallback"] is None, (k, shapes, used)
+            failures += [w.compile_failures for w in opt._workspaces.values() if w.compile_failures]
             flags = (k // 3 % 2 == 1, k // 6 % 2 == 1, clip_acc, standard)
             signatures.add((dtype, flags, tuple(shapes)))
     # one compilation per signature, none for the later steps of a scenario
     assert counters["stats"]["unique_graphs"] - graphs_before == len(signatures)
-    assert not impl._FUSED_FAILED
+    assert not failures
 
 
 def test_more_signatures_than_the_recompile_limit_never_fall_back(fused_enabled):
@@ -409,15 +411,13 @@ def test_a_compile_failure_falls_back_once_with_a_warning_and_is_recorded(monkey
     eager path gives the same numbers, and implementation() names the fallback and why."""
     from torch._dynamo.exc import BackendCompilerFailed
 
-    def broken(key):
+    def broken():
         def fn(*args):
             raise BackendCompilerFailed(lambda *a: None, RuntimeError("no C++ compiler"), None)
 
         return fn
 
-    monkeypatch.setattr(impl, "_kernel", broken)
-    monkeypatch.setattr(impl, "_FUSED_FAILED", {})
-    monkeypatch.setattr(impl, "_WARNED", set())
+    monkeypatch.setattr(impl, "_compile_step", broken)
     torch.manual_seed(0)
     ws = [torch.randn(4, 3, dtype=torch.float64), torch.randn(5, dtype=torch.float64)]
     grads = [torch.randn_like(w) for w in ws]
@@ -449,8 +449,6 @@ def test_an_error_in_the_step_itself_is_raised_not_hidden(fused_enabled, monkeyp
         return [torch.amin(w + torch.ones(w.shape[0] + 1, dtype=w.dtype)) for w in params]
 
     monkeypatch.setattr(impl, "_clippy_math", buggy_step)
-    monkeypatch.setattr(impl, "_KERNELS", impl.OrderedDict())
-    monkeypatch.setattr(impl, "_FUSED_FAILED", {})
     p = nn.Parameter(torch.randn(3, 2))
     opt = ClippyAdagrad([p], lr=0.1, fused=True)
     p.grad = torch.randn(3, 2)
@@ -458,7 +456,7 @@ def test_an_error_in_the_step_itself_is_raised_not_hidden(fused_enabled, monkeyp
         warnings.simplefilter("error", RuntimeWarning)
         with pytest.raises(RuntimeError, match="size"):
             opt.step()
-    assert impl._FUSED_FAILED == {}
+    assert not opt._workspaces[0].compile_failures and opt.implementation()["fallback"] is None
 
 
 def test_implementation_reports_paths_per_group():

@@ -110,7 +110,8 @@ def test_min_count_must_be_a_whole_number_of_at_least_one(bad):
 
 
 def test_a_bad_min_count_is_one_config_error_naming_data_min_count(tmp_path):
-    from mtl_clippy.train import ConfigError, build
+    from mtl_clippy.errors import ConfigError
+    from mtl_clippy.train import build
 
     cfg = _compose(tmp_path, ["data.min_count=0"])
     with pytest.raises(ConfigError) as info:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import lightning as L
 import numpy as np
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
 
 from data_fixtures import SAMPLE_DIR
 from mtl_clippy.data import (
@@ -18,7 +21,9 @@ from mtl_clippy.data import (
 )
 from mtl_clippy.data import datamodule as dm_module
 from mtl_clippy.data import synthetic as syn
+from mtl_clippy.errors import ConfigError
 
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 SMALL = {"train_rows": 6000, "test_rows": 3000, "batch_size": 256, "progress": False}
 
 
@@ -214,6 +219,26 @@ def test_distributed_loaders_shard_through_the_trainer(generated, monkeypatch):
     sampler = generated.train_dataloader().sampler
     assert isinstance(sampler, EpochBatchSampler) and sampler.num_replicas == 2
     assert sampler.rank == 1 and sampler.shard_size == 5400 // 2
+
+
+def test_a_loader_whose_sampler_the_trainer_replaced_refuses_to_start(generated):
+    """Under DDP, Trainer(use_distributed_sampler=True) rebuilds a loader around its own
+    distributed sampler, which would shard our already sharded batches again: refused."""
+    dataset = dm_module.BatchDataset(*generated._train)
+    foreign = torch.utils.data.DistributedSampler(dataset, num_replicas=2, rank=0)
+    loader = dm_module.BatchLoader(dataset, sampler=foreign, batch_size=None)
+    with pytest.raises(ConfigError, match="use_distributed_sampler=False"):
+        iter(loader)
+    assert isinstance(generated.train_dataloader(), dm_module.BatchLoader)
+    assert isinstance(generated.val_dataloader(), dm_module.BatchLoader)
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (CONFIGS / "trainer").glob("*.yaml")))
+def test_every_trainer_config_leaves_the_samplers_to_the_data_module(name):
+    """The samplers shard by rank themselves: no trainer config lets Lightning shard again."""
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=[f"trainer={name}"])
+    assert cfg.trainer.use_distributed_sampler is False
 
 
 class _TinyModel(L.LightningModule):

@@ -39,7 +39,7 @@ from mtl_clippy.errors import (
     user_error_types,
 )
 from mtl_clippy.loggers import AtomicExperimentWriter, TensorBoardLogger
-from mtl_clippy.train import write_json_atomic
+from mtl_clippy.summary import write_json_atomic
 
 MESSAGE = "no space left on device while writing "
 
@@ -554,13 +554,14 @@ def test_a_full_disk_in_a_sweep_job_ends_the_sweep(tmp_path, monkeypatch, capsys
     reason is recorded and the sweep goes on)."""
     from omegaconf import OmegaConf
 
+    from mtl_clippy import distributed
     from mtl_clippy import train as train_mod
     from mtl_clippy.errors import RUN_FOLDER_HINT
 
     def train(cfg):
         raise DiskFull(tmp_path / "run" / "metrics.json", hint=RUN_FOLDER_HINT)
 
-    monkeypatch.setattr(train_mod, "_is_multirun", lambda: True)
+    monkeypatch.setattr(distributed, "is_multirun", lambda: True)
     monkeypatch.setattr(train_mod, "train", train)
     cfg = OmegaConf.create({"paths": {"output_dir": str(tmp_path / "run")}})
     with pytest.raises(SystemExit) as caught:
@@ -627,6 +628,7 @@ def test_a_full_disk_met_by_a_library_stays_the_first_failure_reported(tmp_path,
     is named first, metrics.json after it."""
     from hydra import compose, initialize_config_dir
 
+    from mtl_clippy import summary as summary_mod
     from mtl_clippy import train as train_mod
 
     events = tmp_path / "run" / "tensorboard" / "events.out.tfevents.1.host.1.0"
@@ -640,7 +642,7 @@ def test_a_full_disk_met_by_a_library_stays_the_first_failure_reported(tmp_path,
         raise DiskFull(path, hint="free some space")
 
     monkeypatch.setattr(pl.Trainer, "fit", fit)
-    monkeypatch.setattr(train_mod, "write_json_atomic", write_json)
+    monkeypatch.setattr(summary_mod, "write_json_atomic", write_json)
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
         cfg = compose(config_name="train", overrides=[*TINY, "logger=none", "threads=1"])
     cfg.paths.output_dir = str(tmp_path / "run")

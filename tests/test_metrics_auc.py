@@ -24,7 +24,7 @@ from omegaconf import OmegaConf
 
 from app_helpers import TINY
 from mtl_clippy.models import MultiTaskModule
-from mtl_clippy.models.module import TaskMetrics, rank_scores
+from mtl_clippy.models.module import rank_scores, split_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -56,10 +56,11 @@ def test_reference_auc_on_known_cases():
 
 
 def _task_auc(batches: list[tuple[list[float], list[int]]], dtype=torch.float32) -> float:
-    m = TaskMetrics()
+    m = split_metrics(["t"], "test/")  # one task: logits and labels as [B, 1] columns
     for logits, labels in batches:
-        m.update(torch.tensor(logits, dtype=dtype), torch.tensor(labels, dtype=torch.float32))
-    return float(m.compute("test/auc_t")["auc"])
+        y = torch.tensor(labels, dtype=torch.float32)
+        m.update(torch.tensor(logits, dtype=dtype)[:, None], y[:, None])
+    return float(m.compute()["test/auc_t"])
 
 
 # ----------------------------------------------------------------------------- hand-made cases

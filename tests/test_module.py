@@ -25,7 +25,7 @@ from model_fixtures import (
     clippy_partial,
     make_planted,
 )
-from mtl_clippy.models import MultiTaskModule, SharedBottom, TaskMetrics
+from mtl_clippy.models import MultiTaskModule, SharedBottom, split_metrics
 
 
 @pytest.fixture(scope="module")
@@ -297,15 +297,17 @@ def test_sparse_embeddings_with_adam_fails_before_training(data, tmp_path):
 
 
 def test_task_metrics_single_class_logs_nan_with_warning():
-    metrics = TaskMetrics()
-    logits = torch.randn(40)
-    metrics.update(logits[:20], torch.zeros(20))
-    metrics.update(logits[20:], torch.zeros(20))
+    metrics = split_metrics(["conversion"], "val/")
+    logits = torch.randn(40, 1)
+    metrics.update(logits[:20], torch.zeros(20, 1))
+    metrics.update(logits[20:], torch.zeros(20, 1))
     with pytest.warns(UserWarning, match="AUC is undefined"):
-        values = metrics.compute("val/auc_conversion")
-    assert math.isnan(values["auc"]) and math.isnan(values["calibration"])
-    expected = F.binary_cross_entropy_with_logits(logits, torch.zeros(40))
-    torch.testing.assert_close(values["logloss"], expected)
+        values = metrics.compute()
+    assert math.isnan(values["val/auc_conversion"]) and math.isnan(
+        values["val/calibration_conversion"]
+    )
+    expected = F.binary_cross_entropy_with_logits(logits[:, 0], torch.zeros(40))
+    torch.testing.assert_close(values["val/logloss_conversion"], expected)
 
 
 def test_validation_epoch_with_a_single_class_does_not_crash(data, tmp_path):

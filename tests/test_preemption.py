@@ -793,7 +793,7 @@ def test_resume_true_on_a_folder_interrupted_before_its_first_checkpoint_starts_
     # hydra.run.dir: it failed for good with "found no checkpoint".
     from omegaconf import OmegaConf
 
-    from mtl_clippy.train import _resume_point
+    from mtl_clippy.resume_point import resume_point as _resume_point
 
     (tmp_path / "metrics.json").write_text(json.dumps({"status": "interrupted", "steps": 0}))
     cfg = OmegaConf.create({"resume": True, "ckpt_path": None, "paths": {"log_dir": "x"}})

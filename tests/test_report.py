@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -83,6 +86,31 @@ def test_report_from_runs(sweep):
     )
     assert "| sb | adagrad | 0.1, 10 | 0.1 | 10 | - | 0.1 | 0.6900 | 0.7900 |" in md
     assert len(pd.read_csv(sweep / "results.csv")) == 5
+
+
+_BACKEND_CHECK = """
+import sys, matplotlib
+before = matplotlib.get_backend()
+import mtl_clippy.report, mtl_clippy.report.__main__, mtl_clippy.report.hydra_callback
+import mtl_clippy.report.study
+assert "matplotlib.pyplot" not in sys.modules, "the report imported pyplot"
+mtl_clippy.report.study.build_report(sys.argv[1])
+assert matplotlib.get_backend() == before, (before, matplotlib.get_backend())
+assert matplotlib.rcParams["backend"] == before
+assert "matplotlib.pyplot" not in sys.modules, "the report imported pyplot"
+"""
+
+
+def test_the_report_leaves_matplotlibs_backend_to_the_process(sweep):
+    """Importing the report and building one neither chooses nor switches matplotlib's
+    backend (a setting of the whole process): a notebook or an application that uses it keeps
+    its own. In a fresh interpreter that chose one (svg), as the report never would."""
+    env = {**os.environ, "MPLBACKEND": "svg"}
+    done = subprocess.run(
+        [sys.executable, "-c", _BACKEND_CHECK, str(sweep)], env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (sweep / "report" / "stability.png").is_file()
 
 
 def test_report_of_an_empty_or_missing_folder_is_a_clear_error(tmp_path, capsys):

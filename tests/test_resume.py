@@ -227,7 +227,7 @@ def test_a_ckpt_path_that_is_not_a_checkpoint_is_a_config_error(tmp_path):
     from omegaconf import OmegaConf
 
     from mtl_clippy.errors import ConfigError
-    from mtl_clippy.train import _resume_point
+    from mtl_clippy.resume_point import resume_point as _resume_point
 
     cfg = OmegaConf.create({"ckpt_path": str(tmp_path / "nope.ckpt"), "resume": False})
     with pytest.raises(ConfigError, match="ckpt_path: no checkpoint file at"):
@@ -243,7 +243,7 @@ def test_a_resumed_csv_logger_keeps_the_rows_before_the_checkpoint(tmp_path):
 
     from omegaconf import OmegaConf
 
-    from mtl_clippy.train import _instantiate_loggers
+    from mtl_clippy.loggers import instantiate_loggers as _instantiate_loggers
 
     folder = tmp_path / "csv"
     folder.mkdir()

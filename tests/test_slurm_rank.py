@@ -78,14 +78,14 @@ def _ddp_trainer(devices: int, num_nodes: int):
 @pytest.mark.parametrize("procid, zero", [(1, False), (0, True)])
 def test_srun_task_is_rank_zero_only_for_procid_zero(procid, zero, monkeypatch):
     """srun sets SLURM_PROCID, not RANK / LOCAL_RANK: task 1 of 2 is not rank zero."""
-    from mtl_clippy import train
+    from mtl_clippy import distributed
 
     monkeypatch.setattr(rank_zero_only, "rank", rank_zero_only.rank)  # restored afterwards
     _clean_env(monkeypatch, **_srun_env(procid))
     trainer = _ddp_trainer(devices=1, num_nodes=2)
     assert trainer.global_rank == procid  # Lightning's own answer
-    assert train._is_global_zero() is zero
-    assert train._is_global_zero(trainer) is zero
+    assert distributed.is_global_zero() is zero
+    assert distributed.is_global_zero(trainer) is zero
     from mtl_clippy import launch
 
     assert launch.global_rank(1, 2) == procid  # before any Trainer: the same rule
@@ -209,7 +209,7 @@ def test_hydra_files_and_log_of_ranks_above_zero(monkeypatch):
 def test_sweep_table_is_written_by_rank_zero_only(tmp_path, monkeypatch):
     from omegaconf import OmegaConf
 
-    from mtl_clippy.report.sweep import SweepResultsCallback
+    from mtl_clippy.report.hydra_callback import SweepResultsCallback
 
     job = tmp_path / "0_seed=1"
     job.mkdir()

@@ -16,7 +16,7 @@ from torch import nn
 from app_helpers import TINY, run_train
 from mtl_clippy.callbacks import DivergenceMonitor, OptimizerTelemetry, TrainingDiverged
 from mtl_clippy.callbacks.telemetry import group_of
-from mtl_clippy.train import collapsed_tasks
+from mtl_clippy.summary import collapsed_tasks
 
 ROOT = Path(__file__).resolve().parents[1]
 DIVERGING = ["optim=adagrad", "optim.lr=1e6"]  # the loss explodes within a dozen steps

@@ -2,14 +2,19 @@
 
 ``python train.py modle=ncf`` or ``optim.lrr=0.1`` or ``model=nfc`` makes Hydra print a
 paragraph (and its config search path) from deep inside its composition. ``train.py`` calls
-:func:`exit_on_bad_overrides` first: it composes the config the way Hydra will, with Hydra's
-own argument parser, override parser and compose API, and on failure prints one line::
+:func:`exit_on_bad_overrides` first: it composes the config the way Hydra will (Hydra's
+public override parser and compose API) and, where that fails, prints one line::
 
     error: override 'optim.lrr=0.1': optim has no key 'lrr' (did you mean lr?)
     error: model=nfc: no such option; choose from aitm, esmm, lr, mmoe, ncf, omoe, ple, sb, single_task (did you mean ncf?)
 
 and exits with status 2; otherwise it returns and Hydra runs unchanged. It costs about 0.2 s
 and imports neither torch nor Lightning.
+
+The line is worked out from the configs, not from Hydra's wording: Hydra's exception types
+say what kind of failure it is (a missing config file carries the group's options), and a
+search with the compose API finds the first override Hydra cannot apply after the ones before
+it; that override, and the config it met, say what is wrong.
 
 It must never reject what Hydra would run, so it checks only what it models exactly and
 otherwise stays out of the way: Hydra's own options (``hydra.*`` and ``hydra/...``
@@ -18,16 +23,21 @@ first value, and every value of a swept config group is checked against the grou
 ``--help``, ``--info``, ``--version``, shell completion, another config (``-cp``, ``-cn``,
 ``-cd``, ``hydra.searchpath``) and sweeps it cannot enumerate (``glob``, ``interval``) skip
 the check; and any failure that is not a Hydra or OmegaConf composition error is ignored.
+
+Why before Hydra and not inside it: the check must end the process before Lightning is
+imported (seconds) and before Hydra makes a run or sweep folder, and ``train.py`` imports
+Lightning to register the resolvers that Hydra's own start (``hydra.run.dir``) resolves, in
+every process a launcher starts. The price is one more composition per start (about 0.2 s).
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import difflib
 import io
-import re
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,10 +64,16 @@ class _Item:
     key: str  # key or config group, without prefix or package
     values: tuple[str, ...]  # a sweep's values; () when not a sweep
     simple_list: bool = False  # a sweep written a,b (not choice(a,b) or range(...))
+    kind: str = "CHANGE"  # Hydra's OverrideType: CHANGE (a=1), ADD (+a=1), FORCE_ADD, DEL (~a)
+    package: str | None = None  # group@package
 
 
 class _Skip(Exception):
     """The command line is one the check does not model: leave it to Hydra."""
+
+
+class _BadOverride(Exception):
+    """An override that Hydra cannot parse; the message is the one line to show."""
 
 
 def exit_on_bad_overrides(
@@ -106,7 +122,7 @@ def check_overrides(
                 config_name, overrides=[o.composed for o in items], return_hydra_config=True
             )
         except (HydraException, OmegaConfBaseException, ValueError) as err:
-            return _explain(err, items, lambda keep: _compose_quietly(config_name, keep), groups)
+            return _explain(err, items, groups, config_name, Path(config_dir))
         multirun = multirun or str(cfg.hydra.get("mode")).endswith("MULTIRUN")
         for o in items:
             if not o.values:
@@ -128,18 +144,15 @@ def _folder_named_by_config(cfg: Any, key: str, config_dir: str | Path) -> bool:
     """Whether the composed ``hydra.run.dir`` (or ``hydra.sweep.dir``) is another than the
     default of ``configs/hydra/default.yaml``: an experiment or other config file named it
     (compared unresolved: the default holds a time stamp). True where either is unknown."""
-    from omegaconf import DictConfig, OmegaConf
+    from omegaconf import OmegaConf
 
-    def raw(node: Any, path: str) -> Any:  # without resolving it (no resolver runs)
-        for part in path.split("."):
-            if not isinstance(node, DictConfig):
-                return None
-            node = node._get_node(part, throw_on_missing_key=False)
-        return None if node is None else node._value()
+    def raw(node: Any) -> Any:  # without resolving it (no resolver runs)
+        parent, _, last = key.removeprefix("hydra.").rpartition(".")
+        return OmegaConf.to_container(OmegaConf.select(node, parent), resolve=False).get(last)
 
     try:
-        default = raw(OmegaConf.load(Path(config_dir) / "hydra" / "default.yaml"), key[6:])
-        composed = raw(cfg, key)
+        default = raw(OmegaConf.load(Path(config_dir) / "hydra" / "default.yaml"))
+        composed = raw(cfg.hydra)
     except Exception:
         return True
     return default is None or composed is None or str(composed) != str(default)
@@ -175,18 +188,26 @@ def _separate_processes_without_run_dir(cfg: Any, multirun: bool) -> str | None:
 # ----------------------------------------------------------------------------- parsing
 
 
-class _BadOverride(Exception):
-    """An override that Hydra cannot parse; the message is the one line to show."""
+def _hydra_arguments(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
+    """``argv`` read by Hydra's own argument parser: (its options, what it does not know).
+
+    The one private Hydra API of this module, on purpose: Hydra has no public way to read a
+    command line as ``@hydra.main`` will (``-m``, ``--cfg job``, ``--info defaults``, ``-cd``),
+    and a copy of its options would drift from the Hydra installed. The names read from the
+    result (``multirun``, ``overrides`` and those of ``_OTHER_MODES``) are pinned by
+    ``tests/test_cli.py::test_hydra_reads_the_command_line_as_the_check_assumes``.
+    """
+    from hydra._internal.utils import get_args_parser
+
+    return get_args_parser().parse_known_args(list(argv))
 
 
 def _parse_command_line(argv: Sequence[str]) -> tuple[bool, list[str]]:
-    """(multirun, overrides) as Hydra's own argument parser reads ``argv``."""
-    from hydra._internal.utils import get_args_parser
-
+    """(multirun, overrides) as Hydra reads ``argv``."""
     # Hydra's parser prints and exits on --version or a bad option: that is Hydra's to do.
     try:
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-            args, unknown = get_args_parser().parse_known_args(list(argv))
+            args, unknown = _hydra_arguments(argv)
     except SystemExit:
         raise _Skip from None
     if unknown or any(getattr(args, name, None) for name in _OTHER_MODES):
@@ -195,7 +216,9 @@ def _parse_command_line(argv: Sequence[str]) -> tuple[bool, list[str]]:
 
 
 def _parse_overrides(overrides: list[str]) -> list[_Item]:
+    """Each override as Hydra's public override parser reads it."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import ValueType
     from hydra.errors import OverrideParseException
 
     parser = OverridesParser.create()
@@ -204,14 +227,20 @@ def _parse_overrides(overrides: list[str]) -> list[_Item]:
         try:
             (override,) = parser.parse_overrides([text])
         except OverrideParseException as err:
+            # The grammar's own words (e.g. "missing EQUAL at '<EOF>'") are the exception
+            # Hydra's parser was handling; its message wraps them in lines for a terminal.
+            detail = str(err.__context__ or "").strip() or err.override
             raise _BadOverride(
-                f"override {text!r}: cannot parse it: {_parse_detail(err)}"
+                f"override {text!r}: cannot parse it: {detail} "
+                "(overrides are key=value; quote values with special characters)"
             ) from None
         key = override.key_or_group
-        if key == "hydra.searchpath" or override.is_interval_sweep():
+        if (
+            key == "hydra.searchpath"
+            or override.is_interval_sweep()
+            or override.value_type is ValueType.GLOB_CHOICE_SWEEP
+        ):
             raise _Skip  # another config search path, or a sweep of unknown values
-        if override.value_type is not None and override.value_type.name == "GLOB_CHOICE_SWEEP":
-            raise _Skip
         values: tuple[str, ...] = ()
         composed = text
         if override.is_discrete_sweep():
@@ -219,96 +248,128 @@ def _parse_overrides(overrides: list[str]) -> list[_Item]:
             if not values:
                 raise _Skip
             composed = f"{override.get_key_element()}={values[0]}"
-        simple = (
-            override.value_type is not None and override.value_type.name == "SIMPLE_CHOICE_SWEEP"
+        simple = override.value_type is ValueType.SIMPLE_CHOICE_SWEEP
+        items.append(
+            _Item(text, composed, key, values, simple, override.type.name, override.package)
         )
-        items.append(_Item(text, composed, key, values, simple))
     return items
-
-
-def _parse_detail(err: Exception) -> str:
-    lines = [
-        line.strip()
-        for line in str(err).splitlines()
-        if line.strip() and not line.startswith(("Error parsing override", "See https://"))
-    ]
-    return "; ".join(lines) + " (overrides are key=value; quote values with special characters)"
 
 
 def _is_hydra_key(key: str) -> bool:
     return key == "hydra" or key.startswith(("hydra.", "hydra/"))
 
 
-def _compose_quietly(config_name: str, overrides: list[str]) -> Any:
-    """The config of ``overrides``, or None: for suggestions only."""
+# ----------------------------------------------------------------------------- diagnosis
+
+
+def _explain(
+    err: BaseException, items: list[_Item], groups: set[str], config_name: str, config_dir: Path
+) -> str:
+    """One line for Hydra's composition error ``err`` about ``items`` (within an initialised
+    Hydra): what is wrong with the first override that Hydra cannot apply."""
+    from hydra.errors import MissingConfigException
+
+    if isinstance(err, MissingConfigException) and err.missing_cfg_file and err.options:
+        group, _, choice = err.missing_cfg_file.rpartition("/")
+        message = _no_such_option(group, choice, list(err.options))
+        if not any(o.key == group for o in items):  # chosen by a config file
+            where = _chosen_in(config_dir, group, choice)
+            message = f"{where}: {message}" if where else message
+        return message
+
+    # Hydra applies the config group choices first, then the other overrides in order; a
+    # list of them that fails still fails with more after it: the first failing is bisected.
+    in_order = [o for o in items if _is_group(o, groups)]
+    in_order += [o for o in items if not _is_group(o, groups)]
+    good, bad, met = 0, len(in_order), _compose_or_none(config_name, [])
+    if met is None:
+        return _one_line(err)  # the config fails without any override
+    while bad - good > 1:
+        middle = (good + bad) // 2
+        cfg = _compose_or_none(config_name, [o.composed for o in in_order[:middle]])
+        if cfg is None:
+            bad = middle
+        else:
+            good, met = middle, cfg
+    return _what_is_wrong(in_order[bad - 1], met, groups) or _one_line(err)
+
+
+def _is_group(item: _Item, groups: set[str]) -> bool:
+    return item.key in groups or "/" in item.key
+
+
+def _compose_or_none(config_name: str, overrides: list[str]) -> Any:
+    """The config of ``overrides`` (with Hydra's part), or None where Hydra cannot compose it."""
     from hydra import compose
 
     try:
-        return compose(config_name, overrides=overrides)
+        return compose(config_name, overrides=overrides, return_hydra_config=True)
     except Exception:
         return None
 
 
+def _lookup(tree: Any, key: str) -> Any:
+    """The value at the dotted ``key`` of the plain ``tree``, or None where there is none."""
+    for part in key.split("."):
+        if not isinstance(tree, dict) or part not in tree:
+            return None
+        tree = tree[part]
+    return tree
+
+
+def _what_is_wrong(item: _Item, cfg: Any, groups: set[str]) -> str | None:
+    """Why Hydra cannot apply ``item`` to ``cfg`` (the config of the overrides before it),
+    or None where it is nothing this module models."""
+    from omegaconf import OmegaConf
+
+    said = f"override {item.typed!r}: "
+    tree = OmegaConf.to_container(cfg, resolve=False)
+    choices = tree.pop("hydra", {}).get("runtime", {}).get("choices", {})
+    if _is_group(item, groups):
+        if item.kind == "ADD" and choices.get(item.key) is not None:
+            fix = item.typed.lstrip("+")
+            return said + f"{item.key} is already chosen (to change it, write {fix})"
+        return None
+    if item.package is not None:
+        return None
+    found = _has_key(tree, item.key)
+    if item.kind == "CHANGE":
+        return said + _no_such_key(item.key, tree, groups, item)
+    if item.kind == "ADD" and found:
+        return said + f"{item.key} already exists (to change it, write {item.typed[1:]})"
+    if item.kind == "DEL" and not found:
+        return said + f"there is no {item.key} to delete"
+    if item.kind == "DEL" and "=" in item.typed:
+        actual = _lookup(tree, item.key)
+        return said + f"{item.key} is {actual}, not {item.typed.partition('=')[2]}"
+    return None
+
+
+def _has_key(tree: Any, key: str) -> bool:
+    parent, _, last = key.rpartition(".")
+    node = _lookup(tree, parent) if parent else tree
+    return isinstance(node, dict) and last in node
+
+
+def _chosen_in(config_dir: Path, group: str, choice: str) -> str | None:
+    """The config file (as Hydra names it, e.g. ``experiment/x``) whose defaults list
+    chooses ``choice`` for ``group``, or None where none of ``config_dir`` does."""
+    from omegaconf import OmegaConf
+
+    for path in sorted(config_dir.rglob("*.yaml")):
+        try:
+            defaults = OmegaConf.to_container(OmegaConf.load(path)).get("defaults") or []
+        except Exception:
+            continue
+        for entry in defaults:
+            for name, value in entry.items() if isinstance(entry, dict) else ():
+                name = name.removeprefix("override").strip().lstrip("/").partition("@")[0]
+                if name == group and str(value) == choice:
+                    return path.relative_to(config_dir).with_suffix("").as_posix()
+    return None
+
+
 # ----------------------------------------------------------------------------- messages
-
-_COULD_NOT_OVERRIDE = re.compile(r"Could not override '([^']+)'")
-_ALREADY_THERE = re.compile(r"Could not append to config\. An item is already at '([^']+)'")
-_NOTHING_TO_DELETE = re.compile(r"Could not delete from config\. '([^']+)' does not exist")
-_OTHER_VALUE = re.compile(r"The value of '([^']+)' is (.*) and not (.*)\.$", re.MULTILINE)
-_MULTIPLE_VALUES = re.compile(r"Multiple values for ([^ .]+)\.")
-_MISSING_IN = re.compile(r"^In '([^']+)':")
-
-
-def _explain(
-    err: BaseException,
-    items: list[_Item],
-    compose_with: Callable[[list[str]], Any],
-    groups: set[str],
-) -> str:
-    """One line for Hydra's composition error ``err`` (several lines) about ``items``;
-    ``compose_with(overrides)`` gives a config to look for close names in (or None)."""
-    from hydra.errors import MissingConfigException
-
-    text = str(err)
-    if isinstance(err, MissingConfigException) and err.missing_cfg_file and err.options:
-        group, _, choice = err.missing_cfg_file.rpartition("/")
-        where = _MISSING_IN.search(text)
-        from_cli = any(o.key == group for o in items)
-        message = _no_such_option(group, choice, list(err.options))
-        if where and not from_cli:  # chosen by a config file, e.g. an experiment
-            message = f"{where.group(1)}: {message}"
-        return message
-
-    def about(key: str) -> _Item | None:
-        return next((o for o in items if o.key == key), None)
-
-    def said(item: _Item | None, message: str) -> str:
-        return message if item is None else f"override {item.typed!r}: {message}"
-
-    if match := _COULD_NOT_OVERRIDE.search(text):
-        key = match.group(1)
-        item = about(key)
-        if "@" not in key:
-            index = items.index(item) if item is not None else len(items)
-            # The config the failing override met: every override before it, every group choice.
-            keep = [o.composed for i, o in enumerate(items) if i < index or o.key in groups]
-            return said(item, _no_such_key(key, compose_with(keep), groups, item))
-    if match := _ALREADY_THERE.search(text):
-        key = match.group(1)
-        item = about(key)
-        fix = f" (to change it, write {item.typed[1:]})" if item is not None else ""
-        return said(item, f"{key} already exists{fix}")
-    if match := _NOTHING_TO_DELETE.search(text):
-        return said(about(match.group(1)), f"there is no {match.group(1)} to delete")
-    if match := _OTHER_VALUE.search(text):
-        key, actual, expected = match.groups()
-        return said(about(key), f"{key} is {actual}, not {expected}")
-    if match := _MULTIPLE_VALUES.search(text):
-        group = match.group(1)
-        item = next((o for o in items if o.key == group and o.typed.startswith("+")), None)
-        fix = f" (to change it, write {item.typed.lstrip('+')})" if item is not None else ""
-        return said(item, f"{group} is already chosen{fix}")
-    return _one_line(err)
 
 
 def _sweep_without_multirun(item: _Item) -> str:
@@ -327,15 +388,10 @@ def _no_such_option(group: str, choice: str, options: list[str]) -> str:
     )
 
 
-def _no_such_key(key: str, cfg: Any, groups: set[str], item: _Item | None) -> str:
-    """Why ``key`` is not in ``cfg``: the first missing (or non-mapping) step of its path."""
-    from omegaconf import DictConfig, OmegaConf
-
-    add = f" (to add it, write +{item.typed})" if item is not None else ""
+def _no_such_key(key: str, tree: dict[str, Any], groups: set[str], item: _Item) -> str:
+    """Why ``key`` is not in ``tree``: the first missing (or non-mapping) step of its path."""
+    add = f" (to add it, write +{item.typed})"
     parts = key.split(".")
-    if cfg is None:
-        return f"no key {key!r} in the config{add}"
-    tree = OmegaConf.to_container(cfg, resolve=False) if isinstance(cfg, DictConfig) else {}
     node: Any = tree
     for depth, part in enumerate(parts):
         where = ".".join(parts[:depth])
@@ -358,13 +414,11 @@ def _did_you_mean(word: str, candidates: list[str]) -> str:
 
 
 def _one_line(err: BaseException) -> str:
-    """Hydra's message in one line, without its config search path."""
+    """Hydra's message in one line, up to its first blank line (where Hydra lists options or
+    its config search path)."""
     while not str(err).strip() and err.__cause__ is not None:
         err = err.__cause__
-    lines = []
-    for line in str(err).splitlines():
-        if line.startswith(("Config search path", "Search path")):
-            break
-        if line.strip():
-            lines.append(line.strip().rstrip("."))
-    return "; ".join(lines) or type(err).__name__
+    head = str(err).strip().split("\n\n")[0]
+    return "; ".join(line.strip().rstrip(".") for line in head.splitlines() if line.strip()) or (
+        type(err).__name__
+    )

@@ -15,7 +15,7 @@ interval, Lightning's accelerator and devices); their rows say where (``Rule.whe
 the table still lists every documented key and the tests can hold that code to the rule. A
 key that no rule names (an addition such as ``+optim.foo=1``) is left to the code that takes
 it; a callback's constructor that rejects it is reported in one line too
-(``train._instantiate_all``).
+(``build.instantiate_callbacks``).
 
 Before any rule, every value must resolve: an interpolation of a key or an environment
 variable that does not exist (``optim.lr=${nope}``) is named in one line (``unresolvable``)
@@ -41,6 +41,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from mtl_clippy.data.schema import TASKS
 from mtl_clippy.errors import ConfigError
 from mtl_clippy.models.layers import NORMS
+from mtl_clippy.models.param_groups import param_groups_problem
 
 #: The largest seed: Lightning's ``seed_everything`` (NumPy's legacy generator) takes
 #: 0 .. 2**32 - 1 and picks a random seed, with a warning, for anything else.
@@ -256,8 +257,9 @@ _CLIPPY = "ClippyAdagrad (mtl_clippy.optim)"
 _LIGHTNING = "Lightning's Trainer"
 _MODULE = "the module (MultiTaskModule)"
 _WATCHED = "the monitor check below (_watched_metric)"
+_ROLES = "the role check below (_param_groups)"
 #: Lightning's precisions (its transformer-engine ones need a package this project does not
-#: install) and this project's "auto" (train.resolve_precision).
+#: install) and this project's "auto" (runtime.resolve_precision).
 _PRECISIONS = ("auto", "16-mixed", "bf16-mixed", "32-true", "64-true", "16-true", "bf16-true",
                "16", "32", "64", "bf16", 16, 32, 64)  # fmt: skip
 
@@ -312,6 +314,14 @@ RULES: dict[str, Rule] = {
     "optim.use_standard_accumulator_update": flag(),
     "optim.weight_decay": number(0),
     "optim.eps": number(0),
+    # param_groups (configs/param_groups/*.yaml): options per parameter role of the backbone
+    "param_groups": checked_by(
+        _ROLES,
+        Rule(
+            "null or a mapping of parameter roles to options of the optimizer",
+            lambda v: param_groups_problem(v) is None,
+        ),
+    ),
     "optim.betas": Rule(
         "a list of 2 numbers in [0, 1)",
         lambda v: (
@@ -320,7 +330,7 @@ RULES: dict[str, Rule] = {
     ),
     # scheduler (configs/scheduler/*.yaml)
     "scheduler.interval": checked_by(
-        "mtl_clippy.train.scheduler_settings", one_of("step", "epoch")
+        "mtl_clippy.build.scheduler_settings", one_of("step", "epoch")
     ),
     "scheduler.monitor": checked_by(_MODULE, _METRIC),
     "scheduler.T_max": checked_by(_MODULE, whole(1, null=True)),
@@ -370,6 +380,11 @@ RULES: dict[str, Rule] = {
     "trainer.deterministic": flag(also="warn", null=True),
     "trainer.gradient_clip_val": number(0, null=True),
     "trainer.enable_model_summary": flag(),
+    # the data module's samplers shard by rank themselves; Lightning's would shard again
+    "trainer.use_distributed_sampler": Rule(
+        "false (the data module's samplers shard every split by rank themselves)",
+        lambda v: v is False,
+    ),
     "trainer.num_nodes": whole(1),
     "trainer.sync_batchnorm": flag(),
     "trainer.accumulate_grad_batches": whole(1),
@@ -585,8 +600,42 @@ def _endless_without_validation(cfg: Any) -> str | None:
     )
 
 
+def _param_groups(cfg: Any) -> str | None:
+    """``param_groups``: known roles, options of ``optim._target_`` (when it can be imported
+    here), and each value by the rule of ``optim.<option>``: torch checks only an optimizer's
+    own arguments, not those of a group."""
+    import inspect
+
+    import hydra.utils
+
+    spec = _value(cfg, "param_groups")
+    if spec is _ABSENT:
+        return None
+    target, options, name = _value(cfg, "optim._target_"), None, "the optimizer"
+    try:
+        cls = hydra.utils.get_object(str(target))
+        params = inspect.signature(cls).parameters.values()
+        options = [p.name for p in params if p.name != "params" and p.kind != p.VAR_KEYWORD]
+        name = getattr(cls, "__name__", name)
+    except Exception:  # no optimizer, or one that cannot be imported: the build reports it
+        pass
+    message = param_groups_problem(spec, options, name)
+    if message or not spec:
+        return message
+    for role, overrides in spec.items():
+        for option, value in overrides.items():
+            rule = RULES.get(f"optim.{option}")
+            if rule is not None and not rule.ok(value):
+                key = f"param_groups.{role}.{option}"
+                return rule.words.format(key=key, allowed=rule.allowed, value=value)
+    return None
+
+
 def _combinations(cfg: Any) -> str | None:
     """Rules between keys, once each key alone is valid."""
+    groups = _param_groups(cfg)
+    if groups:
+        return groups
     max_epochs = _value(cfg, "trainer.max_epochs")
     min_epochs = _value(cfg, "trainer.min_epochs")
     if _is_whole(max_epochs) and max_epochs >= 1 and _is_whole(min_epochs):

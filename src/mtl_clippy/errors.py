@@ -293,3 +293,16 @@ def full_disk_reported(run_dir: str | os.PathLike[str] | None = None) -> Iterato
         if full is None or full is exc:
             raise
         raise full from exc
+
+
+def innermost_message(exc: BaseException, run_dir: str | os.PathLike[str] | None = None) -> str:
+    """The innermost message of an exception chain (Hydra wraps instantiation errors); a
+    ConfigError's own message, which names the config key, is kept; a full disk anywhere in
+    the chain is told as such, naming the file (:class:`DiskFull`; advising a resume only
+    where ``run_dir`` has a checkpoint)."""
+    full = disk_full_message(exc, run_dir)
+    if full is not None:
+        return full
+    while exc.__cause__ is not None and not isinstance(exc, ConfigError):
+        exc = exc.__cause__
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

@@ -18,7 +18,8 @@ run's one line about the full disk is all a user sees; an event file that the fu
 empty at its creation is deleted.
 
 ``logger=csv`` and ``logger=tensorboard`` (``configs/logger/``) use these classes; the files
-and the options are Lightning's.
+and the options are Lightning's. :func:`instantiate_loggers` builds a run's loggers, resumed
+ones continuing the curves of the run they resume.
 """
 
 from __future__ import annotations
@@ -27,14 +28,17 @@ import contextlib
 import csv
 import os
 import threading
+from pathlib import Path
 from typing import Any
 
+import hydra
 from fsspec.implementations.local import LocalFileSystem
 from lightning.fabric.loggers.logger import rank_zero_experiment
 from lightning.pytorch.core.saving import save_hparams_to_yaml
 from lightning.pytorch.loggers import CSVLogger as _LightningCSVLogger
 from lightning.pytorch.loggers import TensorBoardLogger as _LightningTensorBoardLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from omegaconf import DictConfig
 
 from mtl_clippy.atomic import write_atomically
 from mtl_clippy.errors import NO_ROOM, RUN_FOLDER_HINT, disk_full, errno_of
@@ -182,4 +186,69 @@ def quiet_full_disk_in_writer_threads() -> None:
     threading.excepthook = hook
 
 
-__all__ = ["AtomicExperimentWriter", "CSVLogger", "TensorBoardLogger"]
+def instantiate_loggers(group: DictConfig | None, step: int | None) -> list[Any]:
+    """The loggers of a ``logger`` config group. Resuming from global step ``step``,
+    TensorBoard hides what the killed run logged from that step on (``purge_step``) and the
+    CSV file keeps the rows before it, so the resumed run's curves continue without overlap."""
+
+    def make(node: DictConfig) -> Any:
+        target = str(node["_target_"])
+        if step is not None and target.endswith("CSVLogger"):
+            return resumed_csv_logger(node, step)
+        if step is not None and target.endswith("TensorBoardLogger"):
+            return hydra.utils.instantiate(node, purge_step=step)
+        return hydra.utils.instantiate(node)
+
+    return [make(c) for c in (group or {}).values() if c and "_target_" in c]
+
+
+def resumed_csv_logger(node: DictConfig, step: int) -> Any:
+    """A CSV logger that keeps the rows logged before ``step``: Lightning's CSV writer deletes
+    an existing metrics.csv when it starts, so the rows are read first and written again
+    through the writer's public ``log_metrics`` / ``save`` (every column of the old header,
+    empty cells empty, the text of each cell as it was); the killed run's rows from ``step``
+    on go. Only global rank 0 writes (``rank_zero_only.rank``, set by the task)."""
+    from mtl_clippy import distributed
+
+    logger = hydra.utils.instantiate(node)
+    path = Path(logger.log_dir) / "metrics.csv"
+    header: list[str] = []
+    rows: list[dict[str, str]] = []
+    if path.is_file() and distributed.is_global_zero():
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            header = [k for k in reader.fieldnames or [] if k != "step"]
+            rows = [r for r in reader if r.get("step") and int(float(r["step"])) < step]
+    writer = logger.experiment  # the writer starts here (and deletes the old file)
+    if rows and distributed.is_global_zero():
+        for row in rows:
+            cells = {k: row.get(k) or "" for k in header}
+            writer.log_metrics(cells, step=int(float(row["step"])))
+        writer.save()  # ours: a full disk raises DiskFull and leaves no half-written row
+    return logger
+
+
+def log_results(loggers: list[Any], params: dict[str, Any], test: dict[str, Any] | None,
+                step: int) -> None:  # fmt: skip
+    """At the end of a completed run: every logger gets the run's config (``params``) and
+    its test results as ``final/<metric>`` (TensorBoard in its hparams tab, the others as
+    metrics of the last step ``step``), and is finalised."""
+    final = {f"final/{k}": v for k, v in (test or {}).items() if v is not None}
+    for lg in loggers:
+        if isinstance(lg, _LightningTensorBoardLogger):  # the hparams tab, with the results
+            lg.log_hyperparams(params, final)  # type: ignore[arg-type]
+        else:
+            lg.log_hyperparams(params)  # type: ignore[arg-type]
+            if final:
+                lg.log_metrics(final, step=step)
+        lg.finalize("success")
+
+
+__all__ = [
+    "AtomicExperimentWriter",
+    "CSVLogger",
+    "TensorBoardLogger",
+    "instantiate_loggers",
+    "log_results",
+    "resumed_csv_logger",
+]

@@ -96,6 +96,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from mtl_clippy.errors import ConfigError
+from mtl_clippy.summary import RunSummary
 
 log = logging.getLogger("mtl_clippy")
 
@@ -556,7 +557,7 @@ def interruption(exc: BaseException) -> RunInterrupted | None:
     return RunInterrupted(signal.SIGINT, forced=True) if keyboard else None
 
 
-def record(summary: dict[str, Any], stop: RunInterrupted, trainer: Any, out_dir: Path) -> None:
+def record(summary: RunSummary, stop: RunInterrupted, trainer: Any, out_dir: Path) -> None:
     """Fill ``summary`` (the run's ``metrics.json``) for an interrupted run, requeue the SLURM
     job if asked, and set ``stop.message``, the line that ``train.main`` prints."""
     from mtl_clippy.resume import find_checkpoint
@@ -572,10 +573,10 @@ def record(summary: dict[str, Any], stop: RunInterrupted, trainer: Any, out_dir:
     steps = max(steps, ckpt_step or 0)  # stopped before a resumed run restored its step
     command = resume_command(out_dir, resumable=newest is not None)
     current = newest is not None and ckpt_step == steps  # a checkpoint of the step it stopped at
-    summary["status"] = "interrupted"
-    summary["steps"] = steps
-    summary["epochs"] = max(epoch, int(summary.get("epochs") or 0))
-    summary["resume_command"] = command
+    summary.status = "interrupted"
+    summary.steps = steps
+    summary.epochs = max(epoch, int(summary.epochs or 0))
+    summary.resume_command = command
     info: dict[str, Any] = {
         "signal": name,
         "checkpoint": os.path.relpath(newest[0], out_dir) if newest is not None else None,
@@ -603,7 +604,7 @@ def record(summary: dict[str, Any], stop: RunInterrupted, trainer: Any, out_dir:
         if detail:
             info["requeue"] = detail
             message += f"; {detail}"
-    summary["interrupted"] = info
+    summary.interrupted = info
     stop.message = message
 
 

@@ -56,6 +56,8 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor
 
+from mtl_clippy.models.backbones.base import backbone_of
+
 __all__ = ["DivergenceMonitor", "TrainingDiverged", "check_pending_losses"]
 
 
@@ -82,7 +84,8 @@ class DivergenceMonitor(pl.Callback):
         max_recorded_spikes: at most this many spike steps are kept in ``spike_steps``.
         max_loss: optional absolute bound: a loss above it at any step diverges.
         track_logits: keep the largest absolute training logit (forward hook on the
-            module's ``backbone``, or the module itself if it has none).
+            module's :class:`~mtl_clippy.models.Backbone`, the first one inside it, or the
+            module itself if it has none).
     """
 
     def __init__(
@@ -260,8 +263,8 @@ class DivergenceMonitor(pl.Callback):
         if self.check_every_n_steps is None:
             self._every = 1 if pl_module.device.type == "cpu" else 16
         if self.track_logits:
-            target = getattr(pl_module, "backbone", None)
-            target = target if isinstance(target, torch.nn.Module) else pl_module
+            # the backbone's output is the logits (the module's own forward may add to it)
+            target = backbone_of(pl_module) or pl_module
             self._hook = target.register_forward_hook(self._logit_hook)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

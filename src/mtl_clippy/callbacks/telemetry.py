@@ -1,14 +1,12 @@
 """Optimizer telemetry per group of parameters, without a host sync on every step.
 
-``OptimizerTelemetry`` groups the model's parameters by name:
+``OptimizerTelemetry`` groups the model's parameters by the roles its backbone declares
+(:meth:`mtl_clippy.models.Backbone.parameter_roles`: ``embeddings`` (the tables),
+``numerical`` (the projections of the numerical features), ``bottom`` (shared bottoms,
+experts, MLPs, attention), ``gates``, ``towers``). A parameter outside any ``Backbone`` (a
+module of your own) is grouped by its name instead (:func:`group_of`).
 
-* ``embeddings``: names containing "embedding", and the weights of ``nn.Embedding`` /
-  ``nn.EmbeddingBag`` modules (logistic regression keeps its table under another name);
-* ``towers``: names containing "tower";
-* ``gates``: names containing "gate";
-* ``bottom``: everything else (shared bottoms, experts, MLPs, attention).
-
-and logs to the Lightning loggers, every ``log_every_n_steps`` steps:
+It logs to the Lightning loggers, every ``log_every_n_steps`` steps:
 
 * ``telemetry/grad_norm/<group>``: the L2 norm of the group's gradient (all its tensors as one
   vector), averaged over the N steps; sparse gradients count their coalesced values;
@@ -32,13 +30,19 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
 
+from mtl_clippy.models.backbones.base import ROLES, Backbone
+
 __all__ = ["GROUPS", "OptimizerTelemetry", "group_of"]
 
-GROUPS: tuple[str, ...] = ("embeddings", "towers", "gates", "bottom")
+#: The groups: the backbones' parameter roles.
+GROUPS: tuple[str, ...] = ROLES
 
 
 def group_of(name: str, module: nn.Module | None = None) -> str:
-    """The telemetry group of parameter ``name`` (owned by ``module``, if known)."""
+    """The group of parameter ``name`` (owned by ``module``, if known) outside a
+    :class:`~mtl_clippy.models.Backbone`, which declares its roles: "embedding" in the name
+    or an ``nn.Embedding`` / ``nn.EmbeddingBag`` module, else "tower", else "gate", else
+    ``bottom``."""
     lname = name.lower()
     if "embedding" in lname or isinstance(module, nn.Embedding | nn.EmbeddingBag):
         return "embeddings"
@@ -74,17 +78,21 @@ class OptimizerTelemetry(pl.Callback):
     # -- setup -------------------------------------------------------------------------------
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        owner = {}
+        owner, role = {}, {}
         for mname, mod in pl_module.named_modules():
             for pname, p in mod.named_parameters(recurse=False):
                 owner[id(p)] = (f"{mname}.{pname}" if mname else pname, mod)
+            if isinstance(mod, Backbone):  # the outermost backbone's roles win
+                for r, named in mod.parameter_roles().items():
+                    for _, p in named:
+                        role.setdefault(id(p), r)
         params, groups = [], []
         for p in pl_module.parameters():
             if not p.requires_grad:
                 continue
             name, mod = owner[id(p)]
             params.append(p)
-            groups.append(GROUPS.index(group_of(name, mod)))
+            groups.append(GROUPS.index(role.get(id(p)) or group_of(name, mod)))
         self._params = params
         device = pl_module.device
         self._device = device

@@ -15,6 +15,17 @@ class ThroughputMeter(pl.Callback):
     to the end of each training batch, so data loading is included and validation is not;
     ``samples_per_s`` is what a user sees from the training loop. Batch sizes are read from
     shapes, never tensor values: no device sync.
+
+    It is the run's number for ``metrics.json`` only, not Lightning's
+    ``lightning.pytorch.callbacks.ThroughputMonitor``, which measures something else: rates
+    over a rolling window of batches (none before the window's 100 batches are full) that it
+    writes to the loggers and nowhere else (so not with ``logger=none``), restarting at every
+    ``fit`` (so a resumed run would report its last part only), with a
+    ``torch.cuda.synchronize()`` after every batch on a GPU, ``train/``, ``validate/`` and
+    ``test/`` rows added to ``metrics.csv`` and the TensorBoard files every
+    ``log_every_n_steps`` (the evaluation rows at evaluation batch counts, not training
+    steps), and a warning unless the module defines ``flops_per_batch``. Add it to
+    ``callbacks`` for those logs; this meter leaves the logs alone.
     """
 
     def __init__(self) -> None:

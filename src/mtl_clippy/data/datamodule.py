@@ -26,13 +26,14 @@ from __future__ import annotations
 import errno
 import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from mtl_clippy.data.cache import remove_dead_leftovers
 from mtl_clippy.data.errors import DataError
@@ -106,7 +107,7 @@ class BatchDataset(Dataset):
         )
 
 
-class EpochBatchSampler(DistributedSampler):
+class EpochBatchSampler(Sampler[np.ndarray | slice]):
     """Yields whole batches of row indices: shuffled per epoch from ``(seed, epoch)``.
 
     Training (``shuffle=True``): each of ``world_size`` ranks gets ``n_rows // world_size``
@@ -121,8 +122,10 @@ class EpochBatchSampler(DistributedSampler):
     takes rows ``[r n / w, (r + 1) n / w)``, so metrics gathered over the ranks are those of
     the whole split.
 
-    It subclasses ``DistributedSampler`` only so that Lightning sees it as already sharded and
-    leaves it alone; ``set_epoch`` (called by Lightning each epoch) is inherited.
+    It shards by itself, so the Trainer must leave it alone: ``use_distributed_sampler=False``
+    (``configs/trainer/default.yaml``; the loaders refuse a replaced sampler, see
+    :class:`BatchLoader`). Lightning calls ``set_epoch`` on it each epoch, as on any sampler
+    that has one.
     """
 
     def __init__(
@@ -140,7 +143,6 @@ class EpochBatchSampler(DistributedSampler):
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world size {world_size}")
-        # DistributedSampler.__init__ wants a dataset and a process group; set what it uses.
         self.n_rows = n_rows
         self.batch_size = batch_size
         self.shuffle = shuffle
@@ -154,9 +156,11 @@ class EpochBatchSampler(DistributedSampler):
         else:
             self.lo = rank * n_rows // world_size
             self.shard_size = (rank + 1) * n_rows // world_size - self.lo
-        self.num_samples = self.shard_size
-        self.total_size = n_rows // world_size * world_size if shuffle else n_rows
         self._skip: tuple[int, int] | None = None  # (epoch, batches) to skip after a resume
+
+    def set_epoch(self, epoch: int) -> None:
+        """The epoch whose order the next pass yields (called by Lightning each epoch)."""
+        self.epoch = int(epoch)
 
     def skip_batches(self, epoch: int, batches: int) -> None:
         """Resume mid-epoch: the next pass over ``epoch`` starts after its first ``batches``."""
@@ -167,7 +171,7 @@ class EpochBatchSampler(DistributedSampler):
             return self.shard_size // self.batch_size
         return -(-self.shard_size // self.batch_size)
 
-    def __iter__(self):  # type: ignore[override]
+    def __iter__(self) -> Iterator[np.ndarray | slice]:
         lo = self.lo
         n_batches = len(self)
         first = 0
@@ -179,13 +183,34 @@ class EpochBatchSampler(DistributedSampler):
                 start = lo + b * self.batch_size
                 yield slice(start, min(start + self.batch_size, lo + self.shard_size))
             return
+        world = self.num_replicas
         rng = np.random.default_rng([self.seed, self.epoch])
-        shard = rng.permutation(self.n_rows)[: self.total_size][self.rank :: self.num_replicas]
+        shard = rng.permutation(self.n_rows)[: self.n_rows // world * world][self.rank :: world]
         for b in range(first, n_batches):
             yield np.sort(shard[b * self.batch_size : (b + 1) * self.batch_size])
 
 
-class ResumableDataLoader(DataLoader):
+class BatchLoader(DataLoader):
+    """A DataLoader of :class:`EpochBatchSampler` batches that checks its sampler is ours.
+
+    Under DDP, a Trainer built with ``use_distributed_sampler=True`` (Lightning's default)
+    rebuilds the loader around its own distributed sampler, which would shard the already
+    sharded batches a second time and train on a fraction of the data without a word; this
+    loader refuses to start then, naming the setting.
+    """
+
+    def __iter__(self) -> Any:
+        if not isinstance(self.sampler, EpochBatchSampler):
+            raise ConfigError(
+                f"trainer.use_distributed_sampler: the data module's loaders shard the data "
+                f"themselves, but the Trainer replaced their sampler with a "
+                f"{type(self.sampler).__name__}; build it with use_distributed_sampler=False "
+                "(configs/trainer/default.yaml sets it)"
+            )
+        return super().__iter__()
+
+
+class ResumableDataLoader(BatchLoader):
     """The training loader, resumable mid-epoch (Lightning's ``state_dict`` protocol).
 
     Its state is the epoch and the number of batches already trained on in it, read from the
@@ -496,7 +521,7 @@ class AliExpressDataModule(L.LightningDataModule):
 
     def _loader(
         self, arrays: tuple[np.ndarray, ...] | None, start: int, stop: int | None, train: bool
-    ) -> DataLoader:
+    ) -> BatchLoader:
         if arrays is None:
             raise RuntimeError("call setup() before asking for a dataloader")
         dataset = BatchDataset(*arrays, start=start, stop=stop)
@@ -510,7 +535,7 @@ class AliExpressDataModule(L.LightningDataModule):
         # random stream alone and a resumed run draws the same numbers.
         generator = torch.Generator().manual_seed(self.seed)
         kwargs: dict[str, Any] = {}
-        cls: type[DataLoader] = DataLoader
+        cls: type[BatchLoader] = BatchLoader
         if train:
             cls, kwargs["position"] = ResumableDataLoader, self._train_position
         if self.num_workers > 0:  # workers leave SIGTERM & co. to the main process

@@ -5,6 +5,8 @@ from mtl_clippy.models.backbones import (
     ESMM,
     NCF,
     PLE,
+    ROLES,
+    Backbone,
     LogisticRegression,
     MMoE,
     OMoE,
@@ -13,7 +15,7 @@ from mtl_clippy.models.backbones import (
     product_logit,
 )
 from mtl_clippy.models.layers import MLP, FeatureEmbedding
-from mtl_clippy.models.module import MultiTaskModule, TaskMetrics
+from mtl_clippy.models.module import MultiTaskModule, split_metrics
 from mtl_clippy.models.schedules import WarmupCosineLR
 
 __all__ = [
@@ -22,6 +24,8 @@ __all__ = [
     "MLP",
     "NCF",
     "PLE",
+    "ROLES",
+    "Backbone",
     "FeatureEmbedding",
     "LogisticRegression",
     "MMoE",
@@ -29,7 +33,7 @@ __all__ = [
     "OMoE",
     "SharedBottom",
     "SingleTask",
-    "TaskMetrics",
     "WarmupCosineLR",
     "product_logit",
+    "split_metrics",
 ]

@@ -131,8 +131,10 @@ class MLP(nn.Sequential):
     ) -> None:
         check_norm(norm)
         layers: list[nn.Module] = []
+        starts: list[int] = []
         width = input_dim
         for h in hidden_dims:
+            starts.append(len(layers))
             block: list[nn.Module] = [nn.Linear(width, h)]
             if norm == "batch":
                 block.append(nn.BatchNorm1d(h))
@@ -140,11 +142,21 @@ class MLP(nn.Sequential):
                 block.append(nn.LayerNorm(h))
             layers += [*block, nn.ReLU(), nn.Dropout(dropout)]
             width = h
+        starts.append(len(layers))  # where the head, if any, begins
         if output_dim is not None:
             layers.append(nn.Linear(width, output_dim))
             width = output_dim
         super().__init__(*layers)
         self.output_dim = width
+        #: Index of each hidden block's first layer (its ``Linear``), then of the head.
+        self.block_starts = tuple(starts)
+
+    def split(self, n_blocks: int) -> tuple[list[nn.Module], list[nn.Module]]:
+        """The layers of the first ``n_blocks`` hidden blocks, and all the layers after them
+        (the other blocks and the head): where one MLP holds a bottom and a tower."""
+        cut = self.block_starts[min(n_blocks, len(self.block_starts) - 1)]
+        layers = list(self)
+        return layers[:cut], layers[cut:]
 
 
 def has_sparse_embeddings(module: nn.Module) -> bool:

@@ -24,11 +24,12 @@ from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.model_helpers import _restricted_classmethod
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import Tensor, nn
-from torchmetrics import MaxMetric, MeanMetric, SumMetric
+from torchmetrics import MaxMetric, MeanMetric, Metric, MetricCollection
 from torchmetrics.classification import BinaryAUROC
 
 from mtl_clippy.data.schema import DatasetMetadata
 from mtl_clippy.models.layers import as_metadata, has_sparse_embeddings
+from mtl_clippy.models.param_groups import optimizer_with_groups, param_groups_config
 from mtl_clippy.models.schedules import WarmupCosineLR
 
 Batch = Sequence[Tensor]
@@ -214,7 +215,7 @@ def rank_scores(logits: Tensor) -> Tensor:
     pattern read as a sign-magnitude integer (``-m`` for negative numbers, ``+m`` otherwise,
     so -0.0 and +0.0 are one value) is increasing in the float's value, and shifted and
     divided by 2**32 it is exact in float64 and lies in (0, 1) for every float32, infinities
-    and NaN included (a NaN logit never reaches torchmetrics as NaN; see ``TaskMetrics``).
+    and NaN included (a NaN logit never reaches torchmetrics as NaN; see ``ExactAUC``).
     bfloat16 and float16 logits are widened to float32 first, which is exact.
 
     Two cases get probabilities instead, the sigmoid in the widest dtype available: float64
@@ -233,82 +234,110 @@ def rank_scores(logits: Tensor) -> Tensor:
     return (key + 2**31).to(torch.float64) / 2**32
 
 
-class TaskMetrics(nn.Module):
-    """Exact epoch metrics of one task: AUC, log loss and calibration.
+#: What each task's metrics are called: ``<split>/<kind>_<task>`` (plus ``<split>/auc_mean``).
+METRIC_KINDS: tuple[str, ...] = ("auc", "logloss", "calibration")
 
-    * AUC: ``BinaryAUROC(thresholds=None)`` keeps every prediction, so it is exact. It is fed
-      :func:`rank_scores` of the logits, an order-preserving code in (0, 1) (never logits,
-      never rounded probabilities), so the AUC is the Mann-Whitney AUC of the logits
-      themselves, ties counted half, however the epoch is split into batches.
-    * log loss: mean BCE over every row of the epoch (a ``MeanMetric`` of per-row losses).
-    * calibration: ``sum(predicted probabilities) / sum(labels)`` (mean predicted over mean
-      observed rate; 1 is calibrated).
 
-    AUC is undefined when the epoch holds a single class, and meaningless when some logit is
-    NaN; :meth:`compute` then returns NaN and warns. Calibration is NaN when the epoch has no
-    positives. Updates never sync the host.
+class ExactAUC(BinaryAUROC):
+    """Exact AUC of one task (column ``column`` of ``[B, n_tasks]`` logits and labels).
+
+    ``thresholds=None`` keeps every prediction, so it is exact. It is fed :func:`rank_scores`
+    of the logits, an order-preserving code in (0, 1) (never logits, never rounded
+    probabilities), so the AUC is the Mann-Whitney AUC of the logits themselves, ties counted
+    half, however the epoch is split into batches. It is undefined when the epoch holds a
+    single class, and meaningless when some logit is NaN: :meth:`compute` then returns NaN
+    and warns, naming the metric ``label`` (``val/auc_click``). Updates never sync the host.
     """
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.auroc = BinaryAUROC(thresholds=None, validate_args=False)
-        self.logloss = MeanMetric(nan_strategy="disable")
-        self.predicted = SumMetric(nan_strategy="disable")
-        self.observed = SumMetric(nan_strategy="disable")
-        self.count = SumMetric(nan_strategy="disable")
-        self.nan_logits = SumMetric(nan_strategy="disable")
+    def __init__(self, column: int, label: str) -> None:
+        super().__init__(thresholds=None, validate_args=False)
+        self.column = column
+        self.label = label
+        self.add_state("positives", torch.tensor(0.0), dist_reduce_fx="sum")
+        self.add_state("rows", torch.tensor(0.0), dist_reduce_fx="sum")
+        self.add_state("nan_logits", torch.tensor(0.0), dist_reduce_fx="sum")
 
-    def _metrics(self) -> tuple[Any, ...]:
-        return (
-            self.auroc,
-            self.logloss,
-            self.predicted,
-            self.observed,
-            self.count,
-            self.nan_logits,
-        )
+    def update(self, logits: Tensor, labels: Tensor) -> None:  # type: ignore[override]
+        """Add one batch: logits and 0/1 labels ``[B, n_tasks]``."""
+        raw = logits[:, self.column].detach()
+        target = labels[:, self.column].detach().float()
+        super().update(rank_scores(raw), target.long())
+        self.positives += target.to(self.positives.dtype).sum()
+        self.rows += target.numel()
+        self.nan_logits += torch.isnan(raw).sum()
 
-    def update(self, logits: Tensor, labels: Tensor) -> None:
-        """Add one batch of a task's logits ``[B]`` and 0/1 labels ``[B]``."""
-        raw = logits.detach()
-        logits = raw.float()
-        labels = labels.detach().float()
-        self.auroc.update(rank_scores(raw), labels.long())
-        self.logloss.update(F.binary_cross_entropy_with_logits(logits, labels, reduction="none"))
-        self.predicted.update(torch.sigmoid(logits))
-        self.observed.update(labels)
-        self.count.update(torch.ones_like(labels))
-        self.nan_logits.update(torch.isnan(logits).float())
-
-    def reset(self) -> None:
-        """Forget the accumulated epoch."""
-        for metric in self._metrics():
-            metric.reset()
-
-    def compute(self, name: str) -> dict[str, Tensor]:
-        """Return ``{"auc", "logloss", "calibration"}``; ``name`` is used in warnings."""
-        positives = self.observed.compute()
-        count = self.count.compute()
-        logloss = self.logloss.compute()
-        nan = torch.full_like(logloss, float("nan"))
-        nan_logits = int(self.nan_logits.compute())
+    def compute(self) -> Tensor:
+        nan = torch.full_like(self.rows, float("nan"))
+        nan_logits, rows = int(self.nan_logits), int(self.rows)
         if nan_logits:
-            auc = nan
             rank_zero_warn(
-                f"{name}: AUC is undefined because {nan_logits} of {int(count)} logits are NaN; "
+                f"{self.label}: AUC is undefined because {nan_logits} of {rows} logits are NaN; "
                 "logging NaN"
             )
-        elif bool(positives > 0) and bool(positives < count):
-            auc = self.auroc.compute().to(logloss)
-        else:
-            auc = nan
-            only = "positive" if bool(positives > 0) else "negative"
-            rank_zero_warn(
-                f"{name}: AUC is undefined because every label of the epoch is {only} "
-                f"({int(count)} rows); logging NaN"
+            return nan
+        if bool(self.positives > 0) and bool(self.positives < self.rows):
+            return super().compute().to(nan)
+        only = "positive" if bool(self.positives > 0) else "negative"
+        rank_zero_warn(
+            f"{self.label}: AUC is undefined because every label of the epoch is {only} "
+            f"({rows} rows); logging NaN"
+        )
+        return nan
+
+
+class LogLoss(MeanMetric):
+    """Log loss of one task: the mean BCE of its logits over every row of the epoch."""
+
+    def __init__(self, column: int) -> None:
+        super().__init__(nan_strategy="disable")
+        self.column = column
+
+    def update(self, logits: Tensor, labels: Tensor) -> None:  # type: ignore[override]
+        """Add one batch: logits and 0/1 labels ``[B, n_tasks]``."""
+        super().update(
+            F.binary_cross_entropy_with_logits(
+                logits[:, self.column].detach().float(),
+                labels[:, self.column].detach().float(),
+                reduction="none",
             )
-        calibration = self.predicted.compute() / positives if bool(positives > 0) else nan
-        return {"auc": auc, "logloss": logloss, "calibration": calibration}
+        )
+
+
+class Calibration(Metric):
+    """Calibration of one task: ``sum(predicted probabilities) / sum(labels)`` over the epoch
+    (mean predicted over mean observed rate; 1 is calibrated); NaN without positives."""
+
+    full_state_update = False
+
+    def __init__(self, column: int) -> None:
+        super().__init__()
+        self.column = column
+        self.add_state("predicted", torch.tensor(0.0), dist_reduce_fx="sum")
+        self.add_state("observed", torch.tensor(0.0), dist_reduce_fx="sum")
+
+    def update(self, logits: Tensor, labels: Tensor) -> None:
+        """Add one batch: logits and 0/1 labels ``[B, n_tasks]``."""
+        dtype = self.predicted.dtype
+        self.predicted += torch.sigmoid(logits[:, self.column].detach().float()).to(dtype).sum()
+        self.observed += labels[:, self.column].detach().to(dtype).sum()
+
+    def compute(self) -> Tensor:
+        if bool(self.observed > 0):
+            return self.predicted / self.observed
+        return torch.full_like(self.predicted, float("nan"))
+
+
+def split_metrics(tasks: Sequence[str], prefix: str) -> MetricCollection:
+    """The epoch metrics of one split: ``<prefix><kind>_<task>`` for every task and kind of
+    :data:`METRIC_KINDS`, updated together with ``update(logits, labels)`` (``[B, n_tasks]``
+    each) and computed over every rank's rows. ``prefix`` is ``"val/"`` or ``"test/"``."""
+    metrics: dict[str, Metric] = {}
+    for i, task in enumerate(tasks):
+        metrics[f"auc_{task}"] = ExactAUC(i, label=f"{prefix}auc_{task}")
+        metrics[f"logloss_{task}"] = LogLoss(i)
+        metrics[f"calibration_{task}"] = Calibration(i)
+    # compute_groups=False: no state sharing between tasks whose first batches look alike
+    return MetricCollection(metrics, prefix=prefix, compute_groups=False)
 
 
 # --------------------------------------------------------------------------------------------
@@ -333,6 +362,10 @@ class MultiTaskModule(pl.LightningModule):
         scheduler_monitor: the metric a ``ReduceLROnPlateau`` scheduler watches.
         task_weights: loss weight per task (``metadata.tasks`` order); 1.0 each by default,
             i.e. the plain sum of the task losses.
+        param_groups: optimizer options per parameter role of the backbone, e.g.
+            ``{"embeddings": {"lr": 0.01}}`` (:mod:`mtl_clippy.models.param_groups`); the
+            other parameters form one group with the optimizer's options. ``None`` or empty:
+            one group of all parameters.
 
     Logged: ``train/loss``, ``train/loss_<task>`` every step; for ``val`` and ``test``,
     ``<split>/{auc,logloss,calibration}_<task>`` and ``<split>/auc_mean`` per epoch, plus
@@ -349,6 +382,7 @@ class MultiTaskModule(pl.LightningModule):
         scheduler_interval: str = "epoch",
         scheduler_monitor: str = "val/auc_mean",
         task_weights: Sequence[float] | None = None,
+        param_groups: Mapping[str, Mapping[str, Any]] | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(backbone, Mapping | DictConfig) or "_target_" not in backbone:
@@ -381,14 +415,15 @@ class MultiTaskModule(pl.LightningModule):
                 "scheduler_interval": scheduler_interval,
                 "scheduler_monitor": scheduler_monitor,
                 "task_weights": weights,
+                "param_groups": param_groups_config(param_groups),
             }
         )
         self.metadata = meta
         self.tasks: tuple[str, ...] = tuple(meta.tasks)
         self.backbone: nn.Module = _instantiate_partial(backbone_cfg)(metadata=meta)
         self.register_buffer("task_weights", torch.tensor(weights), persistent=False)
-        self.val_metrics = nn.ModuleDict({t: TaskMetrics() for t in self.tasks})
-        self.test_metrics = nn.ModuleDict({t: TaskMetrics() for t in self.tasks})
+        self.val_metrics = split_metrics(self.tasks, "val/")
+        self.test_metrics = split_metrics(self.tasks, "test/")
         self.val_auc_best = MaxMetric(nan_strategy="ignore")
 
     # -- model ---------------------------------------------------------------------------------
@@ -414,21 +449,16 @@ class MultiTaskModule(pl.LightningModule):
             self.log(f"train/loss_{task}", per_task[i], on_step=True, on_epoch=False, batch_size=n)
         return loss
 
-    def _update(self, metrics: nn.ModuleDict, batch: Batch) -> None:
+    def _update(self, metrics: MetricCollection, batch: Batch) -> None:
         categorical, numerical, labels = batch
-        logits = self(categorical, numerical)
-        for i, task in enumerate(self.tasks):
-            metrics[task].update(logits[:, i], labels[:, i])
+        metrics.update(self(categorical, numerical), labels)
 
-    def _compute(self, metrics: nn.ModuleDict, split: str) -> dict[str, Tensor]:
-        values: dict[str, Tensor] = {}
-        aucs = []
-        for task in self.tasks:
-            for name, value in metrics[task].compute(f"{split}/auc_{task}").items():
-                values[f"{split}/{name}_{task}"] = value
-            aucs.append(values[f"{split}/auc_{task}"])
-            metrics[task].reset()
-        values[f"{split}/auc_mean"] = torch.stack(aucs).mean()
+    def _compute(self, metrics: MetricCollection) -> dict[str, Tensor]:
+        """The split's epoch values, task by task, and their ``auc_mean``; then a reset."""
+        computed, p = metrics.compute(), metrics.prefix
+        metrics.reset()
+        values = {f"{p}{k}_{t}": computed[f"{p}{k}_{t}"] for t in self.tasks for k in METRIC_KINDS}
+        values[f"{p}auc_mean"] = torch.stack([values[f"{p}auc_{t}"] for t in self.tasks]).mean()
         return values
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
@@ -436,7 +466,7 @@ class MultiTaskModule(pl.LightningModule):
         self._update(self.val_metrics, batch)
 
     def on_validation_epoch_end(self) -> None:
-        values = self._compute(self.val_metrics, "val")
+        values = self._compute(self.val_metrics)
         if not self.trainer.sanity_checking:  # the sanity check's numbers never count as best
             self.val_auc_best.update(values["val/auc_mean"])
             values["val/auc_mean_best"] = self.val_auc_best.compute()
@@ -447,7 +477,7 @@ class MultiTaskModule(pl.LightningModule):
         self._update(self.test_metrics, batch)
 
     def on_test_epoch_end(self) -> None:
-        self._log_epoch(self._compute(self.test_metrics, "test"))
+        self._log_epoch(self._compute(self.test_metrics))
 
     def _log_epoch(self, values: dict[str, Tensor]) -> None:
         # The metrics gathered every rank's predictions before computing, so each rank holds
@@ -463,8 +493,7 @@ class MultiTaskModule(pl.LightningModule):
     def on_train_start(self) -> None:
         # The sanity check runs validation before training; start "best" from scratch, or
         # from the checkpoint's value when resuming.
-        for metrics in self.val_metrics.values():
-            metrics.reset()
+        self.val_metrics.reset()
         self.val_auc_best.reset()
         resumed = getattr(self, "_resumed_val_auc_best", None)
         if resumed is not None:
@@ -560,14 +589,17 @@ class MultiTaskModule(pl.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": entry}
 
     def build_optimizer(self) -> torch.optim.Optimizer:
-        """The optimizer of the stored config over this module's parameters."""
+        """The optimizer of the stored config over this module's parameters (in groups by
+        role with ``param_groups``)."""
         cfg = self.hparams["optimizer"]
         if cfg is None:
             raise ValueError(
                 "MultiTaskModule has no optimizer: pass optimizer= (a Hydra config with "
                 "_target_ or a callable params -> Optimizer) to train it"
             )
-        optimizer = _instantiate_partial(cfg)(self.parameters())
+        optimizer = optimizer_with_groups(
+            _instantiate_partial(cfg), self, self.hparams.get("param_groups")
+        )
         if has_sparse_embeddings(self.backbone) and not _supports_sparse(optimizer):
             raise ValueError(
                 f"The backbone was built with sparse_embeddings=true (model config "

@@ -1,51 +1,57 @@
 """Clippy AdaGrad: AdaGrad with adaptive, per-tensor update clipping (Tang et al., KDD 2023).
 
-The semantics follow the reference implementation, ``ClippyAdagrad`` of TensorFlow
-Recommenders, option for option (see the class docstring). Three interchangeable
-implementations of one step are provided; they compute the same numbers:
+Laid out as ``torch.optim.adagrad``: the class :class:`ClippyAdagrad` owns the param groups and
+the per-parameter state (created on a parameter's first step) and hands lists of tensors to one
+functional entry, :func:`clippy_adagrad`, which chooses an implementation for each group of
+tensors of one device and dtype:
 
-* ``_single_tensor_clippy``: one parameter at a time, eager, with scratch buffers reused
-  across tensors and steps (no large temporary per step);
-* ``_multi_tensor_clippy``: the same sequence of operations on lists of tensors with
-  ``torch._foreach_*`` kernels (one launch per operation for all parameters of a device and
-  dtype; best on GPUs, where launches dominate);
-* ``_fused_clippy``: the per-tensor math written once and compiled by ``torch.compile`` into a
-  reduction loop and an update loop per tensor (two passes over memory: the physical minimum
-  for an update that needs a reduction first), specialised to the tensors' shapes; each
-  signature (shapes, dtype, options) has its own compiled code, compiled once per process.
-  Fastest on CPUs with a C++ compiler. Only a compilation failure makes it give way to an
-  eager path (with one warning); ``ClippyAdagrad.implementation()`` records what ran.
+* ``_single_tensor_clippy_adagrad``: one tensor at a time, eager, in scratch buffers reused
+  across tensors and steps (no temporary as large as a parameter per step);
+* ``_multi_tensor_clippy_adagrad``: the same operations on lists with ``torch._foreach_*``
+  kernels (one launch per operation for all tensors; best on GPUs, where launches dominate);
+* ``_fused_clippy_adagrad``: the per-tensor math compiled by ``torch.compile`` into a reduction
+  loop and an update loop per tensor (two passes over memory, the minimum for an update that
+  needs a reduction first), specialised to the tensors' shapes. Fastest on CPUs with a C++
+  compiler. Only a compilation failure makes it give way to an eager path (with a warning);
+  ``ClippyAdagrad.implementation()`` records what ran;
+* ``_sparse_clippy_adagrad``: row-sparse (embedding) gradients, touching only their rows.
 
-Sparse (embedding) gradients take their own path that touches only the rows in the gradient.
-None of the paths synchronises the host with the device: the clipping factor of each tensor is
-left in ``state[p]["clipping_factor"]`` as a 0-dim tensor on the parameter's device.
+Every path obtains the clipping factor from one helper, :func:`_clipping_factor`, whose
+docstring states the contract. None of them synchronises the host with the device.
 """
 
 from __future__ import annotations
 
 import importlib
-import logging
 import math
 import os
 import shutil
 import types
 import warnings
-from collections import OrderedDict
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-__all__ = ["ClippyAdagrad", "clippy_step"]
-
-log = logging.getLogger(__name__)
+__all__ = ["ClippyAdagrad", "ClippyWorkspace", "clippy_adagrad"]
 
 # dtypes the compiled (fused) path handles. bfloat16 is computed by inductor in float32 and
 # rounded at the end, which is more accurate but not "all arithmetic in the parameter's dtype";
 # bfloat16 therefore uses the eager multi-tensor path, exactly like the reference.
 _FUSED_DTYPES = (torch.float32, torch.float64)
+
+# The options of one param group that are numbers, all validated as >= 0.
+_NON_NEGATIVE = (
+    "lr",
+    "initial_accumulator_value",
+    "variable_relative_threshold",
+    "accumulator_relative_threshold",
+    "absolute_threshold",
+    "epsilon",
+    "weight_decay",
+)
 
 
 class ClippyAdagrad(Optimizer):
@@ -87,50 +93,58 @@ class ClippyAdagrad(Optimizer):
     touched rows only (weight decay, if any, still applies to the whole tensor, as in the
     dense case).
 
+    Every option below is also a param group key: each group may set its own (for example
+    infinite thresholds for the embeddings, or another ``lr``).
+
     Args:
-        params: parameters or param groups (each group may set its own ``lr`` and options).
-        lr: learning rate :math:`\eta` (> 0 typically; >= 0 allowed). It sits *inside* the
-            clipped quantity, so the bound limits the actual step. TFRS notes that ``lr=1.0``
-            gives the paper's exact form; this project's ``optim=clippy`` uses 0.1.
-        initial_accumulator_value: starting value of :math:`A`. Larger values shrink the first
-            steps (AdaGrad's usual warm-up knob). Default 0.1 as in the reference.
-        variable_relative_threshold: :math:`\lambda_{rel}`, the bound relative to :math:`|w|`.
-            The paper's main knob: 0.1 (reference default) to 0.5 (this project's study).
-            Larger values clip less.
+        params: parameters, or param groups (dicts with ``"params"`` and any options below).
+        lr: learning rate :math:`\eta`; default 1e-3, range >= 0 (a Python number, not a
+            tensor). It sits *inside* the clipped quantity, so the bound limits the actual
+            step. TFRS notes that ``lr=1.0`` gives the paper's exact form; this project's
+            ``optim=clippy`` uses 0.1.
+        initial_accumulator_value: starting value of :math:`A`; default 0.1, range >= 0.
+            Larger values shrink the first steps (AdaGrad's usual warm-up knob).
+        variable_relative_threshold: :math:`\lambda_{rel}`, the bound relative to :math:`|w|`;
+            default 0.1, range >= 0 (``inf`` switches clipping off). The paper's main knob:
+            0.1 (reference default) to 0.5 (this project's study). Larger values clip less.
         accumulator_relative_threshold: :math:`\lambda_{acc}`, an extra bound proportional to
-            :math:`p`, i.e. allowing larger moves for rarely-updated coordinates. 0 disables it
-            (reference default).
+            :math:`p`, i.e. allowing larger moves for rarely-updated coordinates; default 0
+            (off, as in the reference), range >= 0.
         absolute_threshold: :math:`\lambda_{abs}`, the bound for elements whose value is near
-            zero (freshly initialised biases or embeddings would otherwise never move).
-            Reference default 1e-7; this project's study uses 1e-2.
-        epsilon: added to :math:`A` *inside* the square root, for numerical safety.
+            zero (freshly initialised biases or embeddings would otherwise never move);
+            default 1e-7 (the reference's), range >= 0; this project's study uses 1e-2.
+        epsilon: added to :math:`A` *inside* the square root, for numerical safety; default
+            1e-7, range >= 0.
         clip_accumulator_update: add :math:`(\sigma g)^2` instead of :math:`g^2` to the
-            accumulator, so that clipped steps do not also shrink future learning rates.
+            accumulator, so that clipped steps do not also shrink future learning rates;
+            default False.
         use_standard_accumulator_update: add :math:`g^2` to the accumulator *before* computing
-            the step (the paper's Algorithm 1 form) instead of after. Cannot be combined with
-            ``clip_accumulator_update``.
+            the step (the paper's Algorithm 1 form) instead of after; default False. Cannot be
+            combined with ``clip_accumulator_update``.
         weight_decay: decoupled weight decay, :math:`w \leftarrow w(1 - \eta\,\mathrm{wd})`
-            applied to the whole tensor before the step. Default 0.
-        foreach: use the multi-tensor ``torch._foreach_*`` implementation (``None``: decide
-            automatically, see ``fused``).
-        fused: use the ``torch.compile``-fused implementation. ``None`` (default, with
+            applied to the whole tensor before the step; default 0, range >= 0.
+        foreach: use the multi-tensor ``torch._foreach_*`` implementation; default None
+            (decide automatically, see ``fused``); ``False`` asks for the single-tensor path.
+        fused: use the ``torch.compile``-fused implementation; default None. ``None`` (with
             ``foreach=None``) picks it for float32/float64 dense parameters when
             ``torch.compile`` works on the parameters' device (a C++ compiler on CPU, Triton on
             CUDA); otherwise the multi-tensor path is used on CUDA and the single-tensor path
             on CPU (the faster eager choice on each, as measured in
-            ``benchmarks/bench_optimizer.py``). ``foreach=False`` asks for the single-tensor
-            path. If compiling fails (a compiler error, not an error of the step), the tensors
-            concerned take that eager path, with one ``RuntimeWarning`` per process.
-            The first fused steps of a process compile a few kernels, whatever the model
-            (tens of seconds on a small CPU, cached on disk for later runs). Set the environment
-            variable ``MTL_CLIPPY_DISABLE_FUSED=1`` to rule it out globally. ``fused=True`` with
-            ``foreach=True`` is an error.
+            ``benchmarks/bench_optimizer.py``). If compiling fails (a compiler error, not an
+            error of the step), the tensors concerned take that eager path, with a
+            ``RuntimeWarning``. The first fused steps of an optimizer compile its kernels
+            (tens of seconds on a small CPU the first time, then seconds: inductor caches them
+            on disk). Set the environment variable ``MTL_CLIPPY_DISABLE_FUSED=1`` to rule it
+            out globally. ``fused=True`` with ``foreach=True`` is an error.
 
-    After every step, ``optimizer.state[p]["clipping_factor"]`` holds :math:`\sigma` of that
-    tensor (0-dim, on the parameter's device; read it without forcing a sync by logging it
-    lazily), ``optimizer.state[p]["sum"]`` the accumulator and ``optimizer.state[p]["step"]``
-    the number of steps taken. ``optimizer.implementation()`` says which implementations the
-    steps ran and whether the compiled one ever fell back (``metrics.json``: ``optimizer_path``).
+    State is created on a parameter's first step (a parameter that never has a gradient has
+    none), all of it tensors, so that ``state_dict()`` / ``load_state_dict()`` round-trip and
+    loading moves it to the parameters' device: ``state[p]["sum"]`` is the accumulator,
+    ``state[p]["step"]`` the number of steps taken (float32 on the CPU, as torch's Adagrad)
+    and ``state[p]["clipping_factor"]`` the last step's :math:`\sigma` (0-dim, on the
+    parameter's device; read it without forcing a sync by logging it lazily).
+    ``optimizer.implementation()`` says which implementations the steps ran and whether the
+    compiled one ever fell back (``metrics.json``: ``optimizer_path``).
 
     Reference: J. Tang, Y. Drori, D. Chang, M. Sathiamoorthy, J. Gilmer, L. Wei, X. Yi, L. Hong,
     E. H. Chi. "Improving Training Stability for Multitask Ranking Models in Recommender
@@ -152,27 +166,6 @@ class ClippyAdagrad(Optimizer):
         foreach: bool | None = None,
         fused: bool | None = None,
     ) -> None:
-        if isinstance(lr, Tensor):
-            raise ValueError("ClippyAdagrad: lr must be a Python float, not a tensor")
-        checks = {
-            "lr": lr,
-            "initial_accumulator_value": initial_accumulator_value,
-            "variable_relative_threshold": variable_relative_threshold,
-            "accumulator_relative_threshold": accumulator_relative_threshold,
-            "absolute_threshold": absolute_threshold,
-            "epsilon": epsilon,
-            "weight_decay": weight_decay,
-        }
-        for name, value in checks.items():
-            _check_non_negative(name, value)
-        if clip_accumulator_update and use_standard_accumulator_update:
-            raise ValueError(
-                "ClippyAdagrad: clip_accumulator_update=True and "
-                "use_standard_accumulator_update=True cannot be combined: the standard update "
-                "adds g^2 to the accumulator before the clipping factor is known. Choose one."
-            )
-        if fused and foreach:
-            raise ValueError("ClippyAdagrad: fused=True and foreach=True are exclusive; choose one")
         defaults = dict(
             lr=lr,
             initial_accumulator_value=initial_accumulator_value,
@@ -186,72 +179,64 @@ class ClippyAdagrad(Optimizer):
             foreach=foreach,
             fused=fused,
         )
-        super().__init__(params, defaults)
-        for group in self.param_groups:
-            self._validate_group(group)
-            for p in group["params"]:
-                self._init_state(p, group)
-        # Scratch memory reused across tensors and steps, keyed by (device, dtype).
-        # Not part of the optimizer's state (nothing in it survives a step).
-        self._workspace: dict[tuple, Any] = {}
-        # What each param group's steps ran (see implementation()); not part of the state.
+        _check_options(defaults)
+        if clip_accumulator_update and use_standard_accumulator_update:
+            raise ValueError(
+                "ClippyAdagrad: clip_accumulator_update=True and "
+                "use_standard_accumulator_update=True cannot be combined: the standard update "
+                "adds g^2 to the accumulator before the clipping factor is known. Choose one."
+            )
+        self._init_memory()
+        super().__init__(params, defaults)  # add_param_group validates every group
+
+    def _init_memory(self) -> None:
+        # Not state (nothing in them belongs to a step): per param group, the memory its steps
+        # reuse (scratch buffers, compiled code) and the record of what its steps ran.
+        self._workspaces: dict[int, ClippyWorkspace] = {}
         self._paths: dict[int, dict[str, Any]] = {}
 
-    # ------------------------------------------------------------------ setup and state
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._init_memory()
+        for group in self.param_groups:
+            group.setdefault("foreach", None)
+            group.setdefault("fused", None)
 
-    @staticmethod
-    def _validate_group(group: dict[str, Any]) -> None:
-        for name in (
-            "lr",
-            "initial_accumulator_value",
-            "variable_relative_threshold",
-            "accumulator_relative_threshold",
-            "absolute_threshold",
-            "epsilon",
-            "weight_decay",
-        ):
-            _check_non_negative(name, group[name])
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        # Validate the group with the defaults it inherits before torch appends it.
+        group = {**self.defaults, **param_group}
+        _check_options(group)
         if group["clip_accumulator_update"] and group["use_standard_accumulator_update"]:
             raise ValueError(
                 "ClippyAdagrad: a param group sets both clip_accumulator_update and "
                 "use_standard_accumulator_update; they are mutually exclusive"
             )
-
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
-        group = self.param_groups[-1]
-        self._validate_group(group)
-        if hasattr(self, "_workspace"):
-            for p in group["params"]:
-                self._init_state(p, group)
 
-    def _init_state(self, p: Tensor, group: dict[str, Any]) -> None:
-        state = self.state[p]
-        if len(state) == 0:
-            state["step"] = torch.tensor(0.0, dtype=torch.float32)
-            state["sum"] = torch.full_like(
-                p, group["initial_accumulator_value"], memory_format=torch.preserve_format
-            )
-            state["clipping_factor"] = torch.ones((), dtype=p.dtype, device=p.device)
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        super().__setstate__(state)
-        self._workspace = {}
-        self._paths = {}
-        for group in self.param_groups:
-            group.setdefault("foreach", None)
-            group.setdefault("fused", None)
-
-    def _scratch(self, device: torch.device, dtype: torch.dtype, numel: int) -> Tensor:
-        """Three contiguous rows of ``numel`` elements, grown on demand and then kept."""
-        key = (device, dtype)
-        buf = self._workspace.get(key)
-        if buf is None or buf.shape[1] < numel:
-            buf = torch.empty((3, numel), device=device, dtype=dtype)
-            self._workspace[key] = buf
-        return buf
-
-    # ------------------------------------------------------------------ the step
+    def _init_group(
+        self,
+        group: dict[str, Any],
+        params: list[Tensor],
+        grads: list[Tensor],
+        accs: list[Tensor],
+        steps: list[Tensor],
+    ) -> None:
+        """Collect the group's parameters that have a gradient, creating their state on their
+        first step."""
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            state = self.state[p]
+            if len(state) == 0:
+                state["step"] = torch.tensor(0.0, dtype=torch.float32)
+                state["sum"] = torch.full_like(
+                    p, group["initial_accumulator_value"], memory_format=torch.preserve_format
+                )
+                state["clipping_factor"] = torch.ones((), dtype=p.dtype, device=p.device)
+            params.append(p)
+            grads.append(p.grad)
+            accs.append(state["sum"])
+            steps.append(state["step"])
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
@@ -261,79 +246,40 @@ class ClippyAdagrad(Optimizer):
             with torch.enable_grad():
                 loss = closure()
 
-        for group_index, group in enumerate(self.param_groups):
-            record = self._record(group_index)
-            dense: list[tuple[Tensor, Tensor, dict[str, Any]]] = []
+        for index, group in enumerate(self.param_groups):
+            params: list[Tensor] = []
+            grads: list[Tensor] = []
+            accs: list[Tensor] = []
             steps: list[Tensor] = []
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if len(state) == 0:  # parameter added after construction or loaded later
-                    self._init_state(p, group)
-                steps.append(state["step"])
-                if p.grad.is_sparse:
-                    _sparse_clippy(p, p.grad, state, group, self)
-                    record["sparse"] = True
-                elif p.numel() == 0:
-                    state["clipping_factor"] = torch.ones((), dtype=p.dtype, device=p.device)
-                else:
-                    dense.append((p, p.grad, state))
-            if steps:
-                torch._foreach_add_(steps, 1.0)
-            if dense:
-                self._dense_step(dense, group, record)
+            self._init_group(group, params, grads, accs, steps)
+            if not params:
+                continue
+            sigmas = clippy_adagrad(
+                params,
+                grads,
+                accs,
+                steps,
+                lr=group["lr"],
+                epsilon=group["epsilon"],
+                variable_relative_threshold=group["variable_relative_threshold"],
+                accumulator_relative_threshold=group["accumulator_relative_threshold"],
+                absolute_threshold=group["absolute_threshold"],
+                weight_decay=group["weight_decay"],
+                clip_accumulator_update=group["clip_accumulator_update"],
+                use_standard_accumulator_update=group["use_standard_accumulator_update"],
+                foreach=group["foreach"],
+                fused=group["fused"],
+                workspace=self._workspaces.setdefault(index, ClippyWorkspace()),
+                record=self._record(index),
+            )
+            for p, sigma in zip(params, sigmas, strict=True):
+                self.state[p]["clipping_factor"] = sigma
         return loss
 
-    def _dense_step(
-        self, items: list[tuple[Tensor, Tensor, dict[str, Any]]], group: dict, record: dict
-    ) -> None:
-        if any(torch.is_complex(p) for p, _, _ in items):
-            raise ValueError("ClippyAdagrad does not support complex parameters")
-        by_key: dict[tuple[torch.device, torch.dtype], list] = {}
-        for item in items:
-            by_key.setdefault((item[0].device, item[0].dtype), []).append(item)
-        hp = _hyper(group)
-        lr = float(group["lr"])
-        for (device, dtype), bucket in by_key.items():
-            params = [p for p, _, _ in bucket]
-            grads = [g for _, g, _ in bucket]
-            accs = [s["sum"] for _, _, s in bucket]
-            path = self._choose_path(group, device, dtype)
-            if path == "fused":
-                done, failure = _fused_clippy(params, grads, accs, lr, hp, self)
-                left = [i for i, sigma in enumerate(done) if sigma is None]
-                if len(left) < len(done):
-                    record["dense"].add("fused")
-                if left:  # a kernel could not be compiled here (warned once per process)
-                    record["fallback"] = record["fallback"] or failure
-                    path = _eager_default(device)
-                    sub = (
-                        [params[i] for i in left],
-                        [grads[i] for i in left],
-                        [accs[i] for i in left],
-                    )
-                    rest = self._eager_step(path, device, dtype, *sub, lr, hp)
-                    for i, sigma in zip(left, rest, strict=True):
-                        done[i] = sigma
-                    record["dense"].add(path)
-                sigmas = done
-            else:
-                sigmas = self._eager_step(path, device, dtype, params, grads, accs, lr, hp)
-                record["dense"].add(path)
-            for (_, _, state), sigma in zip(bucket, sigmas, strict=True):
-                state["clipping_factor"] = sigma
-
-    def _eager_step(self, path, device, dtype, params, grads, accs, lr, hp) -> list[Tensor]:
-        if path == "foreach":
-            return _multi_tensor_clippy(params, grads, accs, lr, hp)
-        scratch = self._scratch(device, dtype, max(p.numel() for p in params))
-        return _single_tensor_clippy(params, grads, accs, lr, hp, scratch)
-
     def _record(self, group_index: int) -> dict[str, Any]:
-        return self._paths.setdefault(
-            group_index, {"dense": set(), "sparse": False, "fallback": None}
-        )
+        """The mutable record of what one param group's steps ran (see ``implementation()``);
+        the checkpoint callback saves and restores it."""
+        return self._paths.setdefault(group_index, _new_record())
 
     def implementation(self) -> dict[str, Any]:
         """Which implementations this optimizer's steps actually ran, for the record.
@@ -346,7 +292,7 @@ class ClippyAdagrad(Optimizer):
         """
         groups = []
         for i in range(len(self.param_groups)):
-            rec = self._paths.get(i, {"dense": set(), "sparse": False, "fallback": None})
+            rec = self._paths.get(i, _new_record())
             groups.append(
                 {
                     "dense": sorted(rec["dense"]),
@@ -361,51 +307,220 @@ class ClippyAdagrad(Optimizer):
             "groups": groups,
         }
 
-    @staticmethod
-    def _choose_path(group: dict, device: torch.device, dtype: torch.dtype) -> str:
-        fused, foreach = group.get("fused"), group.get("foreach")
-        if fused:
-            if dtype not in _FUSED_DTYPES:
-                return "foreach"
-            return "fused"
-        if foreach:
-            return "foreach"
-        if foreach is False:  # explicitly no multi-tensor kernels: the per-tensor loop
-            return "single"
-        if fused is None and dtype in _FUSED_DTYPES and _fused_available(device):
-            return "fused"
-        return _eager_default(device)
+
+def _check_options(options: dict[str, Any]) -> None:
+    """Validate the numeric options and the path flags of the constructor or of a group."""
+    if isinstance(options["lr"], Tensor):
+        raise ValueError("ClippyAdagrad: lr must be a Python float, not a tensor")
+    for name in _NON_NEGATIVE:
+        value = options[name]
+        try:
+            v = float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"ClippyAdagrad: {name} must be a number, got {value!r}") from None
+        if not v >= 0.0:  # also rejects NaN
+            raise ValueError(f"ClippyAdagrad: {name} must be >= 0, got {value!r}")
+    if options.get("fused") and options.get("foreach"):
+        raise ValueError("ClippyAdagrad: fused=True and foreach=True are exclusive; choose one")
 
 
-# ---------------------------------------------------------------------- helpers
+def _new_record() -> dict[str, Any]:
+    return {"dense": set(), "sparse": False, "fallback": None}
 
 
-def _check_non_negative(name: str, value: Any) -> None:
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"ClippyAdagrad: {name} must be a number, got {value!r}") from None
-    if not v >= 0.0:  # also rejects NaN
-        raise ValueError(f"ClippyAdagrad: {name} must be >= 0, got {value!r}")
+# ---------------------------------------------------------------------- the functional entry
 
 
-def _hyper(group: dict[str, Any]) -> tuple:
-    return (
-        float(group["epsilon"]),
-        float(group["variable_relative_threshold"]),
-        float(group["accumulator_relative_threshold"]),
-        float(group["absolute_threshold"]),
-        float(group["weight_decay"]),
-        bool(group["clip_accumulator_update"]),
-        bool(group["use_standard_accumulator_update"]),
+class _Hyper(NamedTuple):
+    """The options of one step, as plain Python numbers (hashable: keys the compiled path's
+    tensor of scalars)."""
+
+    eps: float
+    rel: float
+    acc_rel: float
+    abs_t: float
+    wd: float
+    clip_acc: bool
+    standard: bool
+
+
+class ClippyWorkspace:
+    """Memory that one caller of :func:`clippy_adagrad` reuses from step to step; not state.
+
+    ``ClippyAdagrad`` keeps one per param group. It holds the scratch buffers of the eager
+    paths (grown on demand and kept, so a step allocates nothing as large as a parameter),
+    the compiled step of the fused path for each (device, dtype) and the reason one failed to
+    compile, and the small device tensor of hyperparameters the compiled code reads. Each
+    compiled step is ``torch.compile`` of a copy of the step's code of its own: torch.compile
+    keeps its compiled variants per code object (up to ``torch._dynamo.config.recompile_limit``
+    of them, then it gives up), so the variants of this caller (its shapes, dtype and options)
+    live and die with it, however many optimizers a process creates (a sweep runs its jobs in
+    one process).
+    """
+
+    def __init__(self) -> None:
+        self.buffers: dict[tuple, Tensor] = {}
+        self.compiled: dict[tuple[torch.device, torch.dtype], Callable[..., list[Tensor]]] = {}
+        self.compile_failures: dict[tuple[torch.device, torch.dtype], str] = {}
+
+    def scratch(self, kind: str, rows: int, numel: int, like: Tensor) -> Tensor:
+        """``rows`` contiguous rows of at least ``numel`` elements of ``like``'s device and
+        dtype, grown on demand and then kept."""
+        key = (kind, like.device, like.dtype)
+        buf = self.buffers.get(key)
+        if buf is None or buf.shape[1] < numel:
+            buf = torch.empty((rows, numel), device=like.device, dtype=like.dtype)
+            self.buffers[key] = buf
+        return buf
+
+
+def clippy_adagrad(
+    params: list[Tensor],
+    grads: list[Tensor],
+    accs: list[Tensor],
+    state_steps: list[Tensor] | None = None,
+    *,
+    lr: float,
+    epsilon: float = 1e-7,
+    variable_relative_threshold: float = 0.1,
+    accumulator_relative_threshold: float = 0.0,
+    absolute_threshold: float = 1e-7,
+    weight_decay: float = 0.0,
+    clip_accumulator_update: bool = False,
+    use_standard_accumulator_update: bool = False,
+    foreach: bool | None = None,
+    fused: bool | None = None,
+    workspace: ClippyWorkspace | None = None,
+    record: dict[str, Any] | None = None,
+) -> list[Tensor]:
+    """Functional Clippy AdaGrad: one step of every tensor, in place. See :class:`ClippyAdagrad`.
+
+    ``params``, ``grads`` (dense or row-sparse COO) and ``accs`` (the accumulators) are lists of
+    the same length; ``state_steps`` (optional) are step counters incremented by one. The
+    options mean what the class's do; ``foreach`` and ``fused`` choose the implementation of
+    each group of dense tensors of one device and dtype, as the class documents. Returns each
+    tensor's clipping factor (0-dim, on its device; no host sync).
+
+    ``workspace``: memory reused across calls (scratch buffers, compiled code); pass the same
+    one at every step, or None for a fresh one (a call with ``fused`` then compiles its code).
+    ``record``: if given, a dict ``{"dense": set, "sparse": bool, "fallback": str | None}``
+    updated with the paths that ran (as ``ClippyAdagrad.implementation()`` reports them).
+    """
+    if clip_accumulator_update and use_standard_accumulator_update:
+        raise ValueError(
+            "ClippyAdagrad: clip_accumulator_update=True and use_standard_accumulator_update=True "
+            "cannot be combined"
+        )
+    if fused and foreach:
+        raise ValueError("ClippyAdagrad: fused=True and foreach=True are exclusive; choose one")
+    if workspace is None:
+        workspace = ClippyWorkspace()
+    if record is None:
+        record = _new_record()
+    lr = float(lr)
+    hp = _Hyper(
+        float(epsilon),
+        float(variable_relative_threshold),
+        float(accumulator_relative_threshold),
+        float(absolute_threshold),
+        float(weight_decay),
+        bool(clip_accumulator_update),
+        bool(use_standard_accumulator_update),
     )
+    if state_steps:
+        torch._foreach_add_(state_steps, 1.0)
+
+    sigmas: list[Tensor | None] = [None] * len(params)
+    dense: list[int] = []
+    for i, (w, g) in enumerate(zip(params, grads, strict=True)):
+        if g.is_sparse:
+            sigmas[i] = _sparse_clippy_adagrad(w, g, accs[i], lr=lr, hp=hp, workspace=workspace)
+            record["sparse"] = True
+        elif w.numel() == 0:
+            sigmas[i] = torch.ones((), dtype=w.dtype, device=w.device)
+        else:
+            dense.append(i)
+    if dense:
+        if any(torch.is_complex(params[i]) for i in dense):
+            raise ValueError("ClippyAdagrad does not support complex parameters")
+        lists = [[params[i] for i in dense], [grads[i] for i in dense], [accs[i] for i in dense]]
+        for (ps, gs, as_), where in _group_by_device_and_dtype(lists):
+            out = _dense_clippy_adagrad(
+                ps, gs, as_, lr=lr, hp=hp, foreach=foreach, fused=fused,
+                workspace=workspace, record=record,
+            )  # fmt: skip
+            for j, sigma in zip(where, out, strict=True):
+                sigmas[dense[j]] = sigma
+    return sigmas  # type: ignore[return-value]  # every entry is set above
+
+
+def _group_by_device_and_dtype(
+    tensorlists: list[list[Tensor]],
+) -> list[tuple[list[list[Tensor]], list[int]]]:
+    """Split parallel lists of tensors into groups of one device and dtype (those of the first
+    list), each with the positions of its tensors in the input, in input order.
+
+    The one use of torch's own helper, the private static method
+    ``torch.optim.Optimizer._group_tensors_by_device_and_dtype`` (what torch's own optimizers
+    group with; one C++ pass). ``tests/test_clippy.py::test_grouping_by_device_and_dtype``
+    pins the behaviour relied on here: keys ``(device, dtype)`` (``(None, None)`` while
+    torch.compile traces), values ``(lists, indices)`` with the tensors in input order.
+    """
+    grouped = Optimizer._group_tensors_by_device_and_dtype(tensorlists, with_indices=True)
+    return [(lists, list(indices)) for lists, indices in grouped.values()]  # type: ignore[misc]
+
+
+def _dense_clippy_adagrad(
+    params: list[Tensor],
+    grads: list[Tensor],
+    accs: list[Tensor],
+    *,
+    lr: float,
+    hp: _Hyper,
+    foreach: bool | None,
+    fused: bool | None,
+    workspace: ClippyWorkspace,
+    record: dict[str, Any],
+) -> list[Tensor]:
+    """One step of dense tensors of one device and dtype, on the path ``_choose_path`` picks."""
+    device, dtype = params[0].device, params[0].dtype
+    path = _choose_path(foreach, fused, device, dtype)
+    if path == "fused":
+        sigmas, failure = _fused_clippy_adagrad(
+            params, grads, accs, lr=lr, hp=hp, workspace=workspace
+        )
+        if sigmas is not None:
+            record["dense"].add("fused")
+            return sigmas
+        record["fallback"] = record["fallback"] or failure  # nothing ran: take an eager path
+        path = _eager_default(device)
+    record["dense"].add(path)
+    if path == "foreach":
+        return _multi_tensor_clippy_adagrad(params, grads, accs, lr=lr, hp=hp)
+    scratch = workspace.scratch("dense", 3, max(p.numel() for p in params), params[0])
+    return _single_tensor_clippy_adagrad(params, grads, accs, lr=lr, hp=hp, scratch=scratch)
+
+
+def _choose_path(
+    foreach: bool | None, fused: bool | None, device: torch.device, dtype: torch.dtype
+) -> str:
+    """``"fused"``, ``"foreach"`` or ``"single"`` for dense tensors of one device and dtype."""
+    if fused:
+        return "fused" if dtype in _FUSED_DTYPES else "foreach"
+    if foreach:
+        return "foreach"
+    if foreach is False:  # explicitly no multi-tensor kernels: the per-tensor loop
+        return "single"
+    if fused is None and dtype in _FUSED_DTYPES and _fused_available(device):
+        return "fused"
+    return _eager_default(device)
 
 
 def _eager_default(device: torch.device) -> str:
     return "foreach" if device.type == "cuda" else "single"
 
 
-_FUSED_STATUS: dict[str, bool] = {}
+_FUSED_STATUS: dict[str, bool] = {}  # device type -> a compiler for it exists (no compilation)
 
 
 def _fused_available(device: torch.device) -> bool:
@@ -429,40 +544,68 @@ def _fused_available(device: torch.device) -> bool:
     return ok
 
 
-# ---------------------------------------------------------------------- dense: per tensor
+# ---------------------------------------------------------------------- the clipping contract
+
+
+def _clipping_factor(bound: Tensor, abs_delta: Tensor) -> Tensor:
+    """Clippy's clipping factor of one tensor, from each element's bound and ``|delta|``.
+
+    The contract: sigma is the largest scale in [0, 1] such that no element moves past its
+    bound, ``sigma * |delta_i| <= bound_i`` for every i; that is
+    ``sigma = min(1, min_i s_i)`` with ``s_i = bound_i / |delta_i|``, and ``s_i = 1`` where the
+    update is 0 (an element that does not move constrains nothing, even with a zero bound:
+    0/0 counts as 1). A zero bound under a nonzero update gives sigma = 0, never NaN; an
+    infinite bound never clips; an empty tensor gives 1. One scalar for the whole tensor: the
+    update's direction is kept.
+
+    Returns a 0-dim tensor on the inputs' device (no host sync). ``bound`` is overwritten with
+    the ratios ``s_i``, so that the eager paths allocate nothing; inside ``torch.compile`` the
+    in-place operations fuse like any others.
+    """
+    if bound.numel() == 0:
+        return torch.ones((), dtype=bound.dtype, device=bound.device)
+    ratio = bound.div_(abs_delta)  # 0/0 (no move, no bound) is NaN: counts as 1
+    if torch.compiler.is_compiling():
+        # The same replacement in the form inductor vectorises (its nan_to_num loop is ~25%
+        # slower on CPU); in eager code nan_to_num_ is the one pass without a temporary.
+        ratio = torch.where(ratio != ratio, 1.0, ratio)
+    else:
+        ratio.nan_to_num_(nan=1.0)
+    return torch.amin(ratio).clamp_(max=1.0)
+
+
+# ---------------------------------------------------------------------- per tensor
 
 
 def _delta_and_sigma(
-    w: Tensor, g: Tensor, acc: Tensor, lr: float, hp: tuple, pb: Tensor, db: Tensor, bb: Tensor
+    w: Tensor, g: Tensor, acc: Tensor, lr: float, hp: _Hyper, pb: Tensor, db: Tensor, bb: Tensor
 ) -> Tensor:
-    """The heart of one step, in place in three scratch tensors shaped like ``w``.
+    """The heart of one eager step, in place in three scratch tensors shaped like ``w``.
 
     Leaves the unclipped update ``delta = lr * g / sqrt(acc + eps)`` in ``db`` and returns the
     clipping factor sigma (0-dim, no sync); ``pb`` and ``bb`` are clobbered. ``acc`` must
     already include this step's ``g^2`` when the standard accumulator update is used.
     """
-    eps, rel, acc_rel, abs_t = hp[:4]
-    torch.add(acc, eps, out=pb).rsqrt_()  # p = 1 / sqrt(acc + eps)
+    torch.add(acc, hp.eps, out=pb).rsqrt_()  # p = 1 / sqrt(acc + eps)
     torch.mul(g, lr, out=db).mul_(pb)  # delta = lr * g * p
-    torch.abs(w, out=bb).mul_(rel).add_(abs_t)  # bound = rel*|w| + abs
-    if acc_rel != 0.0:
-        bb.add_(pb, alpha=acc_rel)  # ... + acc_rel * p
+    torch.abs(w, out=bb).mul_(hp.rel).add_(hp.abs_t)  # bound = rel*|w| + abs
+    if hp.acc_rel != 0.0:
+        bb.add_(pb, alpha=hp.acc_rel)  # ... + acc_rel * p
     torch.abs(db, out=pb)
-    bb.div_(pb).nan_to_num_(nan=1.0)  # s = bound/|delta|; 0/0 (no move, no bound) -> 1
-    return torch.amin(bb).clamp_(max=1.0)
+    return _clipping_factor(bb, pb)
 
 
-def _single_tensor_clippy(
+def _single_tensor_clippy_adagrad(
     params: list[Tensor],
     grads: list[Tensor],
     accs: list[Tensor],
+    *,
     lr: float,
-    hp: tuple,
+    hp: _Hyper,
     scratch: Tensor,
 ) -> list[Tensor]:
-    """Eager step, one tensor at a time, using three reusable scratch rows (no allocations
-    proportional to the parameters)."""
-    wd, clip_acc, standard = hp[4:]
+    """Eager step, one tensor at a time, in three rows of ``scratch`` (at least as long as the
+    largest tensor): no allocation proportional to the parameters."""
     sigmas = []
     for w, g, acc in zip(params, grads, accs, strict=True):
         n = w.numel()
@@ -470,27 +613,27 @@ def _single_tensor_clippy(
             scratch[i, :n].view_as(w) if w.is_contiguous() else torch.empty_like(w)
             for i in range(3)
         )
-        if wd != 0.0:
-            w.add_(w, alpha=-(wd * lr))
-        if standard:
+        if hp.wd != 0.0:
+            w.add_(w, alpha=-(hp.wd * lr))
+        if hp.standard:
             acc.addcmul_(g, g)
         sigma = _delta_and_sigma(w, g, acc, lr, hp, pb, db, bb)
-        if clip_acc:
+        if hp.clip_acc:
             torch.mul(g, sigma, out=pb)
             acc.addcmul_(pb, pb)
-        elif not standard:
+        elif not hp.standard:
             acc.addcmul_(g, g)
         w.addcmul_(db, sigma, value=-1.0)
         sigmas.append(sigma)
     return sigmas
 
 
-# ---------------------------------------------------------------------- dense: multi-tensor
+# ---------------------------------------------------------------------- multi-tensor
 
-# Three ``torch._foreach_*`` kernels arrived after the oldest torch this package supports
-# (``_foreach_copy_`` in 2.1, ``_foreach_max`` in 2.4, ``_foreach_rsqrt_`` in 2.5/2.6). Where one
-# is missing, a loop of the per-tensor op does the same arithmetic (the foreach kernels' CPU
-# fallback is that loop); the lookup happens at call time, so a test can remove them.
+# Two ``torch._foreach_*`` kernels arrived after the oldest torch this package supports
+# (``_foreach_copy_`` in 2.1, ``_foreach_rsqrt_`` in 2.5/2.6). Where one is missing, a loop of the
+# per-tensor op does the same arithmetic (the foreach kernels' CPU fallback is that loop); the
+# lookup happens at call time, so a test can remove them.
 
 
 def _foreach_rsqrt_(tensors: list[Tensor]) -> None:
@@ -511,52 +654,38 @@ def _foreach_copy_(dst: list[Tensor], src: list[Tensor]) -> None:
             d.copy_(s)
 
 
-def _foreach_max(tensors: list[Tensor]) -> list[Tensor]:
-    fn = getattr(torch, "_foreach_max", None)
-    if fn is not None:
-        return list(fn(tensors))
-    return [torch.amax(t) for t in tensors]
-
-
-def _multi_tensor_clippy(
-    params: list[Tensor], grads: list[Tensor], accs: list[Tensor], lr: float, hp: tuple
+def _multi_tensor_clippy_adagrad(
+    params: list[Tensor], grads: list[Tensor], accs: list[Tensor], *, lr: float, hp: _Hyper
 ) -> list[Tensor]:
-    """The same operations as ``_single_tensor_clippy``, on lists, with ``_foreach`` kernels."""
-    eps, rel, acc_rel, abs_t, wd, clip_acc, standard = hp
-    if wd != 0.0:
-        torch._foreach_add_(params, params, alpha=-(wd * lr))
-    if standard:
+    """The operations of ``_single_tensor_clippy_adagrad`` on lists, with ``_foreach`` kernels
+    (the clipping factor of each tensor from ``_clipping_factor``)."""
+    if hp.wd != 0.0:
+        torch._foreach_add_(params, params, alpha=-(hp.wd * lr))
+    if hp.standard:
         torch._foreach_addcmul_(accs, grads, grads)
-    pb = torch._foreach_add(accs, eps)
-    _foreach_rsqrt_(pb)
+    pb = torch._foreach_add(accs, hp.eps)
+    _foreach_rsqrt_(pb)  # p
     db = torch._foreach_mul(grads, lr)
-    torch._foreach_mul_(db, pb)
+    torch._foreach_mul_(db, pb)  # delta
     bb = torch._foreach_abs(params)
-    torch._foreach_mul_(bb, rel)
-    torch._foreach_add_(bb, abs_t)
-    if acc_rel != 0.0:
-        torch._foreach_add_(bb, pb, alpha=acc_rel)
+    torch._foreach_mul_(bb, hp.rel)
+    torch._foreach_add_(bb, hp.abs_t)
+    if hp.acc_rel != 0.0:
+        torch._foreach_add_(bb, pb, alpha=hp.acc_rel)  # bound
     _foreach_copy_(pb, db)
-    torch._foreach_abs_(pb)
-    torch._foreach_div_(bb, pb)
-    for b in bb:
-        b.nan_to_num_(nan=1.0)
-    # min over each tensor = -max(-s); one kernel for the whole list
-    torch._foreach_neg_(bb)
-    sigmas = _foreach_max(bb)
-    torch._foreach_neg_(sigmas)
-    torch._foreach_clamp_max_(sigmas, 1.0)
-    if clip_acc:
+    torch._foreach_abs_(pb)  # |delta|
+    sigmas = [_clipping_factor(b, d) for b, d in zip(bb, pb, strict=True)]
+    if hp.clip_acc:
         sg = torch._foreach_mul(grads, sigmas)
         torch._foreach_addcmul_(accs, sg, sg)
-    elif not standard:
+    elif not hp.standard:
         torch._foreach_addcmul_(accs, grads, grads)
     torch._foreach_mul_(db, sigmas)
     torch._foreach_sub_(params, db)
-    return list(sigmas)
+    return sigmas
 
 
-# ---------------------------------------------------------------------- dense: compiled
+# ---------------------------------------------------------------------- compiled
 
 
 def _clippy_math(
@@ -587,9 +716,7 @@ def _clippy_math(
         bound = torch.abs(w) * rel + abs_t
         if has_acc_rel:
             bound = bound + p * acc_rel
-        s = bound / torch.abs(delta)
-        s = torch.where(s != s, 1.0, s)  # 0/0 (no move, no bound) -> 1, as nan_to_num
-        sigma = torch.clamp(torch.amin(s), max=1.0)
+        sigma = _clipping_factor(bound, torch.abs(delta))
         if clip_acc:
             sg = g * sigma
             acc.add_(sg * sg)
@@ -600,44 +727,54 @@ def _clippy_math(
     return sigmas
 
 
-# One compiled function per signature (device, dtype, thread count, the four option flags and
-# every tensor's shape and strides), each with its own code object. torch.compile keeps its
-# cache and counts recompilations per code object, so a process that runs many models or
-# option sets (a sweep runs its jobs in one process) compiles each signature once and never
-# reaches the recompile limit; the kernels stay fully specialised to their shapes (the fastest
-# code inductor generates here). The cache is bounded: the least recently used signature is
-# dropped beyond _MAX_KERNELS.
-_KERNELS: OrderedDict[tuple, Callable] = OrderedDict()
-_MAX_KERNELS = 64
-# Failure reasons already warned about in this process (one warning per reason), and the
-# signatures whose compilation failed (they take the eager path from then on).
-_FUSED_FAILED: dict[tuple, str] = {}
-_WARNED: set[str] = set()
+def _compile_step() -> Callable[..., list[Tensor]]:
+    """``torch.compile`` of a fresh copy of ``_clippy_math``'s code, with a compile cache of its
+    own (see ``ClippyWorkspace``): its guards recompile it only when its caller's shapes,
+    dtype or option flags change. Shapes are static: the fully specialised kernels are the
+    fastest inductor generates here."""
+    code = _clippy_math.__code__
+    raw = types.FunctionType(code.replace(), _clippy_math.__globals__, code.co_name)
+    return torch.compile(raw, fullgraph=True, dynamic=False)
 
 
-def _signature(
-    params: list[Tensor], grads: list[Tensor], accs: list[Tensor], flags: tuple
-) -> tuple:
-    first = params[0]
-    tensors = tuple(
-        (tuple(w.shape), w.stride(), g.stride(), a.stride(), w.requires_grad)
-        for w, g, a in zip(params, grads, accs, strict=True)
-    )
-    return (str(first.device), str(first.dtype), torch.get_num_threads(), flags, tensors)
+def _fused_clippy_adagrad(
+    params: list[Tensor],
+    grads: list[Tensor],
+    accs: list[Tensor],
+    *,
+    lr: float,
+    hp: _Hyper,
+    workspace: ClippyWorkspace,
+) -> tuple[list[Tensor] | None, str | None]:
+    """Run the compiled step on dense tensors of one device and dtype.
 
-
-def _kernel(key: tuple) -> Callable:
-    fn = _KERNELS.get(key)
-    if fn is not None:
-        _KERNELS.move_to_end(key)
-        return fn
-    code = _clippy_math.__code__.replace(co_name=f"_clippy_math_{len(_KERNELS)}")
-    raw = types.FunctionType(code, _clippy_math.__globals__, code.co_name)
-    fn = torch.compile(raw, fullgraph=True, dynamic=False)
-    _KERNELS[key] = fn
-    while len(_KERNELS) > _MAX_KERNELS:
-        _KERNELS.popitem(last=False)
-    return fn
+    Returns the clipping factors and None or, when the step could not be compiled here, None
+    (nothing has been done to the tensors; the caller runs an eager path) and the reason.
+    """
+    device, dtype = params[0].device, params[0].dtype
+    key = (device, dtype)
+    if key in workspace.compile_failures:
+        return None, workspace.compile_failures[key]
+    # One small device tensor per (device, dtype, hyperparameters), rebuilt only when they
+    # change; lr is refreshed with fill_ (a kernel launch, no sync).
+    skey = ("scalars", device, dtype, hp)
+    scalars = workspace.buffers.get(skey)
+    if scalars is None:
+        values = [lr, hp.eps, hp.rel, hp.acc_rel, hp.abs_t, hp.wd]
+        scalars = workspace.buffers[skey] = torch.tensor(values, device=device, dtype=dtype)
+    scalars[0].fill_(lr)
+    step = workspace.compiled.get(key)
+    if step is None:
+        step = workspace.compiled[key] = _compile_step()
+    flags = (hp.acc_rel != 0.0, hp.wd != 0.0, hp.clip_acc, hp.standard)
+    try:
+        return list(step(params, grads, accs, scalars, *flags)), None
+    except _compile_errors() as exc:  # compilation failed; nothing ran
+        failure = f"{type(exc).__name__}: {_first_line(exc)}"
+        workspace.compile_failures[key] = failure
+        del workspace.compiled[key]
+        _warn_fallback(str(device), str(dtype).removeprefix("torch."), failure)
+        return None, failure
 
 
 def _compile_errors() -> tuple[type[BaseException], ...]:
@@ -668,44 +805,6 @@ def _compile_errors() -> tuple[type[BaseException], ...]:
     return tuple(found)
 
 
-def _fused_clippy(
-    params: list[Tensor],
-    grads: list[Tensor],
-    accs: list[Tensor],
-    lr: float,
-    hp: tuple,
-    opt: ClippyAdagrad,
-) -> tuple[list[Tensor | None], str | None]:
-    """Run the compiled step on the tensors of one (device, dtype) bucket.
-
-    Returns the clipping factors and None, or, when this signature could not be compiled here,
-    ``[None] * len(params)`` (nothing has been done to the tensors; the caller runs an eager
-    path) and the reason.
-    """
-    device, dtype = params[0].device, params[0].dtype
-    eps, rel, acc_rel, abs_t, wd, clip_acc, standard = hp
-    flags = (acc_rel != 0.0, wd != 0.0, clip_acc, standard)
-    key = _signature(params, grads, accs, flags)
-    if key in _FUSED_FAILED:
-        return [None] * len(params), _FUSED_FAILED[key]
-    # One small device tensor per (device, dtype, hyperparameters), rebuilt only when they
-    # change; lr is refreshed with fill_ (a kernel launch, no sync).
-    skey = ("scalars", device, dtype, hp)
-    scalars = opt._workspace.get(skey)  # type: ignore[call-overload]
-    if scalars is None:
-        scalars = torch.tensor([lr, eps, rel, acc_rel, abs_t, wd], device=device, dtype=dtype)
-        opt._workspace[skey] = scalars  # type: ignore[index]
-    scalars[0].fill_(lr)
-    try:
-        return list(_kernel(key)(params, grads, accs, scalars, *flags)), None
-    except _compile_errors() as exc:  # compilation failed; nothing ran
-        failure = f"{type(exc).__name__}: {_first_line(exc)}"
-        _FUSED_FAILED[key] = failure
-        _KERNELS.pop(key, None)
-        _warn_fallback(str(device), str(dtype).removeprefix("torch."), failure)
-        return [None] * len(params), failure
-
-
 def _first_line(exc: BaseException) -> str:
     """The first line of the message, and of the backend's own error where there is one."""
     text = str(exc).strip()
@@ -717,26 +816,24 @@ def _first_line(exc: BaseException) -> str:
 
 
 def _warn_fallback(device: str, dtype: str, reason: str) -> None:
-    if reason in _WARNED:
-        return
-    _WARNED.add(reason)
+    # The same text from the same line: Python's default filter shows it once per process.
     warnings.warn(
         f"ClippyAdagrad: the compiled (fused) step could not be compiled for {dtype} tensors "
         f"on {device}: {reason}. Those tensors use the eager implementation: the same numbers, "
         "more slowly. optimizer.implementation() records the fallback (metrics.json: "
         "optimizer_path).",
         RuntimeWarning,
-        stacklevel=5,
+        stacklevel=6,
     )
 
 
 # ---------------------------------------------------------------------- sparse
 
 
-def _sparse_clippy(
-    p: Tensor, grad: Tensor, state: dict[str, Any], group: dict[str, Any], opt: ClippyAdagrad
-) -> None:
-    """Update only the rows present in a row-sparse COO gradient.
+def _sparse_clippy_adagrad(
+    p: Tensor, grad: Tensor, acc: Tensor, *, lr: float, hp: _Hyper, workspace: ClippyWorkspace
+) -> Tensor:
+    """Update only the rows present in a row-sparse COO gradient; returns sigma.
 
     Duplicate rows are summed (``torch.unique`` + ``index_add_``, cheaper than ``coalesce``),
     the touched rows of the parameter and the accumulator are gathered into reusable buffers,
@@ -746,36 +843,27 @@ def _sparse_clippy(
     data-dependent, so on a GPU ``torch.unique`` waits for the device once, as ``coalesce``
     does in torch's own sparse Adagrad.
     """
-    eps, rel, acc_rel, abs_t, wd, clip_acc, standard = _hyper(group)
-    lr = float(group["lr"])
-    acc = state["sum"]
-    if wd != 0.0:  # decoupled decay applies to the whole tensor, as in the dense case
-        p.add_(p, alpha=-(wd * lr))
     if grad.sparse_dim() != 1:
         raise ValueError(
             "ClippyAdagrad: sparse gradients must be row-sparse (COO with one sparse dimension, "
             f"as nn.Embedding(sparse=True) produces); got {grad.sparse_dim()} sparse dimensions"
         )
+    if hp.wd != 0.0:  # decoupled decay applies to the whole tensor, as in the dense case
+        p.add_(p, alpha=-(hp.wd * lr))
     row_shape = tuple(p.shape[1:])
     width = math.prod(row_shape)
     if grad.is_coalesced():
         rows, vals = grad.indices()[0], grad.values()
-        n_rows = rows.numel()
     else:
         idx, vals = grad._indices()[0], grad._values()
         rows, inverse = torch.unique(idx, sorted=True, return_inverse=True)
-        n_rows = rows.numel()
+    n_rows = rows.numel()
     if n_rows == 0 or width == 0:
-        state["clipping_factor"] = torch.ones((), dtype=p.dtype, device=p.device)
-        return
+        return torch.ones((), dtype=p.dtype, device=p.device)
     n = n_rows * width
     # Reusable buffers (rows of one allocation): gathered w, acc, summed g, 3 scratch.
-    key = ("sparse", p.device, p.dtype)
-    buf = opt._workspace.get(key)
-    if buf is None or buf.shape[1] < n:
-        buf = torch.empty((6, n), device=p.device, dtype=p.dtype)
-        opt._workspace[key] = buf
     shape = (n_rows, *row_shape)
+    buf = workspace.scratch("sparse", 6, n, p)
     w_rows, a_rows, g_rows, pb, db, bb = (buf[i, :n].view(shape) for i in range(6))
     if grad.is_coalesced():  # rows and values already paired, rows distinct
         g_rows.copy_(vals.reshape(shape))
@@ -785,11 +873,11 @@ def _sparse_clippy(
         g_rows.index_copy_(0, inverse, vals.reshape(shape))
     torch.index_select(p, 0, rows, out=w_rows)
     torch.index_select(acc, 0, rows, out=a_rows)
-    # The same operations as _single_tensor_clippy, on the touched rows.
-    if standard:
+    # The operations of _single_tensor_clippy_adagrad, on the touched rows.
+    if hp.standard:
         a_rows.addcmul_(g_rows, g_rows)
-    sigma = _delta_and_sigma(w_rows, g_rows, a_rows, lr, (eps, rel, acc_rel, abs_t), pb, db, bb)
-    if clip_acc:
+    sigma = _delta_and_sigma(w_rows, g_rows, a_rows, lr, hp, pb, db, bb)
+    if hp.clip_acc:
         torch.mul(g_rows, sigma, out=pb)
         pb.mul_(pb)  # (sigma * g)^2
     else:
@@ -797,42 +885,4 @@ def _sparse_clippy(
     acc.index_add_(0, rows, pb)
     db.mul_(sigma).neg_()  # -(sigma * delta)
     p.index_add_(0, rows, db)
-    state["clipping_factor"] = sigma
-
-
-def clippy_step(
-    params: list[Tensor],
-    grads: list[Tensor],
-    accs: list[Tensor],
-    *,
-    lr: float,
-    epsilon: float = 1e-7,
-    variable_relative_threshold: float = 0.1,
-    accumulator_relative_threshold: float = 0.0,
-    absolute_threshold: float = 1e-7,
-    weight_decay: float = 0.0,
-    clip_accumulator_update: bool = False,
-    use_standard_accumulator_update: bool = False,
-) -> list[Tensor]:
-    """Functional form of one dense Clippy step on lists of tensors (updated in place).
-
-    Returns each tensor's clipping factor. Uses the per-tensor eager implementation; useful
-    for tests and for embedding Clippy in custom training loops.
-    """
-    hp = (
-        epsilon,
-        variable_relative_threshold,
-        accumulator_relative_threshold,
-        absolute_threshold,
-        weight_decay,
-        clip_accumulator_update,
-        use_standard_accumulator_update,
-    )
-    out = []
-    for w, g, a in zip(params, grads, accs, strict=True):
-        if w.numel() == 0:
-            out.append(torch.ones((), dtype=w.dtype, device=w.device))
-            continue
-        scratch = torch.empty((3, w.numel()), dtype=w.dtype, device=w.device)
-        out.extend(_single_tensor_clippy([w], [g], [a], lr, hp, scratch))
-    return out
+    return sigma

@@ -23,17 +23,14 @@ import os
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")  # files only; never needs a display
-import matplotlib.pyplot as plt
 import pandas as pd
+from matplotlib.figure import Figure
 
+from mtl_clippy.data.schema import TASKS
 from mtl_clippy.report.sweep import collect_results
 
 log = logging.getLogger(__name__)
 
-TASKS = ("click", "conversion")
 GROUP_KEYS = ["model", "optim", "variant", "lr"]
 
 
@@ -178,16 +175,22 @@ def _label(row: pd.Series) -> str:
     return f"{row['model']}/{row['optim']} lr={row['lr']:g} seed={row['seed']}"
 
 
-def _save(fig: plt.Figure, path: Path) -> None:
+def _subplots(*grid: int, figsize: tuple[float, float], **kwargs: Any) -> tuple[Figure, Any]:
+    """A figure and its axes, outside pyplot: no backend is chosen or switched for the
+    process (``savefig`` renders PNGs with Agg by itself) and nothing is left open."""
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots(*grid, **kwargs)
+
+
+def _save(fig: Figure, path: Path) -> None:
     fig.tight_layout()
     tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.png")
     fig.savefig(tmp, dpi=110)
-    plt.close(fig)
     os.replace(tmp, path)
 
 
 def plot_loss_curves(df: pd.DataFrame, root: Path, out: Path) -> bool:
-    fig, ax = plt.subplots(figsize=(8, 4.5))
+    fig, ax = _subplots(figsize=(8, 4.5))
     colours: dict[str, Any] = {}
     drawn = False
     for _, row in df.iterrows():
@@ -201,7 +204,6 @@ def plot_loss_curves(df: pd.DataFrame, root: Path, out: Path) -> bool:
             ax.plot(steps[-1], values[-1], "x", color=colour, ms=9, mew=2)
         drawn = True
     if not drawn:
-        plt.close(fig)
         return False
     handles, labels = ax.get_legend_handles_labels()
     unique = dict(zip(labels, handles, strict=True))
@@ -221,7 +223,7 @@ def plot_test_metric(summary: pd.DataFrame, metric: str, out: Path) -> bool:
     if summary.empty or not all(c in summary for c in cols):
         return False
     labels = [f"{r.model}\n{r.optim}\nlr={r.lr:g}" for r in summary.itertuples()]
-    fig, axes = plt.subplots(1, len(TASKS), figsize=(max(6, 1.1 * len(labels) * len(TASKS)), 4.2))
+    fig, axes = _subplots(1, len(TASKS), figsize=(max(6, 1.1 * len(labels) * len(TASKS)), 4.2))
     for ax, task in zip(axes, TASKS, strict=True):
         means = summary[f"test_{metric}_{task}_mean"]
         stds = summary[f"test_{metric}_{task}_std"].fillna(0)
@@ -250,7 +252,7 @@ def plot_stability(df: pd.DataFrame, out: Path) -> bool:
         return False
     d = df.copy()
     d["auc_mean"] = d[auc_cols].apply(pd.to_numeric, errors="coerce").mean(axis=1)
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = _subplots(figsize=(7, 4.5))
     floor = d["auc_mean"].min() if d["auc_mean"].notna().any() else 0.5
     floor = min(floor, 0.5) - 0.02
     d["series"] = d["optim"] + d.get("variant", pd.Series(index=d.index, dtype=object)).fillna(
@@ -304,7 +306,7 @@ def plot_clipping(df: pd.DataFrame, root: Path, out: Path) -> bool:
     if not curves:
         return False
     groups = sorted(curves)
-    fig, axes = plt.subplots(
+    fig, axes = _subplots(
         1, len(groups), figsize=(4.2 * len(groups), 4), squeeze=False, sharey=True
     )
     for ax, group in zip(axes[0], groups, strict=True):

@@ -1,7 +1,7 @@
 """One table for a sweep: ``results.csv`` and ``results.md`` from the runs' ``metrics.json``.
 
-Written automatically when a Hydra multirun ends (``SweepResultsCallback``, configured in
-``configs/hydra/default.yaml``), or by hand for any folder of runs::
+Written automatically when a Hydra multirun ends (``hydra_callback.SweepResultsCallback``,
+configured in ``configs/hydra/default.yaml``), or by hand for any folder of runs::
 
     python -m mtl_clippy.report.sweep outputs/multirun/<sweep>
 """
@@ -9,19 +9,17 @@ Written automatically when a Hydra multirun ends (``SweepResultsCallback``, conf
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
-from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
+
+from mtl_clippy.summary import METRICS_FILE, RunSummary
 
 log = logging.getLogger(__name__)
 
-METRICS_FILE = "metrics.json"
 FIRST_COLUMNS = ["job", "model", "optim", "variant", "lr", "seed", "status"]
 # Overrides that other columns already show, or that do not change what a run is.
 _NOT_VARIANT_KEYS = {
@@ -52,19 +50,19 @@ LAST_COLUMNS = ["best_monitor", "best_score", "best_val_auc_mean", "epochs", "st
 
 
 def _row(path: Path, root: Path) -> dict[str, Any]:
-    m = json.loads(path.read_text())
+    m = RunSummary.load(path)
     row: dict[str, Any] = {
         "job": str(path.parent.relative_to(root)) if path.parent != root else path.parent.name,
-        **{k: m.get(k) for k in ("model", "optim", "lr", "seed", "status")},
-        "variant": variant_of(m.get("overrides") or []),
+        **{k: getattr(m, k) for k in ("model", "optim", "lr", "seed", "status")},
+        "variant": variant_of(m.overrides or []),
     }
-    for key, value in sorted((m.get("test") or {}).items()):
+    for key, value in sorted((m.test or {}).items()):
         if key.startswith(("auc_", "logloss_")):
             row[f"test_{key}"] = value
-    for key, value in sorted((m.get("bayes") or {}).items()):
+    for key, value in sorted((m.bayes or {}).items()):
         if key.startswith("auc_"):
             row[f"bayes_{key}"] = value
-    best = m.get("best") or {}
+    best = m.best or {}
     # The mean validation AUC of the best checkpoint's epoch, whatever chose it; a run whose
     # best.ckpt followed another metric (model_checkpoint.monitor) also gets that metric and
     # its value (only then: a table of default runs keeps its columns).
@@ -72,13 +70,12 @@ def _row(path: Path, root: Path) -> dict[str, Any]:
         row["best_monitor"], row["best_score"] = best.get("monitor"), best.get("score")
     row["best_val_auc_mean"] = best.get("val/auc_mean")
     for key in ("epochs", "steps", "wall_time_s", "samples_per_s"):
-        row[key] = m.get(key)
-    div = m.get("divergence") or {}
-    row["diverged_at_step"] = div.get("step")
-    row["spikes"] = div.get("spikes")
-    row["collapsed"] = ",".join(m.get("collapsed") or []) or None
-    row["max_abs_logit"] = m.get("max_abs_logit")
-    row["error"] = m.get("error")
+        row[key] = getattr(m, key)
+    row["diverged_at_step"] = m.divergence.step
+    row["spikes"] = m.divergence.spikes
+    row["collapsed"] = ",".join(m.collapsed or []) or None
+    row["max_abs_logit"] = m.max_abs_logit
+    row["error"] = m.error
     return row
 
 
@@ -136,40 +133,6 @@ def write_results(root: str | Path) -> pd.DataFrame:
         tmp.write_text(text)
         os.replace(tmp, root / name)
     return df
-
-
-class SweepResultsCallback(Callback):
-    """Hydra callback: at the end of a multirun, tabulate its jobs and report failures."""
-
-    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        root = Path(config.hydra.sweep.dir)
-        if not root.is_dir() or not _is_global_zero(config):
-            return
-        df = write_results(root)
-        if len(df):
-            try:  # the report (plots, table over seeds) must never cost the sweep its table
-                from mtl_clippy.report.study import build_report
-
-                print(f"report: {build_report(root)}")
-            except Exception as exc:
-                log.warning("could not build the report of %s: %s", root, exc)
-        n = len(df)
-        failed = int((df["status"] != "completed").sum()) if n else 0
-        print(f"\nsweep results ({n} jobs, {failed} not completed): {root / 'results.md'}")
-        if n:
-            cols = [c for c in df.columns if c not in ("error", "job")]
-            print(to_markdown(df[cols]))
-
-
-def _is_global_zero(config: DictConfig) -> bool:
-    """Whether this process is DDP rank 0 by Lightning's rule: of a sweep started as several
-    processes (srun), only rank 0 writes the table."""
-    from mtl_clippy import launch
-
-    trainer = config.get("trainer") or {}
-    return launch.is_global_zero(
-        devices=trainer.get("devices"), num_nodes=trainer.get("num_nodes", 1)
-    )
 
 
 def main() -> None:

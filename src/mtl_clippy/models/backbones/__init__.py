@@ -1,6 +1,11 @@
-"""Backbones: one module per model family, each mapping (categorical, numerical) to logits."""
+"""Backbones: one module per model family, each mapping (categorical, numerical) to logits.
+
+Every backbone is a :class:`Backbone` (``base.py``): the shared arguments, the input layer,
+the towers and the role of each parameter.
+"""
 
 from mtl_clippy.models.backbones.aitm import AITM
+from mtl_clippy.models.backbones.base import ROLES, Backbone, backbone_of
 from mtl_clippy.models.backbones.esmm import ESMM, product_logit
 from mtl_clippy.models.backbones.logistic import LogisticRegression
 from mtl_clippy.models.backbones.moe import MMoE, OMoE
@@ -14,10 +19,13 @@ __all__ = [
     "ESMM",
     "NCF",
     "PLE",
+    "ROLES",
+    "Backbone",
     "LogisticRegression",
     "MMoE",
     "OMoE",
     "SharedBottom",
     "SingleTask",
+    "backbone_of",
     "product_logit",
 ]

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from mtl_clippy.data.schema import DatasetMetadata
-from mtl_clippy.models.layers import MLP, FeatureEmbedding, as_metadata
+from mtl_clippy.models.backbones.base import Backbone
 
 
 class _TransferAttention(nn.Module):
@@ -30,7 +30,7 @@ class _TransferAttention(nn.Module):
         return (weights * self.value(x)).sum(dim=1)
 
 
-class AITM(nn.Module):
+class AITM(Backbone):
     """AITM (Xi et al., KDD 2021): tasks in funnel order, each passing information to the next.
 
     Task ``t`` has its own bottom MLP (512, 256) over the shared input layer, giving ``q_t``
@@ -41,7 +41,8 @@ class AITM(nn.Module):
     The paper's behavioral expectation calibrator (an extra loss term) is not included: the
     module's loss is the same weighted BCE for every backbone. ``norm`` (``"batch"``,
     ``"layer"`` or ``"none"``) is the normalisation of every bottom and tower block (the
-    transfer layer ``Linear -> ReLU`` has none, as published).
+    transfer layer ``Linear -> ReLU`` has none, as published). Roles: the bottoms, transfer
+    layers and attention are ``bottom``; the other keyword arguments are :class:`Backbone`'s.
 
     ``forward(categorical [B, F], numerical [B, N]) -> logits [B, n_tasks]``.
     """
@@ -49,34 +50,30 @@ class AITM(nn.Module):
     def __init__(
         self,
         metadata: DatasetMetadata | Mapping[str, Any],
-        embed_dim: int = 128,
+        *,
         bottom_dims: Sequence[int] = (512, 256),
-        tower_dims: Sequence[int] = (128, 64),
-        dropout: float = 0.2,
-        sparse_embeddings: bool = False,
-        norm: str = "batch",
+        **options: Any,
     ) -> None:
-        super().__init__()
-        meta = as_metadata(metadata)
         if not bottom_dims:
             raise ValueError("AITM needs a non-empty bottom_dims (the transferred width)")
-        self.embedding = FeatureEmbedding(meta, embed_dim, sparse=sparse_embeddings)
-        d_in = self.embedding.output_dim
-        width = bottom_dims[-1]
-        self.bottoms = nn.ModuleList(
-            MLP(d_in, bottom_dims, dropout, norm=norm) for _ in range(meta.n_tasks)
+        super().__init__(metadata, **options)
+        d_in, width, n = self.embedding.output_dim, bottom_dims[-1], self.n_tasks
+        self.bottoms = self.declare(
+            "bottom", nn.ModuleList(self.new_mlp(d_in, bottom_dims) for _ in range(n))
         )
         # Transfer modules exist for tasks 1.. only: the last task passes nothing on.
-        self.info = nn.ModuleList(
-            nn.Sequential(nn.Linear(width, width), nn.ReLU()) for _ in range(meta.n_tasks - 1)
+        self.info = self.declare(
+            "bottom",
+            nn.ModuleList(nn.Sequential(nn.Linear(width, width), nn.ReLU()) for _ in range(n - 1)),
         )
-        self.attention = nn.ModuleList(_TransferAttention(width) for _ in range(meta.n_tasks - 1))
-        self.towers = nn.ModuleList(
-            MLP(width, tower_dims, dropout, output_dim=1, norm=norm) for _ in range(meta.n_tasks)
+        self.attention = self.declare(
+            "bottom", nn.ModuleList(_TransferAttention(width) for _ in range(n - 1))
         )
+        self.add_towers(width)
 
     def forward(self, categorical: Tensor, numerical: Tensor) -> Tensor:
-        """Return per-task logits ``[batch, n_tasks]``."""
+        """Return per-task logits ``[batch, n_tasks]`` (each tower right after its task's
+        representation, down the chain)."""
         x = self.embedding(categorical, numerical).flatten(1)
         z = self.bottoms[0](x)
         logits = [self.towers[0](z)]

@@ -6,10 +6,11 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from mtl_clippy.data.schema import DatasetMetadata
-from mtl_clippy.models.layers import MLP, FeatureEmbedding, as_metadata
+from mtl_clippy.models.backbones.base import Backbone
+from mtl_clippy.models.layers import as_metadata
 
 
 def product_logit(a: Tensor, b: Tensor) -> Tensor:
@@ -23,11 +24,12 @@ def product_logit(a: Tensor, b: Tensor) -> Tensor:
     return -torch.logsumexp(torch.stack([-a, -b, -(a + b)], dim=-1), dim=-1)
 
 
-class ESMM(nn.Module):
+class ESMM(Backbone):
     """ESMM (Ma et al., SIGIR 2018): CTR and CVR networks on a shared input layer.
 
-    Each network is an MLP ``bottom_dims + tower_dims -> 1`` over the shared input layer. The
-    outputs are logits, in ``metadata.tasks`` order:
+    Each network is an MLP ``bottom_dims + tower_dims -> 1`` over the shared input layer
+    (its ``bottom_dims`` blocks have the role ``bottom``, the rest ``towers``). The outputs
+    are logits, in ``metadata.tasks`` order:
 
     * task 0 (click): the CTR logit ``a``;
     * task 1 (conversion): the logit of ``pCTCVR = pCTR * pCVR = sigmoid(a) * sigmoid(b)``
@@ -46,23 +48,23 @@ class ESMM(nn.Module):
     def __init__(
         self,
         metadata: DatasetMetadata | Mapping[str, Any],
-        embed_dim: int = 128,
+        *,
         bottom_dims: Sequence[int] = (512, 256),
-        tower_dims: Sequence[int] = (128, 64),
-        dropout: float = 0.2,
-        sparse_embeddings: bool = False,
-        norm: str = "batch",
+        **options: Any,
     ) -> None:
-        super().__init__()
-        meta = as_metadata(metadata)
-        if meta.n_tasks != 2:
+        tasks = as_metadata(metadata).tasks
+        if len(tasks) != 2:
             raise ValueError(
-                f"ESMM models exactly two funnel tasks (click, conversion), got tasks {list(meta.tasks)}"
+                f"ESMM models exactly two funnel tasks (click, conversion), got tasks {list(tasks)}"
             )
-        self.embedding = FeatureEmbedding(meta, embed_dim, sparse=sparse_embeddings)
-        dims = [*bottom_dims, *tower_dims]
-        self.ctr = MLP(self.embedding.output_dim, dims, dropout, output_dim=1, norm=norm)
-        self.cvr = MLP(self.embedding.output_dim, dims, dropout, output_dim=1, norm=norm)
+        super().__init__(metadata, **options)
+        dims, d_in, n = (
+            [*bottom_dims, *self.tower_dims],
+            self.embedding.output_dim,
+            len(bottom_dims),
+        )
+        self.ctr = self.declare_split(self.new_mlp(d_in, dims, output_dim=1), n)
+        self.cvr = self.declare_split(self.new_mlp(d_in, dims, output_dim=1), n)
 
     def cvr_logit(self, categorical: Tensor, numerical: Tensor) -> Tensor:
         """Post-click conversion logit ``b`` (``pCVR = sigmoid(b)``), shape ``[batch, 1]``."""

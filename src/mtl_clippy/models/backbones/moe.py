@@ -9,15 +9,16 @@ import torch
 from torch import Tensor, nn
 
 from mtl_clippy.data.schema import DatasetMetadata
-from mtl_clippy.models.layers import MLP, FeatureEmbedding, as_metadata
+from mtl_clippy.models.backbones.base import Backbone
 
 
-class _MixtureOfExperts(nn.Module):
+class _MixtureOfExperts(Backbone):
     """Experts over the input layer, softmax gates mixing them, one tower per task.
 
     Subclasses choose ``gate_per_task``: a gate for each task (MMoE) or one shared (OMoE).
-    ``norm`` (``"batch"``, ``"layer"`` or ``"none"``) is the normalisation of every expert and
-    tower block.
+    ``n_experts`` expert MLPs of widths ``expert_dims`` (role ``bottom``); the gates
+    ``Linear(input -> n_experts)`` have the role ``gates``. The other keyword arguments are
+    :class:`Backbone`'s (``norm`` in every expert and tower block).
     """
 
     gate_per_task: bool = True
@@ -25,42 +26,33 @@ class _MixtureOfExperts(nn.Module):
     def __init__(
         self,
         metadata: DatasetMetadata | Mapping[str, Any],
-        embed_dim: int = 128,
+        *,
         n_experts: int = 8,
         expert_dims: Sequence[int] = (512, 256),
-        tower_dims: Sequence[int] = (128, 64),
-        dropout: float = 0.2,
-        sparse_embeddings: bool = False,
-        norm: str = "batch",
+        **options: Any,
     ) -> None:
-        super().__init__()
-        meta = as_metadata(metadata)
         if n_experts < 1:
             raise ValueError(f"n_experts must be >= 1, got {n_experts}")
-        self.n_tasks = meta.n_tasks
-        self.embedding = FeatureEmbedding(meta, embed_dim, sparse=sparse_embeddings)
+        super().__init__(metadata, **options)
         d_in = self.embedding.output_dim
-        self.experts = nn.ModuleList(
-            MLP(d_in, expert_dims, dropout, norm=norm) for _ in range(n_experts)
+        self.experts = self.declare(
+            "bottom", nn.ModuleList(self.new_mlp(d_in, expert_dims) for _ in range(n_experts))
         )
-        n_gates = meta.n_tasks if self.gate_per_task else 1
-        self.gates = nn.ModuleList(nn.Linear(d_in, n_experts) for _ in range(n_gates))
-        self.towers = nn.ModuleList(
-            MLP(self.experts[0].output_dim, tower_dims, dropout, output_dim=1, norm=norm)
-            for _ in range(meta.n_tasks)
+        n_gates = self.n_tasks if self.gate_per_task else 1
+        self.gates = self.declare(
+            "gates", nn.ModuleList(nn.Linear(d_in, n_experts) for _ in range(n_gates))
         )
+        self.add_towers(self.experts[0].output_dim)
 
-    def forward(self, categorical: Tensor, numerical: Tensor) -> Tensor:
-        """Return per-task logits ``[batch, n_tasks]``."""
-        x = self.embedding(categorical, numerical).flatten(1)
+    def tower_inputs(self, fields: Tensor) -> list[Tensor]:
+        """Each gate's softmax mixture of the experts (one gate: the same for every task)."""
+        x = fields.flatten(1)
         experts = torch.stack([e(x) for e in self.experts], dim=1)  # [B, E, D]
         mixed = [
             torch.bmm(torch.softmax(g(x), dim=-1).unsqueeze(1), experts).squeeze(1)
             for g in self.gates
         ]
-        if len(mixed) == 1:
-            mixed = mixed * self.n_tasks
-        return torch.cat([tower(h) for tower, h in zip(self.towers, mixed, strict=True)], dim=1)
+        return mixed * self.n_tasks if len(mixed) == 1 else mixed
 
 
 class MMoE(_MixtureOfExperts):

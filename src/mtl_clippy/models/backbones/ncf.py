@@ -6,13 +6,13 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from mtl_clippy.data.schema import DatasetMetadata
-from mtl_clippy.models.layers import MLP, FeatureEmbedding, as_metadata
+from mtl_clippy.models.backbones.base import Backbone
 
 
-class NCF(nn.Module):
+class NCF(Backbone):
     """NeuMF (He et al., WWW 2017) adapted to multi-field users and items, with per-task towers.
 
     AliExpress has no user or item ids, only feature fields of each side, so each side is a
@@ -35,8 +35,8 @@ class NCF(nn.Module):
     NeuMF's separate GMF/MLP tables are a choice we do not copy). Their outputs are
     concatenated and fed to one tower (128, 64) -> 1 per task.
 
-    ``norm``: ``"batch"`` (BatchNorm in every MLP block, as published), ``"layer"`` (LayerNorm)
-    or ``"none"``.
+    ``mlp_dims`` are the MLP branch's widths (role ``bottom``); the other keyword arguments
+    are :class:`Backbone`'s.
 
     ``forward(categorical [B, F], numerical [B, N]) -> logits [B, n_tasks]``.
     """
@@ -44,19 +44,12 @@ class NCF(nn.Module):
     def __init__(
         self,
         metadata: DatasetMetadata | Mapping[str, Any],
-        embed_dim: int = 128,
+        *,
         mlp_dims: Sequence[int] = (512, 256),
-        tower_dims: Sequence[int] = (128, 64),
-        dropout: float = 0.2,
-        sparse_embeddings: bool = False,
-        norm: str = "batch",
+        **options: Any,
     ) -> None:
-        super().__init__()
-        meta = as_metadata(metadata)
-        groups = [g for g in (meta.user_numerical, meta.item_numerical) if g]
-        self.embedding = FeatureEmbedding(
-            meta, embed_dim, sparse=sparse_embeddings, numerical_groups=groups
-        )
+        super().__init__(metadata, **options)
+        meta = self.metadata
         user = list(meta.user_fields)
         item = list(meta.item_fields)
         if meta.user_numerical:
@@ -67,16 +60,15 @@ class NCF(nn.Module):
             raise ValueError("NCF needs at least one user-side and one item-side feature")
         self.register_buffer("user_index", torch.tensor(user), persistent=False)
         self.register_buffer("item_index", torch.tensor(item), persistent=False)
-        self.mlp = MLP(self.embedding.output_dim, mlp_dims, dropout, norm=norm)
-        self.towers = nn.ModuleList(
-            MLP(embed_dim + self.mlp.output_dim, tower_dims, dropout, output_dim=1, norm=norm)
-            for _ in range(meta.n_tasks)
-        )
+        self.mlp = self.declare("bottom", self.new_mlp(self.embedding.output_dim, mlp_dims))
+        self.add_towers(self.embed_dim + self.mlp.output_dim)
 
-    def forward(self, categorical: Tensor, numerical: Tensor) -> Tensor:
-        """Return per-task logits ``[batch, n_tasks]``."""
-        fields = self.embedding(categorical, numerical)
+    def numerical_groups(self) -> list[tuple[int, ...]]:
+        """The user and the item numerical features, one field vector each."""
+        return [g for g in (self.metadata.user_numerical, self.metadata.item_numerical) if g]
+
+    def tower_inputs(self, fields: Tensor) -> Tensor:
+        """``[GMF: user * item, MLP branch]``, read by every tower."""
         user = fields.index_select(1, self.user_index).mean(dim=1)
         item = fields.index_select(1, self.item_index).mean(dim=1)
-        h = torch.cat([user * item, self.mlp(fields.flatten(1))], dim=1)
-        return torch.cat([tower(h) for tower in self.towers], dim=1)
+        return torch.cat([user * item, self.mlp(fields.flatten(1))], dim=1)

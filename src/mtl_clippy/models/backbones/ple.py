@@ -9,7 +9,8 @@ import torch
 from torch import Tensor, nn
 
 from mtl_clippy.data.schema import DatasetMetadata
-from mtl_clippy.models.layers import MLP, FeatureEmbedding, as_metadata
+from mtl_clippy.models.backbones.base import Backbone
+from mtl_clippy.models.layers import MLP
 
 
 def _mix(gate: nn.Linear, x: Tensor, experts: Tensor) -> Tensor:
@@ -70,7 +71,7 @@ class _ExtractionLevel(nn.Module):
         return outputs, shared_out
 
 
-class PLE(nn.Module):
+class PLE(Backbone):
     """Progressive Layered Extraction (Tang et al., RecSys 2020).
 
     ``len(expert_dims)`` extraction levels (2 at the published sizes, (512, 256)); level ``l``
@@ -79,7 +80,8 @@ class PLE(nn.Module):
     experts; every level but the last also has a shared gate over all experts that feeds the
     next level's shared experts. Each task's last-level output goes to its tower
     (128, 64) -> 1. ``norm`` (``"batch"``, ``"layer"`` or ``"none"``) is the normalisation
-    of every expert and tower block.
+    of every expert and tower block. Roles: the experts are ``bottom``, the task and shared
+    gates ``gates``; the other keyword arguments are :class:`Backbone`'s.
 
     ``forward(categorical [B, F], numerical [B, N]) -> logits [B, n_tasks]``.
     """
@@ -87,17 +89,12 @@ class PLE(nn.Module):
     def __init__(
         self,
         metadata: DatasetMetadata | Mapping[str, Any],
-        embed_dim: int = 128,
+        *,
         expert_dims: Sequence[int] = (512, 256),
         n_shared_experts: int = 4,
         n_task_experts: int = 4,
-        tower_dims: Sequence[int] = (128, 64),
-        dropout: float = 0.2,
-        sparse_embeddings: bool = False,
-        norm: str = "batch",
+        **options: Any,
     ) -> None:
-        super().__init__()
-        meta = as_metadata(metadata)
         if not expert_dims:
             raise ValueError("PLE needs at least one level (a non-empty expert_dims)")
         if n_task_experts < 1 or n_shared_experts < 1:
@@ -105,37 +102,36 @@ class PLE(nn.Module):
                 f"PLE needs n_task_experts >= 1 and n_shared_experts >= 1, got "
                 f"{n_task_experts} and {n_shared_experts}"
             )
-        self.embedding = FeatureEmbedding(meta, embed_dim, sparse=sparse_embeddings)
-        d_in = self.embedding.output_dim
+        super().__init__(metadata, **options)
+        n = self.n_tasks
         levels = []
-        task_dims, shared_dim = [d_in] * meta.n_tasks, d_in
+        task_dims, shared_dim = [self.embedding.output_dim] * n, self.embedding.output_dim
         for i, width in enumerate(expert_dims):
-            levels.append(
-                _ExtractionLevel(
-                    task_dims,
-                    shared_dim,
-                    width,
-                    meta.n_tasks,
-                    n_task_experts,
-                    n_shared_experts,
-                    dropout,
-                    last=i == len(expert_dims) - 1,
-                    norm=norm,
-                )
+            level = _ExtractionLevel(
+                task_dims,
+                shared_dim,
+                width,
+                n,
+                n_task_experts,
+                n_shared_experts,
+                self.dropout,
+                last=i == len(expert_dims) - 1,
+                norm=self.norm,
             )
-            task_dims, shared_dim = [width] * meta.n_tasks, width
+            self.declare("bottom", level.task_experts, level.shared_experts)
+            shared_gate = [] if level.shared_gate is None else [level.shared_gate]
+            self.declare("gates", level.task_gates, *shared_gate)
+            levels.append(level)
+            task_dims, shared_dim = [width] * n, width
         self.levels = nn.ModuleList(levels)
-        self.towers = nn.ModuleList(
-            MLP(expert_dims[-1], tower_dims, dropout, output_dim=1, norm=norm)
-            for _ in range(meta.n_tasks)
-        )
+        self.add_towers(expert_dims[-1])
 
-    def forward(self, categorical: Tensor, numerical: Tensor) -> Tensor:
-        """Return per-task logits ``[batch, n_tasks]``."""
-        x = self.embedding(categorical, numerical).flatten(1)
-        task_inputs: list[Tensor] = [x] * len(self.towers)
+    def tower_inputs(self, fields: Tensor) -> list[Tensor]:
+        """Each task's output of the last level."""
+        x = fields.flatten(1)
+        task_inputs: list[Tensor] = [x] * self.n_tasks
         shared: Tensor | None = x
         for level in self.levels:
             assert shared is not None
             task_inputs, shared = level(task_inputs, shared)
-        return torch.cat([t(h) for t, h in zip(self.towers, task_inputs, strict=True)], dim=1)
+        return task_inputs

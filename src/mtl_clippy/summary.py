@@ -1,0 +1,265 @@
+"""The run summary, ``metrics.json``: one typed object that the run writes and every reader
+(the sweep table, the report, a resume, the printed table) reads.
+
+Every run writes it in its folder whatever its outcome (``completed``, ``diverged``,
+``failed``, ``interrupted``)::
+
+    {"status": "completed", "model": "shared_bottom", "optim": "clippy", "lr": 0.1,
+     "seed": 1, "overrides": [...], "epochs": 3, "steps": 150, "wall_time_s": 12.3,
+     "samples_per_s": 41000.0, "optimizer_path": "foreach", "val": {"auc_click": 0.71, ...},
+     "best": {...}, "test": {...}, "bayes": {...}, "divergence": {...},
+     "max_abs_logit": 7.2, "collapsed": [], "error": null, "output_dir": "...",
+     "resumed_from": null, "threads": 2, "oov_rate": {...}, "early_stopping": "val/auc_mean",
+     "precision": "32-true"}
+
+The keys from ``resumed_from`` on are written once the run has got that far (a run whose
+configuration is refused has none of them); ``resume_command`` and ``interrupted`` only for an
+interrupted run, ``traceback`` only for a failure that is not a user's mistake.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mtl_clippy.atomic import write_atomically
+
+METRICS_FILE = "metrics.json"
+
+#: A task whose test AUC ends within this distance of 0.5 is listed in ``collapsed``.
+COLLAPSE_TOLERANCE = 0.01
+
+
+class _Absent:
+    """The value of a key that ``metrics.json`` does not hold (not written: the run did not
+    get that far), as opposed to one it holds as ``null``."""
+
+    _instance: _Absent | None = None
+
+    def __new__(cls) -> _Absent:
+        if cls._instance is None:
+            cls._instance = super().__new__(cls)
+        return cls._instance
+
+    def __repr__(self) -> str:
+        return "ABSENT"
+
+    def __bool__(self) -> bool:
+        return False
+
+
+ABSENT: Any = _Absent()
+
+
+@dataclass
+class Divergence:
+    """metrics.json's ``divergence``: what ``DivergenceMonitor`` saw (``step`` is where the
+    run diverged, None when it did not)."""
+
+    step: int | None = None
+    last_finite_loss: float | None = None
+    spikes: int | None = 0
+    spike_steps: list[int] | None = field(default_factory=list)
+    reason: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any] | None) -> Divergence:
+        """A key an older file lacks reads as None, as readers have always taken it."""
+        data = data or {}
+        return cls(**{f.name: data.get(f.name) for f in dataclasses.fields(cls)})
+
+
+#: The keys written only once a run gets that far, or in one outcome only (see the module).
+_OPTIONAL = (
+    "resumed_from",
+    "threads",
+    "oov_rate",
+    "early_stopping",
+    "precision",
+    "resume_command",
+    "interrupted",
+    "traceback",
+)
+
+
+@dataclass
+class RunSummary:
+    """The content of one run's ``metrics.json``; the field order is the file's key order."""
+
+    status: str | None = "failed"
+    model: str | None = None
+    optim: str | None = None
+    lr: float | None = None
+    seed: int | None = None
+    overrides: list[str] | None = field(default_factory=list)
+    epochs: int | None = 0
+    steps: int | None = 0
+    wall_time_s: float | None = None
+    samples_per_s: float | None = None
+    #: which ClippyAdagrad implementation ran the steps (None for other optimizers)
+    optimizer_path: str | None = None
+    val: dict[str, float | None] | None = field(default_factory=dict)
+    #: what chose best.ckpt, its score, that epoch's val/auc_mean (``mtl_clippy.best``)
+    best: dict[str, Any] | None = field(default_factory=dict)
+    test: dict[str, float | None] | None = None
+    bayes: dict[str, float] | None = None
+    divergence: Divergence = field(default_factory=Divergence)
+    max_abs_logit: float | None = None
+    collapsed: list[str] | None = field(default_factory=list)
+    error: str | None = None
+    output_dir: str | None = None
+    # Written once the run gets that far (ABSENT: not in the file).
+    resumed_from: str | None = ABSENT
+    threads: int | None = ABSENT
+    #: share of categorical cells mapped to the OOV slot, per split (and per field)
+    oov_rate: dict[str, Any] | None = ABSENT
+    early_stopping: str | None = ABSENT
+    precision: str | None = ABSENT
+    # An interrupted run (``mtl_clippy.preemption.record``).
+    resume_command: str | None = ABSENT
+    interrupted: dict[str, Any] | None = ABSENT
+    # A failure that is not a user's mistake.
+    traceback: str | None = ABSENT
+    #: keys of a file that this version does not know: kept, and written back as they were
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        """The dict written as ``metrics.json`` (today's keys, in today's order)."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            if f.name == "extra":
+                continue
+            value = getattr(self, f.name)
+            if value is ABSENT:
+                continue
+            out[f.name] = value.to_json() if isinstance(value, Divergence) else value
+        out.update((k, v) for k, v in self.extra.items() if k not in out)
+        return out
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> RunSummary:
+        """The summary of a ``metrics.json`` dict. An older file's missing key reads as None
+        (what readers have always taken it for), an optional one stays absent; a key this
+        version does not know is kept in ``extra``. ``ValueError`` if ``data`` is not an
+        object (a foreign file)."""
+        if not isinstance(data, Mapping):
+            raise ValueError(f"expected a JSON object, got {type(data).__name__}")
+        names = [f.name for f in dataclasses.fields(cls) if f.name != "extra"]
+        values: dict[str, Any] = {}
+        for name in names:
+            if name in data:
+                values[name] = data[name]
+            elif name not in _OPTIONAL:
+                values[name] = None
+        divergence = values.get("divergence")
+        values["divergence"] = Divergence.from_json(
+            divergence if isinstance(divergence, Mapping) else None
+        )
+        extra = {k: v for k, v in data.items() if k not in names}
+        return cls(**values, extra=extra)
+
+    def write(self, folder: str | Path) -> None:
+        """Write ``<folder>/metrics.json`` whole or not at all (``write_json_atomic``)."""
+        write_json_atomic(Path(folder) / METRICS_FILE, self.to_json())
+
+    @classmethod
+    def read(cls, folder: str | Path) -> RunSummary:
+        """The summary in ``<folder>/metrics.json``; ``OSError`` if it cannot be read,
+        ``ValueError`` if it is not a summary's JSON."""
+        return cls.load(Path(folder) / METRICS_FILE)
+
+    @classmethod
+    def load(cls, path: str | Path) -> RunSummary:
+        """The summary in the file ``path`` (errors as :meth:`read`)."""
+        return cls.from_json(json.loads(Path(path).read_text()))
+
+
+def exists(folder: str | Path) -> bool:
+    """Whether ``folder`` holds a ``metrics.json``."""
+    return (Path(folder) / METRICS_FILE).exists()
+
+
+def write_json_atomic(path: Path, payload: Mapping[str, Any]) -> None:
+    """Write JSON to a temporary name, then rename: a reader never sees half a file, and a
+    full disk leaves no temporary file and raises ``DiskFull`` naming ``path``."""
+    text = json.dumps(payload, indent=2, default=str) + "\n"
+    write_atomically(path, lambda tmp: tmp.write_text(text))
+
+
+def finite_or_none(x: Any) -> float | None:
+    """``x`` (a number or a one-element tensor) as a float; None where it is missing or not
+    finite (JSON has no NaN)."""
+    if x is None:
+        return None
+    v = float(x.item() if hasattr(x, "item") else x)
+    return v if math.isfinite(v) else None
+
+
+def split_metrics(metrics: Mapping[str, Any], prefix: str) -> dict[str, float | None]:
+    """``{"val/auc_click": t}`` -> ``{"auc_click": 0.71}`` for one split prefix."""
+    out = {}
+    for key, value in metrics.items():
+        if key.startswith(prefix + "/") and not key.endswith("_best"):
+            out[key[len(prefix) + 1 :]] = finite_or_none(value)
+    return dict(sorted(out.items()))
+
+
+def collapsed_tasks(test: Mapping[str, Any] | None) -> list[str]:
+    """Tasks whose test AUC is within ``COLLAPSE_TOLERANCE`` of 0.5 (a constant predictor)."""
+    return sorted(
+        key[len("auc_") :]
+        for key, value in (test or {}).items()
+        if key.startswith("auc_")
+        and key != "auc_mean"
+        and isinstance(value, float)
+        and abs(value - 0.5) <= COLLAPSE_TOLERANCE
+    )
+
+
+def format_summary(summary: RunSummary | Mapping[str, Any]) -> str:
+    """The per-task table printed at the end of a run."""
+    s = summary if isinstance(summary, RunSummary) else RunSummary.from_json(summary)
+    val, test, bayes = s.val or {}, s.test or {}, s.bayes or {}
+    tasks = sorted(
+        {k.split("_", 1)[1] for k in [*val, *test] if k.startswith("auc_") and k != "auc_mean"}
+    )
+
+    def fmt(v: Any) -> str:
+        return f"{v:.4f}" if isinstance(v, float) else "  -   "
+
+    lines = [
+        f"{s.model} + {s.optim} (lr {s.lr}, seed {s.seed}): "
+        f"{s.status}, {s.epochs} epochs, {s.steps} steps, "
+        f"{s.wall_time_s} s" + (f", {s.samples_per_s:,.0f} samples/s" if s.samples_per_s else ""),
+        "",
+        f"| {'task':<12} | val AUC | test AUC | Bayes AUC | val logloss | test logloss |",
+        f"|{'-' * 14}|---------|----------|-----------|-------------|--------------|",
+    ]
+    for t in [*tasks, "mean"]:
+        lines.append(
+            f"| {t:<12} | {fmt(val.get(f'auc_{t}'))}  | {fmt(test.get(f'auc_{t}'))}   | "
+            f"{fmt(bayes.get(f'auc_{t}'))}    | {fmt(val.get(f'logloss_{t}'))}      | "
+            f"{fmt(test.get(f'logloss_{t}'))}       |"
+        )
+    return "\n".join(lines)
+
+
+__all__ = [
+    "ABSENT",
+    "COLLAPSE_TOLERANCE",
+    "METRICS_FILE",
+    "Divergence",
+    "RunSummary",
+    "collapsed_tasks",
+    "format_summary",
+    "split_metrics",
+    "write_json_atomic",
+]
