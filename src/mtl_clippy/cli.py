@@ -116,7 +116,7 @@ def check_overrides(
 
     with initialize_config_dir(config_dir=str(Path(config_dir).resolve()), version_base="1.3"):
         loader = GlobalHydra.instance().config_loader()
-        groups = set(loader.list_groups("")) - {"hydra"}
+        groups = _all_groups(loader)
         try:
             cfg = compose(
                 config_name, overrides=[o.composed for o in items], return_hydra_config=True
@@ -138,6 +138,21 @@ def check_overrides(
     if folder_key not in hydra_keys and not _folder_named_by_config(cfg, folder_key, config_dir):
         return _separate_processes_without_run_dir(cfg, multirun)
     return None
+
+
+def _all_groups(loader: Any) -> set[str]:
+    """Every config group Hydra knows (``model``, and nested ones such as ``model/layers``),
+    from its config loader; Hydra's own (``hydra/...``) left out."""
+    found: set[str] = set()
+    parents = [""]
+    while parents:
+        parent = parents.pop()
+        for name in loader.list_groups(parent):
+            group = f"{parent}/{name}" if parent else name
+            if group != "hydra" and group not in found:
+                found.add(group)
+                parents.append(group)
+    return found
 
 
 def _folder_named_by_config(cfg: Any, key: str, config_dir: str | Path) -> bool:
@@ -229,7 +244,9 @@ def _parse_overrides(overrides: list[str]) -> list[_Item]:
         except OverrideParseException as err:
             # The grammar's own words (e.g. "missing EQUAL at '<EOF>'") are the exception
             # Hydra's parser was handling; its message wraps them in lines for a terminal.
-            detail = str(err.__context__ or "").strip() or err.override
+            context = str(err.__context__ or "")
+            detail = "; ".join(line.strip() for line in context.splitlines() if line.strip())
+            detail = detail or err.override
             raise _BadOverride(
                 f"override {text!r}: cannot parse it: {detail} "
                 "(overrides are key=value; quote values with special characters)"
@@ -273,7 +290,7 @@ def _explain(
         group, _, choice = err.missing_cfg_file.rpartition("/")
         message = _no_such_option(group, choice, list(err.options))
         if not any(o.key == group for o in items):  # chosen by a config file
-            where = _chosen_in(config_dir, group, choice)
+            where = _chosen_in(config_name, config_dir, items, group, choice, err.options)
             message = f"{where}: {message}" if where else message
         return message
 
@@ -295,7 +312,7 @@ def _explain(
 
 
 def _is_group(item: _Item, groups: set[str]) -> bool:
-    return item.key in groups or "/" in item.key
+    return item.key in groups
 
 
 def _compose_or_none(config_name: str, overrides: list[str]) -> Any:
@@ -326,12 +343,15 @@ def _what_is_wrong(item: _Item, cfg: Any, groups: set[str]) -> str | None:
     tree = OmegaConf.to_container(cfg, resolve=False)
     choices = tree.pop("hydra", {}).get("runtime", {}).get("choices", {})
     if _is_group(item, groups):
-        if item.kind == "ADD" and choices.get(item.key) is not None:
+        # Hydra refuses +group=x where the defaults list has the group, even as `group: null`.
+        if item.kind == "ADD" and item.key in choices:
             fix = item.typed.lstrip("+")
             return said + f"{item.key} is already chosen (to change it, write {fix})"
         return None
     if item.package is not None:
         return None
+    if not item.key:
+        return said + "no key or config group named (write ~key or ~group to delete one)"
     found = _has_key(tree, item.key)
     if item.kind == "CHANGE":
         return said + _no_such_key(item.key, tree, groups, item)
@@ -351,21 +371,53 @@ def _has_key(tree: Any, key: str) -> bool:
     return isinstance(node, dict) and last in node
 
 
-def _chosen_in(config_dir: Path, group: str, choice: str) -> str | None:
+def _chosen_in(
+    config_name: str,
+    config_dir: Path,
+    items: list[_Item],
+    group: str,
+    choice: str,
+    options: Sequence[str],
+) -> str | None:
     """The config file (as Hydra names it, e.g. ``experiment/x``) whose defaults list
-    chooses ``choice`` for ``group``, or None where none of ``config_dir`` does."""
+    chooses the missing ``choice`` for ``group``, among the files this command line composes;
+    None where it cannot be told.
+
+    Hydra's error names the config the choice was applied in (for an ``override /group``,
+    the primary config), not the file that made it. The files composed are read from the
+    config with the group's first valid option put on the command line: its
+    ``hydra.runtime.choices`` (what was chosen for each group) name them, and the one whose
+    defaults list has ``group: choice`` (an absolute ``/group`` or one relative to the
+    file's own group) is the one.
+    """
     from omegaconf import OmegaConf
 
-    for path in sorted(config_dir.rglob("*.yaml")):
+    if not options:
+        return None
+    cfg = _compose_or_none(config_name, [o.composed for o in items] + [f"{group}={options[0]}"])
+    if cfg is None:
+        return None
+    choices = OmegaConf.to_container(cfg.hydra.runtime.choices)
+    files = [config_name] + [
+        f"{g}/{c}" for g, c in choices.items() if c is not None and not _is_hydra_key(g)
+    ]
+    for name in files:
+        path = config_dir / f"{name}.yaml"
         try:
             defaults = OmegaConf.to_container(OmegaConf.load(path)).get("defaults") or []
         except Exception:
             continue
+        own_group = name.rpartition("/")[0]
         for entry in defaults:
-            for name, value in entry.items() if isinstance(entry, dict) else ():
-                name = name.removeprefix("override").strip().lstrip("/").partition("@")[0]
-                if name == group and str(value) == choice:
-                    return path.relative_to(config_dir).with_suffix("").as_posix()
+            for key, value in entry.items() if isinstance(entry, dict) else ():
+                words = key.split()  # "override /model@pkg", "optional layers"
+                chosen = words[-1].partition("@")[0] if words else ""
+                if chosen.startswith("/"):
+                    chosen = chosen[1:]
+                elif own_group:
+                    chosen = f"{own_group}/{chosen}"
+                if chosen == group and str(value) == choice:
+                    return name
     return None
 
 
@@ -395,12 +447,17 @@ def _no_such_key(key: str, tree: dict[str, Any], groups: set[str], item: _Item) 
     node: Any = tree
     for depth, part in enumerate(parts):
         where = ".".join(parts[:depth])
+        if isinstance(node, list) and part.isdigit():  # Hydra sets a list's item by index
+            if int(part) >= len(node):
+                return f"{where} has {len(node)} items: index {part} is outside the list"
+            node = node[int(part)]
+            continue
         if not isinstance(node, dict):
             return f"{where} is {node!r}, not a node with keys"
         if part not in node:
             candidates = [str(k) for k in node]
-            if depth == 0:
-                candidates = sorted({*candidates, *groups})
+            if depth == 0:  # the top-level config groups (a nested one is named with "/")
+                candidates = sorted({*candidates, *(g for g in groups if "/" not in g)})
                 hint = _did_you_mean(part, candidates) or add
                 return f"no key or config group {part!r}{hint}"
             return f"{where} has no key {part!r}" + (_did_you_mean(part, candidates) or add)

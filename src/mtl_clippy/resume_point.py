@@ -7,16 +7,18 @@ resolvers; this is the checkpoint choice inside that folder.
 
 from __future__ import annotations
 
+import json
 import logging
+from collections.abc import Mapping
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from omegaconf import DictConfig
 
 from mtl_clippy import distributed
 from mtl_clippy import resume as resume_mod
 from mtl_clippy.errors import ConfigError
-from mtl_clippy.summary import METRICS_FILE, RunSummary
+from mtl_clippy.summary import METRICS_FILE
 
 log = logging.getLogger("mtl_clippy")
 
@@ -24,7 +26,9 @@ log = logging.getLogger("mtl_clippy")
 class ResumePoint(NamedTuple):
     ckpt_path: str | None = None  # the checkpoint to continue from (None: start afresh)
     step: int | None = None  # its global step
-    previous: RunSummary | None = None  # resume=true on a finished run: its summary
+    #: resume=true on a finished run: its metrics.json as the file holds it (not a
+    #: ``RunSummary``, which would add the keys an older file lacks: train() returns it as is)
+    previous: dict[str, Any] | None = None
 
 
 def resume_point(cfg: DictConfig, out_dir: Path) -> ResumePoint:
@@ -40,21 +44,23 @@ def resume_point(cfg: DictConfig, out_dir: Path) -> ResumePoint:
         return ResumePoint(str(path), found[0])
     if not resume_mod.resume_requested(cfg):
         return ResumePoint()
-    previous: RunSummary | None = None
+    previous: dict[str, Any] | None = None
     if (out_dir / METRICS_FILE).is_file():
         try:
-            previous = RunSummary.read(out_dir)
+            previous = json.loads((out_dir / METRICS_FILE).read_text())
         except ValueError:  # half a file (a kill while writing it, before writes were atomic)
             previous = None
-        if previous is not None and previous.status in ("completed", "diverged"):
-            return ResumePoint(previous=previous)
+        if not isinstance(previous, Mapping):  # a foreign file: as if there were none
+            previous = None
+        if previous is not None and previous.get("status") in ("completed", "diverged"):
+            return ResumePoint(previous=dict(previous))
     newest = resume_mod.find_checkpoint(out_dir)
     if newest is not None:
         log.info("resuming from %s", newest[0])
         return ResumePoint(str(newest[0]), newest[1])
     if distributed.is_multirun():  # a sweep job that had not started (or saved nothing)
         return ResumePoint()
-    if previous is not None and previous.status == "interrupted":
+    if previous is not None and previous.get("status") == "interrupted":
         # This folder's run was stopped (a requeued SLURM job, say) before its first
         # checkpoint: there is nothing to resume, so it starts again, in the same folder.
         log.info("resume: %s stopped before its first checkpoint; starting it afresh", out_dir)

@@ -22,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -149,20 +149,24 @@ class RunSummary:
         """The summary of a ``metrics.json`` dict. An older file's missing key reads as None
         (what readers have always taken it for), an optional one stays absent; a key this
         version does not know is kept in ``extra``. ``ValueError`` if ``data`` is not an
-        object (a foreign file)."""
+        object (a foreign file), or a known key holds a value of another type than declared
+        (``null`` is always allowed), naming the key: a reader (the sweep table) then skips
+        the file with that reason instead of failing on it later."""
         if not isinstance(data, Mapping):
             raise ValueError(f"expected a JSON object, got {type(data).__name__}")
         names = [f.name for f in dataclasses.fields(cls) if f.name != "extra"]
         values: dict[str, Any] = {}
         for name in names:
             if name in data:
+                _check_type(name, data[name], _KINDS[name])
                 values[name] = data[name]
             elif name not in _OPTIONAL:
                 values[name] = None
-        divergence = values.get("divergence")
-        values["divergence"] = Divergence.from_json(
-            divergence if isinstance(divergence, Mapping) else None
-        )
+        divergence = values.get("divergence") or {}
+        for name, value in divergence.items():
+            if name in _DIVERGENCE_KINDS:
+                _check_type(f"divergence.{name}", value, _DIVERGENCE_KINDS[name])
+        values["divergence"] = Divergence.from_json(divergence)
         extra = {k: v for k, v in data.items() if k not in names}
         return cls(**values, extra=extra)
 
@@ -180,6 +184,66 @@ class RunSummary:
     def load(cls, path: str | Path) -> RunSummary:
         """The summary in the file ``path`` (errors as :meth:`read`)."""
         return cls.from_json(json.loads(Path(path).read_text()))
+
+
+class _Kind:
+    """A JSON type a key may hold (besides ``null``): its name for messages and its test."""
+
+    def __init__(self, name: str, test: Callable[[Any], bool]) -> None:
+        self.name, self.test = name, test
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)  # JSON true is no number
+
+
+_STR = _Kind("a string", lambda v: isinstance(v, str))
+_NUMBER = _Kind("a number", _is_number)
+_OBJECT = _Kind("an object", lambda v: isinstance(v, Mapping))
+_NUMBERS = _Kind(
+    "an object of numbers",
+    lambda v: isinstance(v, Mapping) and all(x is None or _is_number(x) for x in v.values()),
+)
+_STRINGS = _Kind(
+    "a list of strings", lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v)
+)
+_NUMBER_LIST = _Kind(
+    "a list of numbers", lambda v: isinstance(v, list) and all(_is_number(x) for x in v)
+)
+
+#: What each of ``RunSummary``'s keys holds (its type hint, as JSON types).
+_KINDS: dict[str, _Kind] = {
+    **dict.fromkeys(
+        ("status", "model", "optim", "optimizer_path", "error", "output_dir", "resumed_from",
+         "early_stopping", "precision", "resume_command", "traceback"),
+        _STR,
+    ),
+    **dict.fromkeys(
+        ("lr", "seed", "epochs", "steps", "wall_time_s", "samples_per_s", "max_abs_logit",
+         "threads"),
+        _NUMBER,
+    ),
+    **dict.fromkeys(("overrides", "collapsed"), _STRINGS),
+    **dict.fromkeys(("val", "test", "bayes"), _NUMBERS),
+    **dict.fromkeys(("best", "divergence", "oov_rate", "interrupted"), _OBJECT),
+}  # fmt: skip
+
+#: The same for the keys of ``divergence``.
+_DIVERGENCE_KINDS: dict[str, _Kind] = {
+    "step": _NUMBER,
+    "last_finite_loss": _NUMBER,
+    "spikes": _NUMBER,
+    "spike_steps": _NUMBER_LIST,
+    "reason": _STR,
+}
+
+
+def _check_type(key: str, value: Any, kind: _Kind) -> None:
+    """``ValueError`` naming ``key`` unless ``value`` is ``null`` or of ``kind``."""
+    if value is not None and not kind.test(value):
+        shown = json.dumps(value, default=str)
+        shown = shown if len(shown) <= 40 else shown[:37] + "..."
+        raise ValueError(f"{key!r} should be {kind.name} or null, not {shown}")
 
 
 def exists(folder: str | Path) -> bool:

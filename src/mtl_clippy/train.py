@@ -88,7 +88,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     start = resume_point(cfg, out_dir)
     if start.previous is not None:  # resume=true on a run that had already finished
         log.info("this run had already completed; nothing to resume (%s)", out_dir)
-        return start.previous.to_json()
+        return start.previous  # the file's JSON as it is (an older file's keys, no more)
     summary.resumed_from = os.path.relpath(start.ckpt_path, out_dir) if start.ckpt_path else None
     trainer: pl.Trainer | None = None
     try:

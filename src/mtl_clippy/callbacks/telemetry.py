@@ -1,7 +1,9 @@
 """Optimizer telemetry per group of parameters, without a host sync on every step.
 
 ``OptimizerTelemetry`` groups the model's parameters by the roles its backbone declares
-(:meth:`mtl_clippy.models.Backbone.parameter_roles`: ``embeddings`` (the tables),
+(:func:`mtl_clippy.models.backbones.base.module_parameter_roles`, the same as the
+optimizer's ``param_groups``: every backbone's :meth:`~mtl_clippy.models.Backbone.parameter_roles`;
+``embeddings`` (the tables),
 ``numerical`` (the projections of the numerical features), ``bottom`` (shared bottoms,
 experts, MLPs, attention), ``gates``, ``towers``). A parameter outside any ``Backbone`` (a
 module of your own) is grouped by its name instead (:func:`group_of`).
@@ -30,7 +32,7 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
 
-from mtl_clippy.models.backbones.base import ROLES, Backbone
+from mtl_clippy.models.backbones.base import ROLES, module_parameter_roles
 
 __all__ = ["GROUPS", "OptimizerTelemetry", "group_of"]
 
@@ -78,14 +80,13 @@ class OptimizerTelemetry(pl.Callback):
     # -- setup -------------------------------------------------------------------------------
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        owner, role = {}, {}
+        owner = {}
         for mname, mod in pl_module.named_modules():
             for pname, p in mod.named_parameters(recurse=False):
                 owner[id(p)] = (f"{mname}.{pname}" if mname else pname, mod)
-            if isinstance(mod, Backbone):  # the outermost backbone's roles win
-                for r, named in mod.parameter_roles().items():
-                    for _, p in named:
-                        role.setdefault(id(p), r)
+        # the same roles as the optimizer's param_groups: every outermost backbone's
+        roles = module_parameter_roles(pl_module) or {}
+        role = {id(p): r for r, named in roles.items() for _, p in named}
         params, groups = [], []
         for p in pl_module.parameters():
             if not p.requires_grad:

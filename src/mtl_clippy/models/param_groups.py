@@ -15,13 +15,14 @@ monitor uses in its tags), so a checkpoint's optimizer state loads back into the
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
 import torch
 from torch import nn
 
-from mtl_clippy.models.backbones.base import ROLES, RoleParameters, backbone_of
+from mtl_clippy.models.backbones.base import ROLES, RoleParameters, module_parameter_roles
 
 #: The config key (top level of configs/train.yaml, group configs/param_groups/).
 KEY = "param_groups"
@@ -105,14 +106,75 @@ def optimizer_with_groups(
     that declares no roles."""
     if not spec:
         return factory(module.parameters())
-    backbone = backbone_of(module)
-    if backbone is None:
+    roles = module_parameter_roles(module)  # every backbone's, as the telemetry's
+    if roles is None:
         raise ValueError(
             f"{KEY}: the backbone declares no parameter roles (it is not a "
             "mtl_clippy.models.Backbone); set param_groups=none"
         )
-    optimizer = factory(build_param_groups(module, backbone.parameter_roles(), spec))
-    message = param_groups_problem(spec, optimizer.defaults, type(optimizer).__name__)
+    try:
+        optimizer = factory(build_param_groups(module, roles, spec))
+    except (TypeError, ValueError):
+        # a group the optimizer refuses: name the entry when it is one of them
+        message = group_options_problem(factory, spec)
+        if message:
+            raise ValueError(message) from None
+        raise
+    name = type(optimizer).__name__
+    message = param_groups_problem(spec, optimizer.defaults, name) or group_options_problem(
+        factory, spec
+    )
     if message:
         raise ValueError(message)
     return optimizer
+
+
+def group_options_problem(
+    factory: Callable[..., torch.optim.Optimizer], spec: Mapping[str, Mapping[str, Any]] | None
+) -> str | None:
+    """The one-line message for the first ``param_groups`` option value the optimizer would
+    refuse, or None. torch validates an optimizer's constructor arguments, never a group's
+    options (``lr_decay='abc'`` in a group fails at the first step, ``maximize='abc'`` does
+    gradient ascent), so each role's options are checked by the optimizer's own constructor:
+    ``factory`` (a ``functools.partial`` of the optimizer, as ``optim`` configs build) called
+    on a one-element dummy parameter with the role's options as keyword arguments, one option
+    at a time (the message names ``param_groups.<role>.<option>``), then all of the role's
+    together (``param_groups.<role>``, e.g. Clippy's clip_accumulator_update with
+    use_standard_accumulator_update). A value of another type than the optimizer's default
+    (text for a number, anything but true/false for a flag) is refused too.
+
+    Checks nothing when ``factory`` takes no keyword options, or the optimizer's own options
+    already fail (the build reports those)."""
+    if not spec or not isinstance(factory, functools.partial):
+        return None
+
+    def refusal(options: Mapping[str, Any]) -> str | None:
+        try:
+            factory([torch.zeros(1, requires_grad=True)], **options)
+        except (TypeError, ValueError) as exc:
+            return " ".join(str(exc).split()) or type(exc).__name__
+        return None
+
+    try:
+        base = factory([torch.zeros(1, requires_grad=True)])
+    except Exception:  # the optimizer's own options: the build reports them
+        return None
+    name = type(base).__name__
+    for role, overrides in spec.items():
+        key = f"{KEY}.{role}"
+        for option, value in overrides.items():
+            if option not in base.defaults:
+                continue  # param_groups_problem names an unknown option
+            default = base.defaults[option]
+            if isinstance(default, bool) and not isinstance(value, bool):
+                return f"{key}.{option}: expected true or false (an option of {name}), got {value!r}"
+            number = isinstance(default, int | float) and not isinstance(default, bool)
+            if number and (isinstance(value, bool) or not isinstance(value, int | float)):
+                return f"{key}.{option}: expected a number (an option of {name}), got {value!r}"
+            refused = refusal({option: value})
+            if refused:
+                return f"{key}.{option}: {name} refuses {value!r}: {refused}"
+        refused = refusal(overrides)
+        if refused:
+            return f"{key}: {name} refuses these options together: {refused}"
+    return None

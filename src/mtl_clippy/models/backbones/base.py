@@ -167,8 +167,15 @@ class Backbone(nn.Module):
     def parameter_roles(self) -> RoleParameters:
         """Role -> ``[(name, parameter), ...]`` (names as in ``named_parameters()``), in
         :data:`ROLES` order, roles without parameters left out. Every parameter is in exactly
-        one role; one in no declared module is a ``ValueError`` naming it."""
-        declared = {id(m): role for m, role in self._roles}
+        one role; one in no declared module is a ``ValueError`` naming it.
+
+        The declarations of the backbones nested inside this one count too (a backbone that
+        wraps a ``SharedBottom`` need not declare its modules again); a module declared both
+        here and by a nested backbone takes this backbone's role (the outer one decides)."""
+        declared: dict[int, str] = {}
+        for m in reversed(list(self.modules())):  # nested backbones first, this one last
+            if isinstance(m, Backbone):
+                declared.update({id(module): role for module, role in m._roles})
         role_at: dict[str, str | None] = {}
         found: dict[str, list[tuple[str, nn.Parameter]]] = {r: [] for r in ROLES}
         seen: set[int] = set()
@@ -208,6 +215,55 @@ class Backbone(nn.Module):
 
 
 def backbone_of(module: Any) -> Backbone | None:
-    """The first :class:`Backbone` inside ``module`` (itself included), or ``None``."""
-    modules = module.modules() if isinstance(module, nn.Module) else ()
-    return next((m for m in modules if isinstance(m, Backbone)), None)
+    """The first :class:`Backbone` inside ``module`` (itself included), or ``None``: the
+    first of :func:`outermost_backbones`. Code that needs every parameter's role uses
+    :func:`module_parameter_roles`, which covers all of them."""
+    found = outermost_backbones(module)
+    return found[0] if found else None
+
+
+def outermost_backbones(module: Any) -> list[Backbone]:
+    """Every :class:`Backbone` inside ``module`` (itself included) that is not inside another
+    one, in module order: the backbones whose :meth:`~Backbone.parameter_roles` together
+    cover every parameter that has a role (an ensemble of two backbones has two)."""
+    found: list[Backbone] = []
+    seen: set[int] = set()
+
+    def walk(m: nn.Module) -> None:
+        if id(m) in seen:
+            return
+        seen.add(id(m))
+        if isinstance(m, Backbone):
+            found.append(m)  # its own parameter_roles covers the backbones inside it
+            return
+        for child in m.children():
+            walk(child)
+
+    if isinstance(module, nn.Module):
+        walk(module)
+    return found
+
+
+def module_parameter_roles(module: Any) -> RoleParameters | None:
+    """The roles of ``module``'s parameters: the :meth:`~Backbone.parameter_roles` of every
+    backbone of :func:`outermost_backbones` together, names as in
+    ``module.named_parameters()``, in :data:`ROLES` order; ``None`` when it holds no backbone.
+    A parameter outside every backbone (a module of your own next to it) has no role here.
+
+    The one place that maps parameters to roles for the optimizer's groups
+    (``param_groups``) and the optimizer telemetry, so that both always agree. ``ValueError``
+    (naming the parameter) for a backbone that leaves a module undeclared."""
+    backbones = outermost_backbones(module)
+    if not backbones:
+        return None
+    path_of = {id(m): path for path, m in module.named_modules()}
+    found: dict[str, list[tuple[str, nn.Parameter]]] = {r: [] for r in ROLES}
+    seen: set[int] = set()
+    for backbone in backbones:
+        prefix = path_of.get(id(backbone), "")
+        for role, named in backbone.parameter_roles().items():
+            for name, p in named:
+                if id(p) not in seen:  # shared between two backbones: the first one's role
+                    seen.add(id(p))
+                    found[role].append((f"{prefix}.{name}" if prefix else name, p))
+    return {r: found[r] for r in ROLES if found[r]}
