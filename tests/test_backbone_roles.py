@@ -7,6 +7,7 @@ parameters' names; the optimizer's ``param_groups`` option builds groups from th
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -416,3 +417,247 @@ def test_the_app_builds_the_module_with_the_config_groups():
     module = builder.build_module(cfg, META)
     assert module.hparams["param_groups"] == choice("clip_dense_only")
     assert [g["name"] for g in module.build_optimizer().param_groups] == ["default", "embeddings"]
+
+
+# ----------------------------------------------------------------------------- review fixes
+
+_KW = {"embed_dim": 4, "bottom_dims": [8], "tower_dims": [4]}
+
+
+class _Ensemble(nn.Module):
+    """A plain module averaging two backbones (two outermost Backbones)."""
+
+    def __init__(self, metadata, **kw) -> None:
+        super().__init__()
+        self.a = models.SharedBottom(metadata, **kw)
+        self.b = models.SharedBottom(metadata, **kw)
+
+    def forward(self, cat, num):
+        return (self.a(cat, num) + self.b(cat, num)) / 2
+
+
+class _Outer(Backbone):
+    """A Backbone wrapping a Backbone whose modules are all declared."""
+
+    shared_input = False
+
+    def __init__(self, metadata, **kw) -> None:
+        super().__init__(metadata)
+        self.inner = models.SharedBottom(metadata, **kw)
+
+    def forward(self, cat, num):
+        return self.inner(cat, num)
+
+
+def _custom(target: type, param_groups=None, optimizer=None) -> MultiTaskModule:
+    return MultiTaskModule(
+        backbone={"_target_": f"{__name__}.{target.__name__}", **_KW},
+        metadata=META,
+        optimizer=CLIPPY if optimizer is None else optimizer,
+        param_groups=param_groups,
+    )
+
+
+def test_param_groups_and_telemetry_cover_every_backbone_of_an_ensemble():
+    """Two backbones side by side: both tables are ``embeddings`` for the optimizer's groups
+    and for the telemetry, from one function (module_parameter_roles)."""
+    from mtl_clippy.models.backbones.base import module_parameter_roles, outermost_backbones
+
+    model = _custom(_Ensemble, param_groups=choice("clip_dense_only"))
+    ens = model.backbone
+    assert outermost_backbones(model) == [ens.a, ens.b] and backbone_of(model) is ens.a
+    groups = {g["name"]: g["params"] for g in model.build_optimizer().param_groups}
+    tables = [ens.a.embedding.table.weight, ens.b.embedding.table.weight]
+    assert groups["embeddings"] == tables
+    roles = module_parameter_roles(model)
+    assert [n for n, _ in roles["embeddings"]] == [
+        "backbone.a.embedding.table.weight",
+        "backbone.b.embedding.table.weight",
+    ]
+    tel = OptimizerTelemetry()
+    tel.on_fit_start(SimpleNamespace(), model)
+    index = {id(p): tel._gidx[i].item() for i, p in enumerate(tel._params)}
+    assert all(ROLES[index[id(p)]] == "embeddings" for p in tables)
+    for role, named in roles.items():
+        assert {ROLES[index[id(p)]] for _, p in named if p.requires_grad} == {role}
+
+
+def test_a_backbone_inside_a_backbone_keeps_its_roles():
+    inner = build("SharedBottom", embed_dim=4)
+    outer = _Outer(META, **_KW)
+    assert outer.parameter_roles().keys() == inner.parameter_roles().keys()
+    assert [n for n, _ in outer.parameter_roles()["embeddings"]] == ["inner.embedding.table.weight"]
+    model = _custom(_Outer, param_groups=choice("clip_dense_only"))
+    groups = {g["name"]: g["params"] for g in model.build_optimizer().param_groups}
+    assert groups["embeddings"] == [model.backbone.inner.embedding.table.weight]
+
+    class Regrouped(_Outer):  # the outer backbone's declaration of the same module wins
+        def __init__(self, metadata, **kw) -> None:
+            super().__init__(metadata, **kw)
+            self.declare("bottom", self.inner.towers)
+
+    roles = Regrouped(META, **_KW).parameter_roles()
+    assert "towers" not in roles and any(n.startswith("inner.towers.") for n, _ in roles["bottom"])
+
+
+def test_divergence_monitor_hooks_every_outermost_backbone():
+    model = _custom(_Ensemble)
+    monitor = DivergenceMonitor(warmup_steps=0)
+    monitor.on_fit_start(SimpleNamespace(), model)
+    assert len(monitor._hook.handles) == 2
+    cat, num = torch.zeros(4, 16, dtype=torch.long), torch.randn(4, 63)
+    model.train()
+    torch.manual_seed(0)
+    largest = max(model.backbone.a(cat, num).abs().max(), model.backbone.b(cat, num).abs().max())
+    monitor._max_logit = None
+    torch.manual_seed(0)
+    model(cat, num)
+    assert monitor._max_logit.item() == pytest.approx(largest.item(), rel=1e-5)
+    monitor.teardown(SimpleNamespace(), model, "fit")
+    assert monitor._hook is None
+    monitor._max_logit = None
+    model(cat, num)
+    assert monitor._max_logit is None  # the hooks are gone
+    outer = _custom(_Outer)  # a nested backbone is not hooked apart from its outer one
+    monitor.on_fit_start(SimpleNamespace(), outer)
+    assert len(monitor._hook.handles) == 1
+
+
+ADAGRAD = {"_target_": "torch.optim.Adagrad", "_partial_": True, "lr": 0.1}
+ADAM = {"_target_": "torch.optim.Adam", "_partial_": True, "lr": 1e-3}
+
+
+@pytest.mark.parametrize(
+    ("optimizer", "spec", "expected"),
+    [
+        (ADAGRAD, {"embeddings": {"lr_decay": "abc"}},
+         "param_groups.embeddings.lr_decay: expected a number (an option of Adagrad), got 'abc'"),
+        (ADAM, {"towers": {"maximize": "abc"}},
+         "param_groups.towers.maximize: expected true or false (an option of Adam), got 'abc'"),
+        (ADAGRAD, {"embeddings": {"lr_decay": -1.0}},
+         "param_groups.embeddings.lr_decay: Adagrad refuses -1.0: Invalid lr_decay value: -1.0"),
+        ({**CLIPPY, "use_standard_accumulator_update": True},
+         {"embeddings": {"clip_accumulator_update": True}},
+         "param_groups.embeddings.clip_accumulator_update: ClippyAdagrad refuses True: "
+         "ClippyAdagrad: clip_accumulator_update=True and use_standard_accumulator_update=True "
+         "cannot be combined"),
+        (CLIPPY, {"gates": {"clip_accumulator_update": True,
+                            "use_standard_accumulator_update": True}},
+         "param_groups.gates: ClippyAdagrad refuses these options together: ClippyAdagrad: "
+         "clip_accumulator_update=True and use_standard_accumulator_update=True"),
+    ],
+)  # fmt: skip
+def test_group_option_values_are_checked_by_the_optimizer(optimizer, spec, expected):
+    """torch validates an optimizer's constructor arguments, never a group's: each role's
+    options go through the optimizer's own constructor (on a dummy parameter) at build."""
+    model = module("MMoE", param_groups=spec, optimizer=optimizer)
+    with pytest.raises(ValueError) as info:
+        model.build_optimizer()
+    assert str(info.value).startswith(expected) and "\n" not in str(info.value)
+
+
+def test_group_option_values_stop_the_config_check_and_the_build_in_one_line():
+    from mtl_clippy import build as builder
+
+    cfg = _composed("optim=adagrad", "+param_groups.embeddings.lr_decay=abc")
+    expected = "param_groups.embeddings.lr_decay: expected a number (an option of Adagrad)"
+    with pytest.raises(ConfigError, match=f"^{re.escape(expected)}"):
+        check_config(cfg)
+    with pytest.raises(ConfigError, match=f"^{re.escape(expected)}"):
+        builder.build_module(cfg, META)
+    check_config(_composed("optim=adagrad", "+param_groups.embeddings.lr_decay=0.01"))
+
+
+class _Undeclared(Backbone):
+    """A backbone that forgets to declare its middle layer."""
+
+    def __init__(self, metadata, *, bottom_dims=(8,), **options) -> None:
+        super().__init__(metadata, **options)
+        self.extra = nn.Linear(self.embedding.output_dim, bottom_dims[-1])
+        self.add_towers(bottom_dims[-1])
+
+    def tower_inputs(self, fields):
+        return self.extra(fields.flatten(1))
+
+
+def test_an_undeclared_module_is_a_config_error_when_the_module_is_built():
+    from mtl_clippy import build as builder
+
+    cfg = _composed(f"model._target_={__name__}._Undeclared", "model.embed_dim=4")
+    with pytest.raises(ConfigError) as info:
+        builder.build_module(cfg, META)
+    assert str(info.value).startswith(
+        "model: _Undeclared: parameter 'extra.weight' has no role; declare its module"
+    )
+
+
+def _checkpoint(tmp_path: Path, data, name: str, spec) -> Path:
+    torch.manual_seed(0)
+    model = MultiTaskModule(
+        backbone=backbone_config("OMoE"), metadata=data.metadata, optimizer=CLIPPY,
+        param_groups=spec,
+    )  # fmt: skip
+    trainer = _trainer(tmp_path / name, max_steps=1)
+    trainer.fit(model, _loader(data))
+    path = tmp_path / f"{name}.ckpt"
+    trainer.save_checkpoint(path)
+    return path
+
+
+def test_a_checkpoint_with_other_param_groups_is_refused_before_it_loads(data, tmp_path):
+    """Other groups cannot take a checkpoint's optimizer state (it loads by position): a
+    different number of groups, or the same sizes under other roles (OMoE's numerical
+    projection and its gate have two tensors each), is one line naming param_groups."""
+    from mtl_clippy.run_checks import check_checkpoint_param_groups
+
+    numerical = _checkpoint(tmp_path, data, "numerical", {"numerical": {"lr": 0.2}})
+
+    def ours(spec):
+        return MultiTaskModule(
+            backbone=backbone_config("OMoE"), metadata=data.metadata, optimizer=CLIPPY,
+            param_groups=spec,
+        )  # fmt: skip
+
+    check_checkpoint_param_groups(str(numerical), ours({"numerical": {"lr": 0.3}}))  # same groups
+    check_checkpoint_param_groups(None, ours(None))
+    with pytest.raises(ConfigError) as info:
+        check_checkpoint_param_groups(str(numerical), ours({"gates": {"lr": 0.2}}))
+    message = str(info.value)
+    assert message.startswith(f"param_groups: the checkpoint {numerical} was trained with ")
+    assert "numerical (2 tensors)" in message and "gates (2 tensors)" in message
+    assert message.endswith(
+        "resume with the same param_groups (param_groups={'numerical': {'lr': 0.2}})"
+    )
+    with pytest.raises(ConfigError, match=r"this run has default \(\d+ tensors\); .*"):
+        check_checkpoint_param_groups(str(numerical), ours(None))
+    plain = _checkpoint(tmp_path, data, "plain", None)
+    with pytest.raises(ConfigError, match=r"\(param_groups=none\)$"):
+        check_checkpoint_param_groups(str(plain), ours({"gates": {"lr": 0.2}}))
+    check_checkpoint_param_groups(str(plain), ours(None))
+
+
+def test_a_refused_resume_keeps_the_folder_metrics(tmp_path):
+    from mtl_clippy.run_checks import keeps_previous_metrics
+    from mtl_clippy.summary import RunSummary
+
+    summary = RunSummary(error="ConfigError: param_groups: ...")
+    fitting = SimpleNamespace(state=SimpleNamespace(fn="fit"))
+    built = SimpleNamespace(state=SimpleNamespace(fn=None))
+    assert not keeps_previous_metrics(summary, "last.ckpt", None, tmp_path)  # no metrics.json
+    (tmp_path / "metrics.json").write_text("{}")
+    assert keeps_previous_metrics(summary, "last.ckpt", None, tmp_path)
+    assert keeps_previous_metrics(summary, "last.ckpt", built, tmp_path)
+    assert not keeps_previous_metrics(summary, "last.ckpt", fitting, tmp_path)  # it fitted
+    assert not keeps_previous_metrics(summary, None, None, tmp_path)  # not a resumed run
+    other = RunSummary(error="RuntimeError: boom")
+    assert not keeps_previous_metrics(other, "last.ckpt", None, tmp_path)
+
+
+@pytest.mark.parametrize("name", ["MMoE", "OMoE"])
+def test_a_positional_size_names_the_public_class(name):
+    import inspect
+
+    with pytest.raises(TypeError, match=rf"^{name}.__init__\(\) takes 2 positional arguments"):
+        getattr(models, name)(META, 8, 2)
+    params = inspect.signature(getattr(models, name)).parameters.values()
+    assert [p.kind for p in params][1:] == [inspect.Parameter.KEYWORD_ONLY] * (len(params) - 1)

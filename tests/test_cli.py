@@ -150,6 +150,75 @@ def test_an_option_that_a_config_file_chooses_names_the_file(tmp_path):
     )
 
 
+def test_a_config_file_choice_names_the_file_composed_not_another_with_the_same_choice(tmp_path):
+    """The file named is one this command line composes (found from Hydra's choices), not the
+    first of ``configs/`` in sorted order; a nested group's choice names its file too."""
+    configs = tmp_path / "configs"
+    shutil.copytree(CONFIGS, configs)
+    for name in ("a_draft", "mine"):  # a_draft sorts first but is not composed
+        (configs / "experiment" / f"{name}.yaml").write_text(
+            "# @package _global_\ndefaults:\n  - override /model: nfc\n"
+        )
+    (configs / "model" / "layers").mkdir()
+    (configs / "model" / "layers" / "a.yaml").write_text("x: 1\n")
+    sb = (configs / "model" / "sb.yaml").read_text().replace("defaults:", "#")
+    (configs / "model" / "deep.yaml").write_text("defaults:\n  - layers: b\n  - _self_\n" + sb)
+    message = check_overrides(["experiment=mine"], configs)
+    assert message is not None and message.startswith("experiment/mine: model=nfc: no such option")
+    assert check_overrides(["model=deep"], configs) == (
+        "model/deep: model/layers=b: no such option; choose from a"
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        # a group whose default is `experiment: null` is still in the defaults list: Hydra
+        # refuses +experiment=x ("Multiple values for experiment")
+        (["+experiment=paper_comparison"],
+         "override '+experiment=paper_comparison': experiment is already chosen "
+         "(to change it, write experiment=paper_comparison)"),
+        (["-m", "+experiment=lr_stability"],
+         "override '+experiment=lr_stability': experiment is already chosen "
+         "(to change it, write experiment=lr_stability)"),
+        # a key with a slash that is no config group is a key Hydra cannot find
+        (["model/foo=bar"], "override 'model/foo=bar': no key or config group 'model/foo' (did you mean model?)"),
+        (["modle/x=1"], "override 'modle/x=1': no key or config group 'modle/x' (did you mean model?)"),
+        # a list's item can be set by index, but only inside the list
+        (["model.bottom_dims.5=3"],
+         "override 'model.bottom_dims.5=3': model.bottom_dims has 2 items: index 5 is outside the list"),
+        (["model.bottom_dims.1.x=3"], "override 'model.bottom_dims.1.x=3': model.bottom_dims.1 is 256, not a node with keys"),
+        (["~"], "override '~': nothing named to delete (write ~key or ~group)"),
+        (["=1"], "override '=1': no key before '=' (overrides are key=value)"),
+        (["+model@foo=ncf", "+model@foo=sb"],
+         "override '+model@foo=sb': model@foo is already chosen (to change it, write model@foo=sb)"),
+    ],
+)  # fmt: skip
+def test_more_mistakes_get_their_own_line(args, expected):
+    assert check_overrides(args, CONFIGS) == expected
+
+
+def test_hydra_accepts_what_the_check_lets_through_for_null_groups_and_list_indices():
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        compose("train", overrides=["experiment=paper_comparison"])
+        compose("train", overrides=["model.bottom_dims.0=3"])
+        with pytest.raises(Exception, match="Multiple values for experiment"):
+            compose("train", overrides=["+experiment=paper_comparison"])
+    assert check_overrides(["experiment=paper_comparison"], CONFIGS) is None
+    assert check_overrides(["model.bottom_dims.0=3"], CONFIGS) is None
+
+
+@pytest.mark.parametrize(
+    "args", [["optim.lr=unknownfn(1)"], ["-m", "model=chioce(sb,ncf)"], ["optim.lr=foo("]]
+)
+def test_a_parse_error_is_one_line(args):
+    message = check_overrides(args, CONFIGS)
+    assert message is not None and "cannot parse it" in message
+    assert "\n" not in message and "\\n" not in message
+    if "unknownfn" in args[0] or "chioce" in args[0]:
+        assert "Unknown function" in message and "; Available: bool,choice" in message
+
+
 def test_what_the_check_does_not_model_is_hydras_message_in_one_line():
     message = check_overrides(["model@elsewhere=ncf"], CONFIGS)  # a package override
     assert message is not None and "model@elsewhere" in message and "\n" not in message

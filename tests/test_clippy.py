@@ -16,6 +16,7 @@ from torch import nn
 
 from clippy_reference import reference_step
 from mtl_clippy.optim import ClippyAdagrad, clippy_adagrad
+from mtl_clippy.optim import clippy as impl
 
 SHAPES = [(7, 5), (13,), (3, 4, 2), (1,)]
 
@@ -476,6 +477,52 @@ def test_functional_form_matches_class():
 
 
 # ----------------------------------------------------------------------------- arguments
+
+
+def test_functional_default_without_workspace_compiles_nothing(monkeypatch):
+    """``clippy_adagrad`` with its defaults and no workspace takes the eager path (a compiled
+    step would be thrown away after the call): nothing is compiled, even where the compiled
+    path is available; it equals the class on the per-tensor path bit for bit."""
+
+    def no_compiling():
+        raise AssertionError("compiled although no workspace keeps the code")
+
+    monkeypatch.setenv("MTL_CLIPPY_DISABLE_FUSED", "0")
+    monkeypatch.setattr(impl, "_FUSED_STATUS", {"cpu": True})  # as with a C++ compiler
+    monkeypatch.setattr(impl, "_compile_step", no_compiling)
+    ws, grads = make_tensors(np.float64)
+    a = [torch.tensor(w) for w in ws]
+    acc = [torch.full_like(t, 0.1) for t in a]
+    params = [nn.Parameter(torch.tensor(w)) for w in ws]
+    opt = ClippyAdagrad(params, lr=0.3, foreach=False, fused=False)
+    record = impl._new_record()
+    for g in grads[:2]:
+        clippy_adagrad(a, [torch.tensor(x) for x in g], acc, lr=0.3, record=record)
+        for p, x in zip(params, g):
+            p.grad = torch.tensor(x)
+        opt.step()
+    assert record["dense"] == {"single"}
+    for t, p in zip(a, params):
+        assert torch.equal(t, p.detach())
+
+
+def test_deprecated_clippy_step_is_the_per_tensor_functional_form():
+    """The earlier public ``clippy_step`` still works, with a DeprecationWarning, and gives
+    the numbers of ``clippy_adagrad(..., foreach=False, fused=False)``."""
+    from mtl_clippy.optim import clippy_step
+
+    ws, grads = make_tensors(np.float32)
+    kw = dict(lr=0.5, variable_relative_threshold=0.05, weight_decay=0.01)
+    a, b = ([torch.tensor(w) for w in ws] for _ in range(2))
+    acc_a, acc_b = ([torch.full_like(t, 0.1) for t in a] for _ in range(2))
+    for g in grads[:2]:
+        with pytest.warns(DeprecationWarning, match="clippy_adagrad"):
+            sa = clippy_step(a, [torch.tensor(x) for x in g], acc_a, **kw)
+        sb = clippy_adagrad(
+            b, [torch.tensor(x) for x in g], acc_b, foreach=False, fused=False, **kw
+        )
+        for x, y in zip(a + acc_a + sa, b + acc_b + sb):
+            assert torch.equal(x, y)
 
 
 @pytest.mark.parametrize(

@@ -406,6 +406,70 @@ def test_many_shapes_and_option_sets_in_one_process_never_fall_back(fused_enable
     _many_scenarios(36)
 
 
+def _changing_subsets_run(subsets, shapes, seed=3):
+    """One optimizer (fused=True, float64) whose tensors with a gradient are ``subsets[k]`` at
+    step k; checks every step against the reference. Returns the optimizer and the warnings."""
+    rng = np.random.default_rng(seed)
+    ws = [random_weights(rng, s, np.float64) for s in shapes]
+    accs = [np.full(w.shape, INIT_ACC) for w in ws]
+    params = [nn.Parameter(torch.tensor(w)) for w in ws]
+    opts = dict(clip_acc=False, standard=False, acc_rel=0.0, wd=0.0, abs_t=1e-7, rel=0.1)
+    opt = make_opt(params, opts, 0.3, fused=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for sub in subsets:
+            grads = {i: random_values(rng, ws[i].shape, np.float64) for i in sub}
+            for i, p in enumerate(params):
+                p.grad = torch.tensor(grads[i]) if i in grads else None
+            opt.step()
+            for i, g in grads.items():
+                ws[i], accs[i], sigma = ref_step(ws[i], g, accs[i], lr=0.3, **ref_kw(opts))
+                assert_close(opt.state[params[i]]["clipping_factor"], sigma, torch.float64, "sigma")
+            for i, p in enumerate(params):  # the others do not move
+                assert_close(p, ws[i], torch.float64, f"weights of {shapes[i]} after {sub}")
+                if i in grads:
+                    assert_close(opt.state[p]["sum"], accs[i], torch.float64, "accumulator")
+    return opt, [w for w in caught if w.category is RuntimeWarning]
+
+
+def test_a_changing_set_of_tensors_with_gradients_never_falls_back(fused_enabled):
+    """Within one optimizer, the tensors that have a gradient change from step to step (a task
+    absent from a batch, a branch not taken): more distinct sets than torch.compile's
+    recompile limit (8). Each set compiles once, every step runs compiled, none falls back,
+    and the numbers are the reference's."""
+    import itertools
+
+    subsets = list(itertools.combinations(range(4), 2)) + [(0, 1, 2), (1, 2, 3), (0, 1, 2, 3)]
+    subsets += [(0, 3), (1, 2)]  # seen before: their compiled steps are reused
+    assert len(set(subsets)) > 8
+    opt, warned = _changing_subsets_run(subsets, [(6, 4), (4,), (3, 3), (2, 2, 2)])
+    assert not warned, [str(w.message) for w in warned]
+    assert opt.implementation()["dense"] == ["fused"]
+    assert opt.implementation()["fallback"] is None
+    workspace = opt._workspaces[0]
+    assert len(workspace.compiled) == len(set(subsets)) and not workspace.compile_failures
+
+
+def test_beyond_max_compiled_signatures_only_new_ones_take_the_eager_path(monkeypatch):
+    """Past ``ClippyWorkspace.MAX_COMPILED`` signatures a new one runs eagerly (one warning,
+    recorded as the fallback) while the known ones keep their compiled step. The compiled
+    function is replaced by the plain math here (the bookkeeping is what is tested)."""
+    made = []
+
+    def plain():
+        made.append(1)
+        return impl._clippy_math
+
+    monkeypatch.setattr(impl, "_compile_step", plain)
+    monkeypatch.setattr(impl.ClippyWorkspace, "MAX_COMPILED", 2)
+    subsets = [(0,), (1,), (2,), (0,), (2,)]
+    opt, warned = _changing_subsets_run(subsets, [(3, 2), (4,), (2, 2)])
+    assert len(made) == 2 and len(opt._workspaces[0].compiled) == 2
+    assert len(warned) == 2 and all("more than 2" in str(w.message) for w in warned)
+    used = opt.implementation()
+    assert used["dense"] == ["fused", "single"] and "more than 2" in used["fallback"]
+
+
 def test_a_compile_failure_falls_back_once_with_a_warning_and_is_recorded(monkeypatch):
     """A genuine compilation failure (the backend raising) is caught: one RuntimeWarning, the
     eager path gives the same numbers, and implementation() names the fallback and why."""

@@ -233,6 +233,69 @@ def test_a_loader_whose_sampler_the_trainer_replaced_refuses_to_start(generated)
     assert isinstance(generated.val_dataloader(), dm_module.BatchLoader)
 
 
+def test_a_loader_whose_sampler_the_trainer_replaced_refuses_to_be_counted(generated):
+    """Lightning counts a loader's batches before it iterates it; refusing there already
+    keeps the error from being masked by Lightning's DDP teardown (see the test below)."""
+    dataset = dm_module.BatchDataset(*generated._train)
+    foreign = torch.utils.data.DistributedSampler(dataset, num_replicas=2, rank=0)
+    loader = dm_module.BatchLoader(dataset, sampler=foreign, batch_size=None)
+    with pytest.raises(ConfigError, match="use_distributed_sampler=False"):
+        len(loader)
+    ours = generated.train_dataloader()
+    assert len(ours) == len(ours.sampler)
+
+
+_DDP_WITH_LIGHTNINGS_SAMPLER = """
+import sys
+import lightning.pytorch as pl
+sys.path.insert(0, sys.argv[2])
+from mtl_clippy.data.datamodule import AliExpressDataModule
+from mtl_clippy.errors import ConfigError
+from mtl_clippy.models.module import MultiTaskModule
+from model_fixtures import adam_partial, backbone_config
+dm = AliExpressDataModule(cache_dir=sys.argv[1], train_rows=2000, test_rows=500,
+                          batch_size=128, progress=False)
+dm.prepare_data()
+dm.setup("fit")
+model = MultiTaskModule(backbone=backbone_config("SharedBottom"), metadata=dm.metadata,
+                        optimizer=adam_partial())
+trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp", use_distributed_sampler=True,
+                     max_epochs=1, logger=False, enable_progress_bar=False,
+                     enable_model_summary=False, enable_checkpointing=False,
+                     num_sanity_val_steps=0,  # the training loader is the first asked
+                     default_root_dir=sys.argv[1])
+try:
+    trainer.fit(model, datamodule=dm)
+except ConfigError as err:
+    print(f"rank {trainer.global_rank}: ConfigError: {err}", flush=True)
+except Exception as err:
+    print(f"rank {trainer.global_rank}: {type(err).__name__}: {err}", flush=True)
+else:
+    print(f"rank {trainer.global_rank}: trained", flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_under_ddp_a_trainer_that_replaces_the_sampler_fails_with_the_config_error(tmp_path):
+    """Real 2-process CPU DDP with a hand-built Trainer(use_distributed_sampler=True): fit()
+    raises our ConfigError on every rank, not Lightning's teardown RuntimeError."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "ddp_sampler.py"
+    script.write_text(_DDP_WITH_LIGHTNINGS_SAMPLER)
+    tests_dir = str(Path(__file__).resolve().parent)
+    res = subprocess.run(
+        [sys.executable, str(script), str(tmp_path), tests_dir],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    lines = sorted(line for line in res.stdout.splitlines() if line.startswith("rank "))
+    assert len(lines) == 2, res.stdout[-2000:] + res.stderr[-3000:]
+    for rank, line in enumerate(lines):
+        assert line.startswith(f"rank {rank}: ConfigError: trainer.use_distributed_sampler"), line
+        assert "use_distributed_sampler=False" in line
+
+
 @pytest.mark.parametrize("name", sorted(p.stem for p in (CONFIGS / "trainer").glob("*.yaml")))
 def test_every_trainer_config_leaves_the_samplers_to_the_data_module(name):
     """The samplers shard by rank themselves: no trainer config lets Lightning shard again."""

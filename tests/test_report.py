@@ -6,10 +6,13 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pandas as pd
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from mtl_clippy.report.__main__ import main
 
@@ -183,3 +186,80 @@ def test_variant_keeps_runs_that_differ_beyond_model_optimizer_lr_and_seed_apart
     )
     assert variant_of(["model=sb", "paths.data_dir=/d", "hydra.sweep.dir=/s", "optim.lr=3"]) is None
     assert variant_of(["data.hard=true", "model.norm=batch"]) == "data.hard=true,model.norm=batch"
+
+
+_GOOD_METRICS = {
+    "status": "completed", "model": "sb", "optim": "clippy", "lr": 0.1, "seed": 1,
+    "overrides": ["model.norm=none"], "epochs": 1, "steps": 3, "wall_time_s": 1.0,
+    "samples_per_s": 10.0, "val": {"auc_click": 0.6}, "best": {"val/auc_mean": 0.6},
+    "test": {"auc_click": 0.6, "logloss_click": 0.1}, "bayes": {"auc_click": 0.65},
+    "divergence": {"step": None, "spikes": 0, "spike_steps": [], "reason": None},
+    "max_abs_logit": 3.0, "collapsed": [], "error": None, "oov_rate": None,
+}  # fmt: skip
+#: Where a value may be put: a key of metrics.json, or a key inside one of its objects.
+_PLACES = [(k,) for k in _GOOD_METRICS] + [
+    ("divergence", k) for k in ("step", "spikes", "spike_steps", "reason")
+] + [("best", "monitor"), ("best", "score"), ("best", "val/auc_mean"), ("test", "auc_click")]  # fmt: skip
+
+_json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=5),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3)
+    ),
+    max_leaves=6,
+)
+
+
+@settings(suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(place=st.sampled_from(_PLACES), value=_json_values)
+def test_a_wrongly_typed_value_in_one_jobs_metrics_json_never_costs_the_others_their_rows(
+    place, value, caplog
+):
+    """Whatever JSON value one job's metrics.json holds at one of its keys, the table is
+    written: that job has its row, or is skipped with a warning naming its file and key;
+    the good job always has its row."""
+    from mtl_clippy.report.sweep import write_results
+
+    bad = json.loads(json.dumps(_GOOD_METRICS))
+    if len(place) == 1:
+        bad[place[0]] = value
+    else:
+        bad[place[0]][place[1]] = value
+    caplog.clear()
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        for job, metrics in (("0_good", _GOOD_METRICS), ("1_bad", bad)):
+            (root / job).mkdir()
+            (root / job / "metrics.json").write_text(json.dumps(metrics))
+        with caplog.at_level("WARNING", logger="mtl_clippy.report.sweep"):
+            df = write_results(root)
+        assert "0_good" in list(df["job"])
+        assert (root / "results.csv").is_file() and (root / "results.md").is_file()
+        if "1_bad" not in list(df["job"]):
+            (warning,) = [r.getMessage() for r in caplog.records]
+            assert "skipping unreadable" in warning and "1_bad" in warning
+            # the key (or the key inside divergence, test) whose value is wrong
+            assert f"'{place[0]}" in warning and "should be" in warning
+
+
+def test_the_callbacks_old_path_still_works_with_a_deprecation_warning():
+    """``SweepResultsCallback`` moved to ``hydra_callback``; a config naming the old path
+    (``mtl_clippy.report.sweep.SweepResultsCallback``) gets it, with a warning naming the new
+    one, and importing ``sweep`` alone still does not import Hydra."""
+    from hydra.utils import get_class
+
+    import mtl_clippy.report.sweep as sweep_mod
+    from mtl_clippy.report.hydra_callback import SweepResultsCallback
+
+    with pytest.warns(DeprecationWarning, match="mtl_clippy.report.hydra_callback"):
+        assert sweep_mod.SweepResultsCallback is SweepResultsCallback
+    with pytest.warns(DeprecationWarning):
+        assert get_class("mtl_clippy.report.sweep.SweepResultsCallback") is SweepResultsCallback
+    with pytest.raises(AttributeError):
+        sweep_mod.NoSuchThing  # noqa: B018
+    check = (
+        "import sys, mtl_clippy.report.sweep\n"
+        "assert not any(m == 'hydra' or m.startswith('hydra.') for m in sys.modules)"
+    )
+    done = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]

@@ -262,3 +262,25 @@ def test_a_resumed_csv_logger_keeps_the_rows_before_the_checkpoint(tmp_path):
         rows = list(csv.DictReader(f))
     assert [int(r["step"]) for r in rows] == [0, 10, 20, 30, 40, 50]
     assert rows[-1]["val/auc"] == "0.7" and rows[0]["val/auc"] == ""
+
+
+def test_resuming_with_other_param_groups_is_one_line_and_keeps_the_run(tmp_path, data_dir):
+    """A checkpoint's optimizer state has one entry per parameter group, loaded by position:
+    resuming it with other ``param_groups`` is refused in one line naming the key, before
+    fitting, and the resumed run's completed metrics.json stays as it was."""
+    tiny = ["model.embed_dim=4", "test=false"]
+    args = _args(tmp_path, data_dir, "trainer.max_epochs=1", "param_groups=clip_dense_only", *tiny)
+    res = run_train(args, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-2000:]
+    run = only_run(tmp_path)
+    before = (run / "metrics.json").read_text()
+    ckpt = run / "checkpoints" / "last.ckpt"
+    again = _args(tmp_path, data_dir, "trainer.max_epochs=2", *tiny, f"ckpt_path={ckpt}")
+    res = run_train(again, cwd=tmp_path)
+    assert res.returncode == 2, res.stderr[-2000:]
+    lines = [line for line in res.stderr.splitlines() if line.strip()]
+    assert lines[-1].startswith("error: param_groups: the checkpoint "), res.stderr[-2000:]
+    assert "default (" in lines[-1] and "embeddings (" in lines[-1]
+    assert "param_groups=clip_dense_only" in lines[-1]
+    assert "Traceback" not in res.stderr
+    assert (run / "metrics.json").read_text() == before

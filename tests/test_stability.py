@@ -190,6 +190,47 @@ def test_telemetry_values_match_a_direct_computation():
     assert not any("gates" in k or "bottom" in k for k in m)  # absent groups are not logged
 
 
+def test_telemetry_reports_a_tensor_whose_first_gradient_comes_late():
+    """The optimizer creates a tensor's state on its first step: a tower without a gradient on
+    the first step (its task absent from the batch) joins the clipping telemetry once it has
+    one, instead of being left out for the whole fit."""
+    from mtl_clippy.optim import ClippyAdagrad
+
+    torch.manual_seed(0)
+    model = _Model()
+    module = SimpleNamespace(
+        named_modules=model.named_modules, parameters=model.parameters, device=torch.device("cpu")
+    )
+    opt = ClippyAdagrad(model.parameters(), lr=1.0, variable_relative_threshold=0.01)
+    logger = _Logger()
+    trainer = SimpleNamespace(global_step=0, optimizers=[opt], loggers=[logger])
+    tel = OptimizerTelemetry(log_every_n_steps=2)
+    tel.on_fit_start(trainer, module)
+    tower_sigmas = []
+    for step in range(4):
+        opt.zero_grad(set_to_none=True)
+        x = torch.tensor([1, 2, 2, 7])
+        loss = model.embedding(x).sum() if step == 0 else model(x) * 100
+        loss.backward()
+        tel.on_before_optimizer_step(trainer, module, opt)
+        opt.step()
+        trainer.global_step += 1
+        tel.on_train_batch_end(trainer, module, None, None, step)
+        if step > 0:
+            tower_sigmas.append(
+                [opt.state[p]["clipping_factor"].item() for p in model.tower.parameters()]
+            )
+    assert step == 3 and len(logger.logged) == 2
+    first, second = logger.logged[0][1], logger.logged[1][1]
+    assert "telemetry/clip_min/towers" in first  # joined at the second step
+    assert first["telemetry/clip_min/towers"] == pytest.approx(min(tower_sigmas[0]), rel=1e-6)
+    late = [s for row in tower_sigmas[1:] for s in row]
+    assert second["telemetry/clip_min/towers"] == pytest.approx(min(late), rel=1e-6)
+    assert second["telemetry/clip_mean/towers"] == pytest.approx(sum(late) / len(late), rel=1e-6)
+    assert min(late) < 1  # the tower is clipped: what the telemetry must not hide
+    assert "telemetry/clip_min/embeddings" in first and "telemetry/clip_min/embeddings" in second
+
+
 # ----------------------------------------------------------------------------- end to end
 
 

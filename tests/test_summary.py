@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 
@@ -61,3 +63,89 @@ def test_the_printed_table_is_the_same_for_the_object_and_its_json():
     summary = RunSummary.from_json(COMPLETED)
     assert format_summary(summary) == format_summary(COMPLETED)
     assert "| click        | 0.7000  | 0.6900   |" in format_summary(summary)
+
+
+def test_every_key_has_a_declared_json_type():
+    """A key added to ``RunSummary`` must say what it holds (or reading any file fails)."""
+    from mtl_clippy import summary as summary_mod
+
+    names = {f.name for f in dataclasses.fields(RunSummary)} - {"extra"}
+    assert set(summary_mod._KINDS) == names
+    assert set(summary_mod._DIVERGENCE_KINDS) == {f.name for f in dataclasses.fields(Divergence)}
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [("best", [1]), ("best", "x"), ("test", "abc"), ("test", [0.5]),
+     ("bayes", [1]), ("collapsed", 3), ("collapsed", [1]), ("overrides", 5), ("lr", "0.1"),
+     ("steps", True), ("status", 1), ("divergence", 5), ("oov_rate", [])],
+)  # fmt: skip
+def test_a_value_of_another_type_than_declared_is_a_value_error_naming_its_key(key, value):
+    with pytest.raises(ValueError, match=f"'{key}' should be"):
+        RunSummary.from_json({**COMPLETED, key: value})
+
+
+@pytest.mark.parametrize(
+    ("key", "value"), [("step", "7"), ("spikes", [1]), ("spike_steps", 3), ("reason", 2)]
+)
+def test_a_divergence_value_of_another_type_is_a_value_error_naming_its_key(key, value):
+    data = {**COMPLETED, "divergence": {**COMPLETED["divergence"], key: value}}
+    with pytest.raises(ValueError, match=f"'divergence.{key}' should be"):
+        RunSummary.from_json(data)
+
+
+@pytest.mark.parametrize("key", ["val", "test", "bayes"])
+def test_a_metric_that_is_not_a_number_is_a_value_error_naming_it(key):
+    with pytest.raises(ValueError, match=f"'{key}.auc_click' should be a number or null"):
+        RunSummary.from_json({**COMPLETED, key: {"auc_mean": 0.7, "auc_click": "0.7"}})
+
+
+def test_null_and_any_number_are_accepted_where_declared():
+    nulls = {k: None for k in COMPLETED}
+    assert RunSummary.from_json(nulls).to_json()["test"] is None
+    numbers = {**COMPLETED, "lr": 1, "steps": 20.0, "test": {"auc_click": None, "auc_x": 1}}
+    assert RunSummary.from_json(numbers).to_json() == numbers
+
+
+def test_what_a_run_writes_today_reads_back():
+    """The shapes of a real run's keys (ClippyAdagrad's ``implementation()`` record, the OOV
+    rates per field) pass the type check: a run's own file is never refused."""
+    today = {
+        **COMPLETED,
+        "optimizer_path": {"dense": ["single"], "sparse": False, "fallback": None,
+                           "groups": [{"dense": ["single"], "sparse": False, "fallback": None}]},
+        "oov_rate": {"train": 0.05, "per_field": {"train": {"categorical_1": 0.0}},
+                     "min_count": 5, "untrained": ["categorical_5"]},
+        "bayes": {"auc_click": 0.7, "logloss_click": 0.1},
+        "divergence": {"step": 12, "last_finite_loss": 0.1, "spikes": 2, "spike_steps": [3, 9],
+                       "reason": "loss nan"},
+        "resume_command": "python train.py resume=true", "traceback": "Traceback ...",
+        "interrupted": {"signal": "SIGTERM", "step": 10, "requeued": True},
+    }  # fmt: skip
+    assert RunSummary.from_json(today).to_json() == today
+
+
+def test_resume_on_a_finished_run_returns_its_metrics_json_as_the_file_holds_it(tmp_path):
+    """An older file (fewer keys, a divergence key this version does not know): train()
+    returns exactly its JSON, without the keys a ``RunSummary`` would add, and leaves it."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from mtl_clippy.train import train
+
+    older = {
+        "status": "completed", "model": "sb", "optim": "clippy", "lr": 0.1, "seed": 1,
+        "epochs": 1, "steps": 3, "val": {}, "best": {}, "test": {"auc_click": 0.6},
+        "divergence": {"step": None, "spikes": 0, "future_key": 1}, "error": None,
+    }  # fmt: skip
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / METRICS_FILE).write_text(json.dumps(older))
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    with initialize_config_dir(config_dir=str(configs), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=["logger=none"])
+    OmegaConf.update(cfg, "paths.output_dir", str(run), force_add=True)
+    OmegaConf.update(cfg, "paths.data_dir", str(tmp_path / "data"), force_add=True)
+    OmegaConf.update(cfg, "resume", True, force_add=True)
+    assert train(cfg) == older
+    assert json.loads((run / METRICS_FILE).read_text()) == older

@@ -38,6 +38,8 @@ def build_module(cfg: DictConfig, metadata: Any) -> pl.LightningModule:
     ``metadata``; its optimizer and scheduler are built once to check them (``ConfigError``
     naming the key)."""
     from mtl_clippy.models import MultiTaskModule
+    from mtl_clippy.models.backbones.base import module_parameter_roles
+    from mtl_clippy.models.param_groups import KEY as PARAM_GROUPS
 
     scheduler, interval, monitor = scheduler_settings(cfg.get("scheduler"))
     try:
@@ -51,6 +53,9 @@ def build_module(cfg: DictConfig, metadata: Any) -> pl.LightningModule:
             task_weights=cfg.get("task_weights"),
             param_groups=cfg.get("param_groups"),
         )
+        # every parameter's role, once: a backbone of your own that leaves a module
+        # undeclared is named now, not when the telemetry or param_groups first ask at fit
+        module_parameter_roles(module)
     except (TypeError, ValueError) as exc:
         raise ConfigError(_keyed("model", innermost_message(exc), cfg.model)) from exc
     # Build the optimizer and the scheduler once now, so that invalid arguments, or an
@@ -58,7 +63,10 @@ def build_module(cfg: DictConfig, metadata: Any) -> pl.LightningModule:
     try:
         optimizer = module.build_optimizer()
     except (TypeError, ValueError) as exc:
-        raise ConfigError(_keyed("optim", innermost_message(exc), cfg.optim)) from exc
+        message = innermost_message(exc)
+        if message.startswith(f"{PARAM_GROUPS}.") or message.startswith(f"{PARAM_GROUPS}:"):
+            raise ConfigError(message) from exc  # it names its own key
+        raise ConfigError(_keyed("optim", message, cfg.optim)) from exc
     run_checks.check_scheduler_numbers(scheduler)
     try:  # the trainer fills a length: null at fit time; any whole number checks the rest
         built = module.build_scheduler(optimizer, total_steps=1000)

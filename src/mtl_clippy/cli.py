@@ -343,15 +343,19 @@ def _what_is_wrong(item: _Item, cfg: Any, groups: set[str]) -> str | None:
     tree = OmegaConf.to_container(cfg, resolve=False)
     choices = tree.pop("hydra", {}).get("runtime", {}).get("choices", {})
     if _is_group(item, groups):
-        # Hydra refuses +group=x where the defaults list has the group, even as `group: null`.
-        if item.kind == "ADD" and item.key in choices:
+        # Hydra refuses +group=x where the defaults list has the group, even as `group: null`
+        # (its choice is then None); a group put at a package is chosen as group@package.
+        name = f"{item.key}@{item.package}" if item.package else item.key
+        if item.kind == "ADD" and name in choices:
             fix = item.typed.lstrip("+")
-            return said + f"{item.key} is already chosen (to change it, write {fix})"
+            return said + f"{name} is already chosen (to change it, write {fix})"
         return None
     if item.package is not None:
         return None
-    if not item.key:
-        return said + "no key or config group named (write ~key or ~group to delete one)"
+    if not item.key:  # "~" or "=1"
+        if item.kind == "DEL":
+            return said + "nothing named to delete (write ~key or ~group)"
+        return said + "no key before '=' (overrides are key=value)"
     found = _has_key(tree, item.key)
     if item.kind == "CHANGE":
         return said + _no_such_key(item.key, tree, groups, item)

@@ -41,7 +41,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from mtl_clippy.data.schema import TASKS
 from mtl_clippy.errors import ConfigError
 from mtl_clippy.models.layers import NORMS
-from mtl_clippy.models.param_groups import param_groups_problem
+from mtl_clippy.models.param_groups import group_options_problem, param_groups_problem
 
 #: The largest seed: Lightning's ``seed_everything`` (NumPy's legacy generator) takes
 #: 0 .. 2**32 - 1 and picks a random seed, with a warning, for anything else.
@@ -628,7 +628,13 @@ def _param_groups(cfg: Any) -> str | None:
             if rule is not None and not rule.ok(value):
                 key = f"param_groups.{role}.{option}"
                 return rule.words.format(key=key, allowed=rule.allowed, value=value)
-    return None
+    # the options without a rule: the optimizer's own constructor, on a dummy parameter
+    optim = _value(cfg, "optim")
+    try:
+        factory = hydra.utils.instantiate(optim, _partial_=True, _convert_="all")
+    except Exception:  # the build reports an optimizer that cannot be made
+        return None
+    return group_options_problem(factory, spec)
 
 
 def _combinations(cfg: Any) -> str | None:

@@ -205,9 +205,13 @@ def instantiate_loggers(group: DictConfig | None, step: int | None) -> list[Any]
 def resumed_csv_logger(node: DictConfig, step: int) -> Any:
     """A CSV logger that keeps the rows logged before ``step``: Lightning's CSV writer deletes
     an existing metrics.csv when it starts, so the rows are read first and written again
-    through the writer's public ``log_metrics`` / ``save`` (every column of the old header,
-    empty cells empty, the text of each cell as it was); the killed run's rows from ``step``
-    on go. Only global rank 0 writes (``rank_zero_only.rank``, set by the task)."""
+    through the writer's public ``log_metrics`` / ``save``: every column of the old header
+    (a name the header repeats, once, with the row's last cell of that name), empty cells
+    empty, the text of every other cell as it was, except the step, which is written again
+    as an integer (``4.0`` comes back as ``4``); cells beyond the header are dropped. The
+    killed run's rows from ``step`` on go. Lightning writes none of these odd cases; they
+    come only from a file edited by hand. Only global rank 0 writes
+    (``rank_zero_only.rank``, set by the task)."""
     from mtl_clippy import distributed
 
     logger = hydra.utils.instantiate(node)

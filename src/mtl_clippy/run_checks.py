@@ -12,6 +12,7 @@ from __future__ import annotations
 import inspect
 import time
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -93,6 +94,93 @@ def check_checkpoint_vocabulary(ckpt_path: str | None, metadata: Any) -> None:
         f"sizes {list(theirs)} vs this data's {ours}; it was trained with {was}, this run has "
         f"data.min_count={ours_min}: resume with the checkpoint's data and data.min_count"
     )
+
+
+def check_checkpoint_param_groups(ckpt_path: str | None, module: Any) -> None:
+    """A checkpoint's optimizer state holds one entry per parameter group, by position, and
+    torch loads it into this run's groups by position too: other ``param_groups`` (another
+    number of groups: torch's raw "different number of parameter groups"; the same sizes
+    but other roles: the state of one role's parameters loaded silently into another's)
+    cannot resume it. The groups' names and sizes are compared before anything loads (the
+    checkpoint memory-mapped, ``resume.load_checkpoint``). A checkpoint from before named
+    groups has one unnamed group, as a run without ``param_groups``."""
+    if not ckpt_path or not hasattr(module, "build_optimizer"):
+        return
+    try:
+        ckpt = resume_mod.load_checkpoint(ckpt_path)  # weights_only=True: runs no code
+        states = ckpt.get("optimizer_states") or []
+        theirs = [_group_of(g) for g in states[0]["param_groups"]] if states else None
+        their_spec = (ckpt.get("hyper_parameters") or {}).get("param_groups")
+    except resume_mod.UnsafeCheckpoint:
+        raise
+    except Exception:  # unreadable, or no optimizer state: Lightning's own loading reports it
+        return
+    if theirs is None:
+        return
+    ours = [_group_of(g) for g in module.build_optimizer().param_groups]
+    if theirs == ours:
+        return
+    raise ConfigError(
+        f"param_groups: the checkpoint {ckpt_path} was trained with parameter groups "
+        f"{_groups_text(theirs)}; this run has {_groups_text(ours)}; resume with the same "
+        f"param_groups ({_spec_text(their_spec)})"
+    )
+
+
+def _group_of(group: Mapping[str, Any]) -> tuple[str, int]:
+    """(name, number of parameters) of an optimizer group (or of its saved state)."""
+    from mtl_clippy.models.param_groups import DEFAULT_GROUP
+
+    return str(group.get("name") or DEFAULT_GROUP), len(group["params"])
+
+
+def _groups_text(groups: list[tuple[str, int]]) -> str:
+    return ", ".join(f"{name} ({n} tensor{'' if n == 1 else 's'})" for name, n in groups)
+
+
+def _spec_text(spec: Any) -> str:
+    """The checkpoint's ``param_groups`` as an override: the name of the choice of
+    ``configs/param_groups/`` with exactly its values (under Hydra), else its value."""
+    if not spec:
+        return "param_groups=none"
+    for path in _param_groups_choices():
+        try:
+            from omegaconf import OmegaConf
+
+            if OmegaConf.to_container(OmegaConf.load(path), resolve=True) == spec:
+                return f"param_groups={path.stem}"
+        except Exception:  # an unreadable choice file: not this one
+            continue
+    return f"param_groups={spec}"
+
+
+def _param_groups_choices() -> list[Path]:
+    """The ``param_groups/*.yaml`` files of this Hydra run's config folders (none outside
+    a Hydra run, or for config sources that are not folders)."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        sources = HydraConfig.get().runtime.config_sources
+    except Exception:  # not under Hydra
+        return []
+    found: list[Path] = []
+    for source in sources:
+        if source.get("schema") == "file" and source.get("path"):
+            found.extend(sorted((Path(source["path"]) / "param_groups").glob("*.yaml")))
+    return found
+
+
+def keeps_previous_metrics(
+    summary: RunSummary, ckpt_path: str | None, trainer: Any, out_dir: Path
+) -> bool:
+    """Whether a resumed run that stopped must leave the folder's ``metrics.json`` as it was:
+    it was refused by a ``ConfigError`` before fitting (another ``param_groups``, another
+    vocabulary), so this attempt changed nothing there, and the metrics.json of the run it
+    resumes (completed, say) must not become this attempt's "failed", as
+    :func:`check_values` keeps it for a refused value. Only where a metrics.json exists."""
+    before_fit = trainer is None or getattr(trainer.state, "fn", None) is None
+    refused = str(summary.error or "").startswith(f"{ConfigError.__name__}:")
+    return bool(ckpt_path) and refused and before_fit and exists(out_dir)
 
 
 def check_gradient_clipping(cfg: DictConfig, module: pl.LightningModule) -> None:

@@ -6,7 +6,8 @@ Every run writes it in its folder whatever its outcome (``completed``, ``diverge
 
     {"status": "completed", "model": "shared_bottom", "optim": "clippy", "lr": 0.1,
      "seed": 1, "overrides": [...], "epochs": 3, "steps": 150, "wall_time_s": 12.3,
-     "samples_per_s": 41000.0, "optimizer_path": "foreach", "val": {"auc_click": 0.71, ...},
+     "samples_per_s": 41000.0, "optimizer_path": {"dense": ["foreach"], ...},
+     "val": {"auc_click": 0.71, ...},
      "best": {...}, "test": {...}, "bayes": {...}, "divergence": {...},
      "max_abs_logit": 7.2, "collapsed": [], "error": null, "output_dir": "...",
      "resumed_from": null, "threads": 2, "oov_rate": {...}, "early_stopping": "val/auc_mean",
@@ -104,8 +105,9 @@ class RunSummary:
     steps: int | None = 0
     wall_time_s: float | None = None
     samples_per_s: float | None = None
-    #: which ClippyAdagrad implementation ran the steps (None for other optimizers)
-    optimizer_path: str | None = None
+    #: which ClippyAdagrad implementations ran the steps (``ClippyAdagrad.implementation()``;
+    #: a string in older files; None for other optimizers)
+    optimizer_path: str | dict[str, Any] | None = None
     val: dict[str, float | None] | None = field(default_factory=dict)
     #: what chose best.ckpt, its score, that epoch's val/auc_mean (``mtl_clippy.best``)
     best: dict[str, Any] | None = field(default_factory=dict)
@@ -187,10 +189,11 @@ class RunSummary:
 
 
 class _Kind:
-    """A JSON type a key may hold (besides ``null``): its name for messages and its test."""
+    """A JSON type a key may hold (besides ``null``): its name for messages, its test, and
+    for an object, the kind of each of its values (``each``)."""
 
-    def __init__(self, name: str, test: Callable[[Any], bool]) -> None:
-        self.name, self.test = name, test
+    def __init__(self, name: str, test: Callable[[Any], bool], each: _Kind | None = None) -> None:
+        self.name, self.test, self.each = name, test, each
 
 
 def _is_number(v: Any) -> bool:
@@ -200,10 +203,8 @@ def _is_number(v: Any) -> bool:
 _STR = _Kind("a string", lambda v: isinstance(v, str))
 _NUMBER = _Kind("a number", _is_number)
 _OBJECT = _Kind("an object", lambda v: isinstance(v, Mapping))
-_NUMBERS = _Kind(
-    "an object of numbers",
-    lambda v: isinstance(v, Mapping) and all(x is None or _is_number(x) for x in v.values()),
-)
+_STR_OR_OBJECT = _Kind("a string or an object", lambda v: isinstance(v, (str, Mapping)))
+_NUMBERS = _Kind("an object", lambda v: isinstance(v, Mapping), each=_NUMBER)
 _STRINGS = _Kind(
     "a list of strings", lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v)
 )
@@ -214,7 +215,7 @@ _NUMBER_LIST = _Kind(
 #: What each of ``RunSummary``'s keys holds (its type hint, as JSON types).
 _KINDS: dict[str, _Kind] = {
     **dict.fromkeys(
-        ("status", "model", "optim", "optimizer_path", "error", "output_dir", "resumed_from",
+        ("status", "model", "optim", "error", "output_dir", "resumed_from",
          "early_stopping", "precision", "resume_command", "traceback"),
         _STR,
     ),
@@ -226,6 +227,7 @@ _KINDS: dict[str, _Kind] = {
     **dict.fromkeys(("overrides", "collapsed"), _STRINGS),
     **dict.fromkeys(("val", "test", "bayes"), _NUMBERS),
     **dict.fromkeys(("best", "divergence", "oov_rate", "interrupted"), _OBJECT),
+    "optimizer_path": _STR_OR_OBJECT,
 }  # fmt: skip
 
 #: The same for the keys of ``divergence``.
@@ -239,11 +241,17 @@ _DIVERGENCE_KINDS: dict[str, _Kind] = {
 
 
 def _check_type(key: str, value: Any, kind: _Kind) -> None:
-    """``ValueError`` naming ``key`` unless ``value`` is ``null`` or of ``kind``."""
-    if value is not None and not kind.test(value):
+    """``ValueError`` naming ``key`` (``test.auc_click`` for a value inside an object)
+    unless ``value`` is ``null`` or of ``kind``."""
+    if value is None:
+        return
+    if not kind.test(value):
         shown = json.dumps(value, default=str)
         shown = shown if len(shown) <= 40 else shown[:37] + "..."
         raise ValueError(f"{key!r} should be {kind.name} or null, not {shown}")
+    if kind.each is not None:
+        for name, item in value.items():
+            _check_type(f"{key}.{name}", item, kind.each)
 
 
 def exists(folder: str | Path) -> bool:

@@ -100,6 +100,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         datamodule, module = build(cfg)
         undefined = config_checks.check_data(cfg, datamodule)  # val metrics that stay NaN
         run_checks.check_checkpoint_vocabulary(start.ckpt_path, datamodule.metadata)
+        run_checks.check_checkpoint_param_groups(start.ckpt_path, module)
         _record_data(summary, datamodule)
 
         throughput = ThroughputMeter()
@@ -137,7 +138,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     finally:
         preemption.settle()  # the result stands: a signal from here on changes nothing
         summary.wall_time_s = round(time.perf_counter() - t_start, 3)
-        if distributed.is_global_zero(trainer):
+        keep = run_checks.keeps_previous_metrics(summary, start.ckpt_path, trainer, out_dir)
+        if distributed.is_global_zero(trainer) and not keep:  # keep: a resume refused
             summary.write(out_dir)
         preemption.uninstall()
     return summary.to_json()

@@ -56,7 +56,7 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor
 
-from mtl_clippy.models.backbones.base import backbone_of
+from mtl_clippy.models.backbones.base import outermost_backbones
 
 __all__ = ["DivergenceMonitor", "TrainingDiverged", "check_pending_losses"]
 
@@ -68,6 +68,17 @@ class TrainingDiverged(Exception):
         super().__init__(f"training diverged at step {step}: {reason}")
         self.step = step
         self.reason = reason
+
+
+class _Hooks:
+    """The forward hooks on several modules, removed together (like one hook's handle)."""
+
+    def __init__(self, handles: list[Any]) -> None:
+        self.handles = handles
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
 
 
 class DivergenceMonitor(pl.Callback):
@@ -84,8 +95,9 @@ class DivergenceMonitor(pl.Callback):
         max_recorded_spikes: at most this many spike steps are kept in ``spike_steps``.
         max_loss: optional absolute bound: a loss above it at any step diverges.
         track_logits: keep the largest absolute training logit (forward hook on the
-            module's :class:`~mtl_clippy.models.Backbone`, the first one inside it, or the
-            module itself if it has none).
+            module's outermost :class:`~mtl_clippy.models.Backbone`: the one inside it, each
+            of several side by side (their largest logit), never one nested in another; or
+            the module itself if it has none).
     """
 
     def __init__(
@@ -263,9 +275,10 @@ class DivergenceMonitor(pl.Callback):
         if self.check_every_n_steps is None:
             self._every = 1 if pl_module.device.type == "cpu" else 16
         if self.track_logits:
-            # the backbone's output is the logits (the module's own forward may add to it)
-            target = backbone_of(pl_module) or pl_module
-            self._hook = target.register_forward_hook(self._logit_hook)
+            # the backbone's output is the logits (the module's own forward may add to it);
+            # with several side by side (an ensemble), the largest of all of theirs
+            targets = outermost_backbones(pl_module) or [pl_module]
+            self._hook = _Hooks([t.register_forward_hook(self._logit_hook) for t in targets])
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Here, not in on_fit_start: every strategy has restored the checkpoint by now (some

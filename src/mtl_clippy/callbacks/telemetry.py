@@ -102,6 +102,7 @@ class OptimizerTelemetry(pl.Callback):
         self._groups = [GROUPS[i] for i in present]
         self._present = torch.tensor(present, dtype=torch.long, device=device)
         self._clip_params: list[Tensor] | None = None
+        self._state_len = 0  # len(optimizer.state) when _clip_params was chosen
         self._where: dict[tuple[int, ...], Tensor] = {}
         self._reset_accumulators()
 
@@ -172,7 +173,11 @@ class OptimizerTelemetry(pl.Callback):
         if not trainer.optimizers:
             return
         state = trainer.optimizers[0].state
-        if self._clip_params is None:  # known after the first step: keep the tensors with one
+        # Which tensors have a clipping factor: the optimizer creates a tensor's state on its
+        # first step, so a tensor without a gradient yet (a task absent from the first
+        # batches, a layer unfrozen later) joins when the state grows; len() is host-side.
+        if self._clip_params is None or len(state) != self._state_len:
+            self._state_len = len(state)
             keep = [i for i, p in enumerate(self._params) if "clipping_factor" in state.get(p, {})]
             self._clip_params = [self._params[i] for i in keep]
             self._clip_gidx = self._gidx[torch.tensor(keep, dtype=torch.long, device=self._device)]

@@ -197,9 +197,14 @@ class BatchLoader(DataLoader):
     rebuilds the loader around its own distributed sampler, which would shard the already
     sharded batches a second time and train on a fraction of the data without a word; this
     loader refuses to start then, naming the setting.
+
+    It refuses in ``__len__`` as well as in ``__iter__``: Lightning asks a loader's length
+    (when it counts the batches of an epoch) before it makes an iterator, and an error
+    raised from that iterator is masked under DDP by Lightning's own teardown ("Please call
+    iter(combined_loader) first"), while one raised from the length reaches ``fit()``.
     """
 
-    def __iter__(self) -> Any:
+    def _check_sampler(self) -> None:
         if not isinstance(self.sampler, EpochBatchSampler):
             raise ConfigError(
                 f"trainer.use_distributed_sampler: the data module's loaders shard the data "
@@ -207,6 +212,13 @@ class BatchLoader(DataLoader):
                 f"{type(self.sampler).__name__}; build it with use_distributed_sampler=False "
                 "(configs/trainer/default.yaml sets it)"
             )
+
+    def __len__(self) -> int:
+        self._check_sampler()
+        return super().__len__()
+
+    def __iter__(self) -> Any:
+        self._check_sampler()
         return super().__iter__()
 
 

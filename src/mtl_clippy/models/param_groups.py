@@ -167,7 +167,9 @@ def group_options_problem(
                 continue  # param_groups_problem names an unknown option
             default = base.defaults[option]
             if isinstance(default, bool) and not isinstance(value, bool):
-                return f"{key}.{option}: expected true or false (an option of {name}), got {value!r}"
+                return (
+                    f"{key}.{option}: expected true or false (an option of {name}), got {value!r}"
+                )
             number = isinstance(default, int | float) and not isinstance(default, bool)
             if number and (isinstance(value, bool) or not isinstance(value, int | float)):
                 return f"{key}.{option}: expected a number (an option of {name}), got {value!r}"

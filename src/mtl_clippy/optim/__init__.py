@@ -1,5 +1,5 @@
 """Optimizers: Clippy AdaGrad (adaptive update clipping) and its functional form."""
 
-from mtl_clippy.optim.clippy import ClippyAdagrad, ClippyWorkspace, clippy_adagrad
+from mtl_clippy.optim.clippy import ClippyAdagrad, ClippyWorkspace, clippy_adagrad, clippy_step
 
-__all__ = ["ClippyAdagrad", "ClippyWorkspace", "clippy_adagrad"]
+__all__ = ["ClippyAdagrad", "ClippyWorkspace", "clippy_adagrad", "clippy_step"]

@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-__all__ = ["ClippyAdagrad", "ClippyWorkspace", "clippy_adagrad"]
+__all__ = ["ClippyAdagrad", "ClippyWorkspace", "clippy_adagrad", "clippy_step"]
 
 # dtypes the compiled (fused) path handles. bfloat16 is computed by inductor in float32 and
 # rounded at the end, which is more accurate but not "all arithmetic in the parameter's dtype";
@@ -137,14 +137,20 @@ class ClippyAdagrad(Optimizer):
             on disk). Set the environment variable ``MTL_CLIPPY_DISABLE_FUSED=1`` to rule it
             out globally. ``fused=True`` with ``foreach=True`` is an error.
 
-    State is created on a parameter's first step (a parameter that never has a gradient has
-    none), all of it tensors, so that ``state_dict()`` / ``load_state_dict()`` round-trip and
+    State is created on a parameter's first step, not in the constructor: ``state_dict()``
+    before any step has an empty ``state``, and a parameter that never has a gradient never
+    gets state. It is all tensors, so that ``state_dict()`` / ``load_state_dict()`` round-trip and
     loading moves it to the parameters' device: ``state[p]["sum"]`` is the accumulator,
     ``state[p]["step"]`` the number of steps taken (float32 on the CPU, as torch's Adagrad)
     and ``state[p]["clipping_factor"]`` the last step's :math:`\sigma` (0-dim, on the
     parameter's device; read it without forcing a sync by logging it lazily).
     ``optimizer.implementation()`` says which implementations the steps ran and whether the
     compiled one ever fell back (``metrics.json``: ``optimizer_path``).
+
+    Each optimizer compiles its own fused steps (one per param group and set of tensor
+    shapes; nothing is shared between optimizers): a new optimizer costs about 0.5-0.8 s of
+    compiling at its first steps once inductor's disk cache is warm, for example per job of a
+    sweep run in one process.
 
     Reference: J. Tang, Y. Drori, D. Chang, M. Sathiamoorthy, J. Gilmer, L. Wei, X. Yi, L. Hong,
     E. H. Chi. "Improving Training Stability for Multitask Ranking Models in Recommender
@@ -347,21 +353,33 @@ class _Hyper(NamedTuple):
 class ClippyWorkspace:
     """Memory that one caller of :func:`clippy_adagrad` reuses from step to step; not state.
 
-    ``ClippyAdagrad`` keeps one per param group. It holds the scratch buffers of the eager
-    paths (grown on demand and kept, so a step allocates nothing as large as a parameter),
-    the compiled step of the fused path for each (device, dtype) and the reason one failed to
-    compile, and the small device tensor of hyperparameters the compiled code reads. Each
-    compiled step is ``torch.compile`` of a copy of the step's code of its own: torch.compile
-    keeps its compiled variants per code object (up to ``torch._dynamo.config.recompile_limit``
-    of them, then it gives up), so the variants of this caller (its shapes, dtype and options)
-    live and die with it, however many optimizers a process creates (a sweep runs its jobs in
-    one process).
+    ``ClippyAdagrad`` keeps one per param group; a caller of the functional entry that wants
+    the compiled path should keep one too and pass it at every step, so that the code compiled
+    at the first step is reused. It holds the scratch buffers of the eager paths (grown on
+    demand and kept, so a step allocates nothing as large as a parameter), the compiled steps
+    of the fused path, the signatures that failed to compile (and why), and the small device
+    tensor of hyperparameters the compiled code reads.
+
+    There is one compiled step per *signature*: device, dtype, thread count, option flags and
+    every tensor's shape and strides (:func:`_signature`), each ``torch.compile`` of a copy of
+    the step's code of its own. torch.compile keeps its compiled variants per code object and
+    gives up past ``torch._dynamo.config.recompile_limit`` of them (8), so a single shared code
+    object would fail as soon as the set of tensors with a gradient varies from step to step
+    (a task absent from a batch, a frozen layer); with one code object per signature each
+    compiles once. At most ``MAX_COMPILED`` signatures are compiled per workspace; beyond
+    that, a new signature takes the eager path (with the fallback warning) while the known ones
+    keep their compiled steps (signatures that failed to compile count towards the bound too).
+    Everything lives and dies with the workspace, however many
+    optimizers a process creates (a sweep runs its jobs in one process).
     """
+
+    #: The most signatures one workspace compiles (as many as the earlier process-wide cache).
+    MAX_COMPILED = 64
 
     def __init__(self) -> None:
         self.buffers: dict[tuple, Tensor] = {}
-        self.compiled: dict[tuple[torch.device, torch.dtype], Callable[..., list[Tensor]]] = {}
-        self.compile_failures: dict[tuple[torch.device, torch.dtype], str] = {}
+        self.compiled: dict[tuple, Callable[..., list[Tensor]]] = {}
+        self.compile_failures: dict[tuple, str] = {}
 
     def scratch(self, kind: str, rows: int, numel: int, like: Tensor) -> Tensor:
         """``rows`` contiguous rows of at least ``numel`` elements of ``like``'s device and
@@ -402,7 +420,10 @@ def clippy_adagrad(
     tensor's clipping factor (0-dim, on its device; no host sync).
 
     ``workspace``: memory reused across calls (scratch buffers, compiled code); pass the same
-    one at every step, or None for a fresh one (a call with ``fused`` then compiles its code).
+    :class:`ClippyWorkspace` at every step. Without one, ``fused=None`` means the eager path
+    (the per-tensor loop on CPU, the multi-tensor one on CUDA): nothing is compiled.
+    ``fused=True`` without a workspace compiles its step afresh on every call (seconds each);
+    a caller that wants the compiled path must keep a workspace and pass it.
     ``record``: if given, a dict ``{"dense": set, "sparse": bool, "fallback": str | None}``
     updated with the paths that ran (as ``ClippyAdagrad.implementation()`` reports them).
     """
@@ -414,6 +435,9 @@ def clippy_adagrad(
     if fused and foreach:
         raise ValueError("ClippyAdagrad: fused=True and foreach=True are exclusive; choose one")
     if workspace is None:
+        # Compiled code would be lost after this call: only an explicit fused=True compiles.
+        if fused is None:
+            fused = False
         workspace = ClippyWorkspace()
     if record is None:
         record = _new_record()
@@ -452,6 +476,47 @@ def clippy_adagrad(
             for j, sigma in zip(where, out, strict=True):
                 sigmas[dense[j]] = sigma
     return sigmas  # type: ignore[return-value]  # every entry is set above
+
+
+def clippy_step(
+    params: list[Tensor],
+    grads: list[Tensor],
+    accs: list[Tensor],
+    *,
+    lr: float,
+    epsilon: float = 1e-7,
+    variable_relative_threshold: float = 0.1,
+    accumulator_relative_threshold: float = 0.0,
+    absolute_threshold: float = 1e-7,
+    weight_decay: float = 0.0,
+    clip_accumulator_update: bool = False,
+    use_standard_accumulator_update: bool = False,
+) -> list[Tensor]:
+    """Deprecated: use :func:`clippy_adagrad`. The earlier functional form, kept so that old
+    callers run unchanged: one step of each tensor on the per-tensor eager path, in place;
+    returns each tensor's clipping factor. Equals
+    ``clippy_adagrad(params, grads, accs, ..., foreach=False, fused=False)``."""
+    warnings.warn(
+        "mtl_clippy.optim.clippy_step is deprecated; use mtl_clippy.optim.clippy_adagrad "
+        "(the same arguments; foreach=False, fused=False give the same path)",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    return clippy_adagrad(
+        params,
+        grads,
+        accs,
+        lr=lr,
+        epsilon=epsilon,
+        variable_relative_threshold=variable_relative_threshold,
+        accumulator_relative_threshold=accumulator_relative_threshold,
+        absolute_threshold=absolute_threshold,
+        weight_decay=weight_decay,
+        clip_accumulator_update=clip_accumulator_update,
+        use_standard_accumulator_update=use_standard_accumulator_update,
+        foreach=False,
+        fused=False,
+    )
 
 
 def _group_by_device_and_dtype(
@@ -727,11 +792,25 @@ def _clippy_math(
     return sigmas
 
 
+def _signature(
+    params: list[Tensor], grads: list[Tensor], accs: list[Tensor], flags: tuple[bool, ...]
+) -> tuple:
+    """What the compiled step is specialised to: device, dtype, thread count, the option
+    flags and each tensor's shape, strides and ``requires_grad``. Two calls with the same
+    signature run the same compiled code; any difference compiles a new copy."""
+    first = params[0]
+    tensors = tuple(
+        (tuple(w.shape), w.stride(), g.stride(), a.stride(), w.requires_grad)
+        for w, g, a in zip(params, grads, accs, strict=True)
+    )
+    return (first.device, first.dtype, torch.get_num_threads(), flags, tensors)
+
+
 def _compile_step() -> Callable[..., list[Tensor]]:
     """``torch.compile`` of a fresh copy of ``_clippy_math``'s code, with a compile cache of its
-    own (see ``ClippyWorkspace``): its guards recompile it only when its caller's shapes,
-    dtype or option flags change. Shapes are static: the fully specialised kernels are the
-    fastest inductor generates here."""
+    own: ``ClippyWorkspace`` keeps one per signature, so each compiles once and never nears
+    the recompile limit. Shapes are static: the fully specialised kernels are the fastest
+    inductor generates here."""
     code = _clippy_math.__code__
     raw = types.FunctionType(code.replace(), _clippy_math.__globals__, code.co_name)
     return torch.compile(raw, fullgraph=True, dynamic=False)
@@ -748,13 +827,26 @@ def _fused_clippy_adagrad(
 ) -> tuple[list[Tensor] | None, str | None]:
     """Run the compiled step on dense tensors of one device and dtype.
 
-    Returns the clipping factors and None or, when the step could not be compiled here, None
-    (nothing has been done to the tensors; the caller runs an eager path) and the reason.
+    Returns the clipping factors and None or, when this signature could not be compiled here
+    (or the workspace already holds ``MAX_COMPILED`` signatures), None (nothing has been done
+    to the tensors; the caller runs an eager path) and the reason.
     """
     device, dtype = params[0].device, params[0].dtype
-    key = (device, dtype)
+    flags = (hp.acc_rel != 0.0, hp.wd != 0.0, hp.clip_acc, hp.standard)
+    key = _signature(params, grads, accs, flags)
     if key in workspace.compile_failures:
         return None, workspace.compile_failures[key]
+    step = workspace.compiled.get(key)
+    if step is None:
+        if len(workspace.compiled) + len(workspace.compile_failures) >= workspace.MAX_COMPILED:
+            # Not recorded per signature (that would grow without bound): checked each time.
+            failure = (
+                f"more than {workspace.MAX_COMPILED} different sets of tensor shapes in one "
+                "param group"
+            )
+            _warn_fallback(str(device), str(dtype).removeprefix("torch."), failure)
+            return None, failure
+        step = workspace.compiled[key] = _compile_step()
     # One small device tensor per (device, dtype, hyperparameters), rebuilt only when they
     # change; lr is refreshed with fill_ (a kernel launch, no sync).
     skey = ("scalars", device, dtype, hp)
@@ -763,10 +855,6 @@ def _fused_clippy_adagrad(
         values = [lr, hp.eps, hp.rel, hp.acc_rel, hp.abs_t, hp.wd]
         scalars = workspace.buffers[skey] = torch.tensor(values, device=device, dtype=dtype)
     scalars[0].fill_(lr)
-    step = workspace.compiled.get(key)
-    if step is None:
-        step = workspace.compiled[key] = _compile_step()
-    flags = (hp.acc_rel != 0.0, hp.wd != 0.0, hp.clip_acc, hp.standard)
     try:
         return list(step(params, grads, accs, scalars, *flags)), None
     except _compile_errors() as exc:  # compilation failed; nothing ran

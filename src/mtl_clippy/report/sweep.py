@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -145,6 +146,23 @@ def main() -> None:
     df = write_results(root)
     print(to_markdown(df))
     print(f"wrote {root / 'results.csv'} and {root / 'results.md'}")
+
+
+def __getattr__(name: str) -> Any:
+    """``SweepResultsCallback``, which lived here, from its new module ``hydra_callback``
+    (with a ``DeprecationWarning``), so that a config naming the old path still works.
+    Imported only when asked for: this module does not import Hydra."""
+    if name == "SweepResultsCallback":
+        warnings.warn(
+            "mtl_clippy.report.sweep.SweepResultsCallback moved to "
+            "mtl_clippy.report.hydra_callback.SweepResultsCallback; use the new path",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        from mtl_clippy.report.hydra_callback import SweepResultsCallback
+
+        return SweepResultsCallback
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 if __name__ == "__main__":

@@ -68,7 +68,8 @@ class Backbone(nn.Module):
         arguments its ``**options`` passes to the base (``inspect.signature``, ``help``)."""
         super().__init_subclass__(**kwargs)
         own = inspect.signature(cls.__init__)
-        params = list(own.parameters.values())[1:]  # without self
+        # without self, nor a *positional that only names the class in its TypeError (MMoE)
+        params = [p for p in list(own.parameters.values())[1:] if p.kind is not p.VAR_POSITIONAL]
         if params and params[-1].kind is inspect.Parameter.VAR_KEYWORD:
             names = {p.name for p in params}
             shared = inspect.signature(Backbone.__init__).parameters.values()

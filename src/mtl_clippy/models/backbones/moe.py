@@ -26,11 +26,16 @@ class _MixtureOfExperts(Backbone):
     def __init__(
         self,
         metadata: DatasetMetadata | Mapping[str, Any],
-        *,
+        *positional: Any,
         n_experts: int = 8,
         expert_dims: Sequence[int] = (512, 256),
         **options: Any,
     ) -> None:
+        if positional:  # Python's message, naming MMoE / OMoE rather than this private base
+            raise TypeError(
+                f"{type(self).__name__}.__init__() takes 2 positional arguments but "
+                f"{2 + len(positional)} were given"
+            )
         if n_experts < 1:
             raise ValueError(f"n_experts must be >= 1, got {n_experts}")
         super().__init__(metadata, **options)
