@@ -397,6 +397,7 @@ def _many_scenarios(n: int) -> None:
     assert not failures
 
 
+@pytest.mark.slow
 def test_more_signatures_than_the_recompile_limit_never_fall_back(fused_enabled):
     _many_scenarios(10)
 

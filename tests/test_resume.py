@@ -52,6 +52,7 @@ def uninterrupted(tmp_path_factory, data_dir):
     return read_metrics(only_run(tmp))
 
 
+@pytest.mark.slow
 def test_kill_mid_epoch_then_resume_gives_identical_metrics(tmp_path, data_dir, uninterrupted):
     start_and_kill(_args(tmp_path, data_dir), tmp_path, KILL_AFTER)
     run = only_run(tmp_path)
@@ -113,6 +114,7 @@ def test_resume_with_no_earlier_run_is_one_clear_error(tmp_path, data_dir):
     assert "Traceback" not in res.stderr
 
 
+@pytest.mark.slow
 def test_same_seed_same_metrics_other_seed_other_metrics(tmp_path, data_dir, uninterrupted):
     again = tmp_path / "again"
     again.mkdir()
