@@ -479,44 +479,23 @@ def clippy_adagrad(
 
 
 def clippy_step(
-    params: list[Tensor],
-    grads: list[Tensor],
-    accs: list[Tensor],
-    *,
-    lr: float,
-    epsilon: float = 1e-7,
-    variable_relative_threshold: float = 0.1,
-    accumulator_relative_threshold: float = 0.0,
-    absolute_threshold: float = 1e-7,
-    weight_decay: float = 0.0,
-    clip_accumulator_update: bool = False,
-    use_standard_accumulator_update: bool = False,
+    params: list[Tensor], grads: list[Tensor], accs: list[Tensor], **options: Any
 ) -> list[Tensor]:
     """Deprecated: use :func:`clippy_adagrad`. The earlier functional form, kept so that old
     callers run unchanged: one step of each tensor on the per-tensor eager path, in place;
-    returns each tensor's clipping factor. Equals
-    ``clippy_adagrad(params, grads, accs, ..., foreach=False, fused=False)``."""
+    returns each tensor's clipping factor. Takes :func:`clippy_adagrad`'s keyword options
+    (``lr`` and the thresholds) other than ``foreach`` and ``fused``: it equals
+    ``clippy_adagrad(params, grads, accs, **options, foreach=False, fused=False)``."""
     warnings.warn(
         "mtl_clippy.optim.clippy_step is deprecated; use mtl_clippy.optim.clippy_adagrad "
         "(the same arguments; foreach=False, fused=False give the same path)",
         DeprecationWarning,
         stacklevel=2,
     )
-    return clippy_adagrad(
-        params,
-        grads,
-        accs,
-        lr=lr,
-        epsilon=epsilon,
-        variable_relative_threshold=variable_relative_threshold,
-        accumulator_relative_threshold=accumulator_relative_threshold,
-        absolute_threshold=absolute_threshold,
-        weight_decay=weight_decay,
-        clip_accumulator_update=clip_accumulator_update,
-        use_standard_accumulator_update=use_standard_accumulator_update,
-        foreach=False,
-        fused=False,
-    )
+    for flag in ("foreach", "fused", "workspace", "state_steps"):
+        if flag in options:
+            raise TypeError(f"clippy_step() got an unexpected keyword argument {flag!r}")
+    return clippy_adagrad(params, grads, accs, **options, foreach=False, fused=False)
 
 
 def _group_by_device_and_dtype(
