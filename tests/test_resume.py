@@ -286,3 +286,24 @@ def test_resuming_with_other_param_groups_is_one_line_and_keeps_the_run(tmp_path
     assert "param_groups=clip_dense_only" in lines[-1]
     assert "Traceback" not in res.stderr
     assert (run / "metrics.json").read_text() == before
+
+
+def test_resume_on_a_finished_run_whose_summary_is_mistyped_is_one_config_line(tmp_path):
+    """A completed run's metrics.json with a wrongly typed key is read as no summary at all:
+    resume=true then looks for a checkpoint (none here: one ConfigError line), instead of
+    returning the file and failing later with a ValueError traceback."""
+    import json
+
+    from omegaconf import OmegaConf
+
+    from mtl_clippy.errors import ConfigError
+    from mtl_clippy.resume_point import resume_point as _resume_point
+
+    (tmp_path / "metrics.json").write_text(json.dumps({"status": "completed", "lr": "abc"}))
+    cfg = OmegaConf.create(
+        {"resume": str(tmp_path), "ckpt_path": None, "paths": {"log_dir": str(tmp_path)}}
+    )
+    with pytest.raises(ConfigError, match="found no checkpoint"):
+        _resume_point(cfg, tmp_path)
+    (tmp_path / "metrics.json").write_text(json.dumps({"status": "completed", "lr": 0.1}))
+    assert _resume_point(cfg, tmp_path).previous == {"status": "completed", "lr": 0.1}

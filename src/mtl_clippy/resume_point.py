@@ -18,7 +18,7 @@ from omegaconf import DictConfig
 from mtl_clippy import distributed
 from mtl_clippy import resume as resume_mod
 from mtl_clippy.errors import ConfigError
-from mtl_clippy.summary import METRICS_FILE
+from mtl_clippy.summary import METRICS_FILE, RunSummary
 
 log = logging.getLogger("mtl_clippy")
 
@@ -52,6 +52,11 @@ def resume_point(cfg: DictConfig, out_dir: Path) -> ResumePoint:
             previous = None
         if not isinstance(previous, Mapping):  # a foreign file: as if there were none
             previous = None
+        else:
+            try:  # a file RunSummary cannot read (a wrongly typed key): as if there were none
+                RunSummary.from_json(previous)
+            except ValueError:
+                previous = None
         if previous is not None and previous.get("status") in ("completed", "diverged"):
             return ResumePoint(previous=dict(previous))
     newest = resume_mod.find_checkpoint(out_dir)

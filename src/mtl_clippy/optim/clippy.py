@@ -275,7 +275,7 @@ class ClippyAdagrad(Optimizer):
                 use_standard_accumulator_update=group["use_standard_accumulator_update"],
                 foreach=group["foreach"],
                 fused=group["fused"],
-                workspace=self._workspaces.setdefault(index, ClippyWorkspace()),
+                workspace=self._workspace(index),
                 record=self._record(index),
             )
             for p, sigma in zip(params, sigmas, strict=True):
@@ -285,7 +285,17 @@ class ClippyAdagrad(Optimizer):
     def _record(self, group_index: int) -> dict[str, Any]:
         """The mutable record of what one param group's steps ran (see ``implementation()``);
         the checkpoint callback saves and restores it."""
-        return self._paths.setdefault(group_index, _new_record())
+        record = self._paths.get(group_index)
+        if record is None:  # built once per group, not on every step
+            record = self._paths[group_index] = _new_record()
+        return record
+
+    def _workspace(self, group_index: int) -> ClippyWorkspace:
+        """One param group's scratch buffers and compiled steps, made on its first step."""
+        workspace = self._workspaces.get(group_index)
+        if workspace is None:
+            workspace = self._workspaces[group_index] = ClippyWorkspace()
+        return workspace
 
     def implementation(self) -> dict[str, Any]:
         """Which implementations this optimizer's steps actually ran, for the record.

@@ -49,5 +49,7 @@ def _is_global_zero(config: DictConfig) -> bool:
 
     trainer = config.get("trainer") or {}
     return launch.is_global_zero(
-        devices=trainer.get("devices"), num_nodes=trainer.get("num_nodes", 1)
+        devices=trainer.get("devices"),
+        num_nodes=trainer.get("num_nodes", 1),
+        accelerator=trainer.get("accelerator", "auto"),  # as the runs' own rank (distributed)
     )
