@@ -410,7 +410,7 @@ def test_failing_job_does_not_stop_the_sweep(tmp_path, data_root):
     "args, expected",
     [
         (["model=transformer"], "sb"),  # lists the available choices
-        (["optim=lamb"], "clippy"),
+        (["optim=lion"], "clippy"),
         (["data=aliexpress", "data.data_dir=DIR"], "train.csv"),
         (["model.sparse_embeddings=true", "optim=adam"], "sparse"),
         (["optim.lr=-1"], "optim.lr: expected a finite number >= 0, got -1"),

@@ -338,15 +338,24 @@ def test_logistic_regression_rejects_a_norm():
 
 def test_model_configs_carry_the_constructor_default_norm():
     """configs/model/*.yaml name ``norm`` with the value the backbone defaults to (so the
-    config changes no result), and its values are the ones the MLP accepts."""
+    config changes no result), and its values are the ones the MLP accepts. Each config is
+    composed (a size variant such as sb_large takes its ``_target_`` from its base)."""
     import inspect
     from pathlib import Path
 
     import hydra
+    from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    for path in sorted((Path(__file__).parents[1] / "configs" / "model").glob("*.yaml")):
-        cfg = OmegaConf.load(path)
+    configs = Path(__file__).parents[1] / "configs"
+    models_dir = configs / "model"
+    with initialize_config_dir(config_dir=str(configs), version_base="1.3"):
+        composed = {
+            p.name: compose(config_name="train", overrides=[f"model={p.stem}"]).model
+            for p in models_dir.glob("*.yaml")
+        }
+    for name, cfg in sorted(composed.items()):
+        assert "norm" in OmegaConf.load(models_dir / name), name  # stated in the file itself
         default = inspect.signature(hydra.utils.get_class(cfg._target_)).parameters["norm"].default
-        assert cfg.norm == default, path.name
+        assert cfg.norm == default, name
         assert cfg.norm in NORMS

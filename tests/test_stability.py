@@ -41,33 +41,59 @@ def test_non_finite_loss_diverges_at_that_step_even_in_warmup(bad):
     assert "non-finite" in s["reason"]
 
 
-def test_spike_after_warmup_diverges():
-    m = DivergenceMonitor(warmup_steps=5, spike_factor=10, window=50)
-    losses = [1.0] * 20 + [10.5]
-    assert _feed(m, losses) == 21
-    assert m.summary()["last_finite_loss"] == 1.0 and "spike" in m.reason
+def test_a_loss_that_stays_above_k_x_the_median_diverges_at_its_first_step():
+    # persist_steps=16: settled at the 9th high loss (more than half of 16), dated at the first
+    m = DivergenceMonitor(warmup_steps=5, spike_factor=10, window=50, persist_steps=16)
+    losses = [1.0] * 20 + [10.5] * 30
+    assert _feed(m, losses) == 29
+    s = m.summary()
+    assert s["verdict"] == "diverged" and s["step"] == 21 and s["detected_step"] == 29
+    assert s["last_finite_loss"] == 10.5 and m.reason.startswith("loss rise")
+    assert s["spikes"] == 0
     # exactly k x the median is not above it
     m2 = DivergenceMonitor(warmup_steps=5, spike_factor=10)
+    assert _feed(m2, [1.0] * 20 + [10.0] * 30) is None and m2.finish() is False
+    assert m2.summary()["verdict"] == "stable"
+
+
+def test_persist_steps_1_is_the_single_step_rule():
+    m = DivergenceMonitor(warmup_steps=5, spike_factor=10, window=50, persist_steps=1)
+    assert _feed(m, [1.0] * 20 + [10.5]) == 21
+    assert m.summary()["last_finite_loss"] == 10.5 and m.detected_step == 21
+    m2 = DivergenceMonitor(warmup_steps=5, spike_factor=10, persist_steps=1)
     assert _feed(m2, [1.0] * 20 + [10.0]) is None
 
 
 def test_spike_during_warmup_is_ignored():
     m = DivergenceMonitor(warmup_steps=10, spike_factor=10)
     assert _feed(m, [1.0, 1.0, 1.0, 50.0, 1.0, *[1.0] * 20]) is None
-    assert m.spikes == 0 and m.diverged_step is None
-    # the same jump after the warm-up ends the run
+    m.finish()
+    assert m.spikes == 0 and m.diverged_step is None and m.verdict == "stable"
+    # the same jump after the warm-up opens a rise: one loss back to normal, a spike
     m2 = DivergenceMonitor(warmup_steps=2, spike_factor=10)
-    assert _feed(m2, [1.0, 1.0, 1.0, 50.0]) == 4
+    assert _feed(m2, [1.0, 1.0, 1.0, 50.0, *[1.0] * 20]) is None
+    assert m2.spikes == 1 and m2.spike_steps == [4] and m2.spike_peaks == [50.0]
+    # and with the single-step rule it ends the run
+    m3 = DivergenceMonitor(warmup_steps=2, spike_factor=10, persist_steps=1)
+    assert _feed(m3, [1.0, 1.0, 1.0, 50.0]) == 4
 
 
-def test_small_spikes_are_counted_and_the_run_goes_on():
-    m = DivergenceMonitor(warmup_steps=3, spike_factor=10)  # small spikes: above 5 x median
-    losses = [1.0] * 10 + [6.0] + [1.0] * 5 + [9.0] + [1.0] * 3 + [4.0]
-    assert _feed(m, losses) is None
+def test_spikes_are_counted_and_the_run_goes_on():
+    # three rises above 10 x the median (one of two steps), each back to 1.0 at once
+    m = DivergenceMonitor(warmup_steps=3, spike_factor=10, persist_steps=16)
+    losses = [1.0] * 10 + [60.0] + [1.0] * 10 + [90.0, 80.0] + [1.0] * 10 + [40.0] + [1.0] * 20
+    assert _feed(m, losses) is None and not m.finish()
     s = m.summary()
-    assert s["spikes"] == 2 and s["spike_steps"] == [11, 17] and s["step"] is None
-    m2 = DivergenceMonitor(warmup_steps=3, spike_factor=10, small_spike_factor=3)
-    assert _feed(m2, losses) is None and m2.spike_steps == [11, 17, 21]
+    assert s["verdict"] == "spiked" and s["step"] is None and s["detected_step"] is None
+    assert s["spikes"] == 3 and s["spike_steps"] == [11, 22, 34]
+    assert s["spike_peaks"] == [60.0, 90.0, 40.0] and s["open_rise_step"] is None
+    # losses between 5 and 10 x the median (the old rule's "small spikes") are noise now
+    m2 = DivergenceMonitor(warmup_steps=3, spike_factor=10)
+    assert _feed(m2, [1.0] * 10 + [6.0] + [1.0] * 5 + [9.0] + [1.0] * 3) is None
+    assert not m2.finish() and m2.spikes == 0
+    # at most max_recorded_spikes are kept, all are counted
+    m3 = DivergenceMonitor(warmup_steps=3, spike_factor=10, max_recorded_spikes=2)
+    assert _feed(m3, losses) is None and m3.spikes == 3 and m3.spike_steps == [11, 22]
 
 
 def test_max_loss_applies_during_warmup():
@@ -92,11 +118,13 @@ def test_device_losses_are_read_every_n_steps_and_the_step_is_exact():
 
 
 def test_monitor_config_is_validated():
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="spike_factor"):
         DivergenceMonitor(spike_factor=1.0)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="persist_steps"):
+        DivergenceMonitor(persist_steps=0)
+    with pytest.raises(TypeError, match="small_spike_factor"):  # removed with the old rule
         DivergenceMonitor(spike_factor=10, small_spike_factor=20)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="check_every_n_steps"):
         DivergenceMonitor(check_every_n_steps=0)
 
 
@@ -287,11 +315,14 @@ def test_spike_rule_after_warmup_catches_the_spike_and_skips_the_test(tmp_path, 
     )
     assert res.returncode == 0, res.stderr[-3000:]
     m = json.loads((_only_run(tmp_path) / "metrics.json").read_text())
-    assert m["status"] == "diverged" and m["test"] is None
-    assert m["divergence"]["step"] > 1  # after the warm-up
-    assert m["divergence"]["reason"].startswith("loss spike")
-    assert m["divergence"]["last_finite_loss"] is not None
-    assert m["steps"] == m["divergence"]["step"]
+    assert m["status"] == "diverged" and m["stability"] == "diverged" and m["test"] is None
+    div = m["divergence"]
+    assert div["verdict"] == "diverged" and div["step"] > 1  # after the warm-up
+    # the loss stays above 10 x the median (a rise), or becomes NaN inside that rise: dated at
+    # the rise's first step either way
+    assert div["reason"].startswith("loss rise") or "inside a rise" in div["reason"], div
+    assert div["last_finite_loss"] is not None
+    assert m["steps"] == div["detected_step"] >= div["step"]  # no step after the settling one
     assert "diverged at step" in res.stdout
 
 

@@ -8,17 +8,27 @@ from pathlib import Path
 
 import pytest
 
-from mtl_clippy.summary import ABSENT, METRICS_FILE, Divergence, RunSummary, format_summary
+from mtl_clippy.summary import (
+    ABSENT,
+    METRICS_FILE,
+    Divergence,
+    RunSummary,
+    format_summary,
+    judge_stability,
+    stability_of,
+)
 
 #: A completed run's metrics.json, key order as written.
 COMPLETED = {
-    "status": "completed", "model": "shared_bottom", "optim": "clippy", "lr": 0.1, "seed": 1,
+    "status": "completed", "stability": "spiked", "model": "shared_bottom", "optim": "clippy",
+    "lr": 0.1, "seed": 1,
     "overrides": ["optim=clippy"], "epochs": 2, "steps": 20, "wall_time_s": 3.5,
     "samples_per_s": 1234.0, "optimizer_path": "foreach",
     "val": {"auc_click": 0.7, "auc_mean": 0.7}, "best": {"monitor": "val/auc_mean", "score": 0.7},
     "test": {"auc_click": 0.69}, "bayes": None,
-    "divergence": {"step": None, "last_finite_loss": None, "spikes": 0, "spike_steps": [],
-                   "reason": None},
+    "divergence": {"verdict": "spiked", "step": None, "detected_step": None,
+                   "last_finite_loss": 0.12, "spikes": 1, "spike_steps": [7], "spike_peaks": [14.2],
+                   "open_rise_step": None, "reason": None},
     "max_abs_logit": 3.2, "collapsed": [], "error": None, "output_dir": "/runs/x",
     "resumed_from": None, "threads": 2, "oov_rate": None, "early_stopping": "val/auc_mean",
     "precision": "32-true",
@@ -27,7 +37,7 @@ COMPLETED = {
 
 def test_a_summary_is_written_and_read_back_with_the_same_keys_in_the_same_order(tmp_path):
     summary = RunSummary.from_json(COMPLETED)
-    assert isinstance(summary.divergence, Divergence) and summary.divergence.spikes == 0
+    assert isinstance(summary.divergence, Divergence) and summary.divergence.spikes == 1
     assert summary.to_json() == COMPLETED and list(summary.to_json()) == list(COMPLETED)
     summary.write(tmp_path)
     assert json.loads((tmp_path / METRICS_FILE).read_text()) == COMPLETED
@@ -36,10 +46,13 @@ def test_a_summary_is_written_and_read_back_with_the_same_keys_in_the_same_order
 
 
 def test_a_new_summary_writes_only_the_keys_of_a_run_that_got_nowhere():
-    """A run refused at its configuration has none of the keys from ``resumed_from`` on."""
+    """A run refused at its configuration has none of the keys from ``resumed_from`` on, and
+    no ``stability`` (a run that did not complete or diverge has no verdict)."""
     written = RunSummary(error="ConfigError: x").to_json()
-    assert list(written) == list(COMPLETED)[: list(COMPLETED).index("resumed_from")]
-    assert written["divergence"] == COMPLETED["divergence"] and written["status"] == "failed"
+    before = list(COMPLETED)[: list(COMPLETED).index("resumed_from")]
+    assert list(written) == [k for k in before if k != "stability"]
+    assert written["divergence"] == Divergence().to_json() and written["status"] == "failed"
+    assert written["divergence"]["spikes"] == 0 and written["divergence"]["verdict"] is None
 
 
 def test_an_older_file_reads_its_missing_keys_as_none_and_keeps_unknown_ones():
@@ -86,8 +99,10 @@ def test_a_value_of_another_type_than_declared_is_a_value_error_naming_its_key(k
 
 
 @pytest.mark.parametrize(
-    ("key", "value"), [("step", "7"), ("spikes", [1]), ("spike_steps", 3), ("reason", 2)]
-)
+    ("key", "value"),
+    [("step", "7"), ("spikes", [1]), ("spike_steps", 3), ("reason", 2), ("verdict", 1),
+     ("detected_step", "9"), ("spike_peaks", ["x"]), ("open_rise_step", [])],
+)  # fmt: skip
 def test_a_divergence_value_of_another_type_is_a_value_error_naming_its_key(key, value):
     data = {**COMPLETED, "divergence": {**COMPLETED["divergence"], key: value}}
     with pytest.raises(ValueError, match=f"'divergence.{key}' should be"):
@@ -117,8 +132,11 @@ def test_what_a_run_writes_today_reads_back():
         "oov_rate": {"train": 0.05, "per_field": {"train": {"categorical_1": 0.0}},
                      "min_count": 5, "untrained": ["categorical_5"]},
         "bayes": {"auc_click": 0.7, "logloss_click": 0.1},
-        "divergence": {"step": 12, "last_finite_loss": 0.1, "spikes": 2, "spike_steps": [3, 9],
-                       "reason": "loss nan"},
+        "stability": "diverged",
+        "divergence": {"verdict": "diverged", "step": 12, "detected_step": 15,
+                       "last_finite_loss": 0.1, "spikes": 2, "spike_steps": [3, 9],
+                       "spike_peaks": [11.5, 30.25], "open_rise_step": None,
+                       "reason": "non-finite loss (nan), inside a rise"},
         "resume_command": "python train.py resume=true", "traceback": "Traceback ...",
         "interrupted": {"signal": "SIGTERM", "step": 10, "requeued": True},
     }  # fmt: skip
@@ -149,3 +167,53 @@ def test_resume_on_a_finished_run_returns_its_metrics_json_as_the_file_holds_it(
     OmegaConf.update(cfg, "resume", True, force_add=True)
     assert train(cfg) == older
     assert json.loads((run / METRICS_FILE).read_text()) == older
+
+
+def _completed(**changes):
+    return RunSummary.from_json({**COMPLETED, **changes})
+
+
+@pytest.mark.parametrize(
+    ("changes", "expected"),
+    [
+        ({}, "spiked"),
+        ({"divergence": {**COMPLETED["divergence"], "verdict": "stable", "spikes": 0}}, "stable"),
+        ({"status": "diverged", "test": None,
+          "divergence": {**COMPLETED["divergence"], "verdict": "diverged", "step": 9}}, "diverged"),
+        # every task at chance: collapsed, whatever the monitor saw
+        ({"test": {"auc_click": 0.505, "auc_conversion": 0.49, "auc_mean": 0.4975},
+          "collapsed": ["click", "conversion"]}, "collapsed"),
+        # one task at chance is not a collapse of the run
+        ({"test": {"auc_click": 0.505, "auc_conversion": 0.7, "auc_mean": 0.6},
+          "collapsed": ["click"]}, "spiked"),
+        ({"status": "failed"}, None),
+        ({"status": "interrupted"}, None),
+        # no monitor watched the run (callbacks=none): no verdict unless it collapsed
+        ({"divergence": None}, None),
+    ],
+)  # fmt: skip
+def test_the_run_judges_its_stability(changes, expected):
+    summary = _completed(**changes)
+    assert judge_stability(summary) == expected
+
+
+def test_an_older_file_without_stability_gets_it_derived():
+    old = {k: v for k, v in COMPLETED.items() if k != "stability"}
+    old["divergence"] = {"step": None, "last_finite_loss": 0.1, "spikes": 0, "spike_steps": [],
+                         "reason": None}  # fmt: skip
+    summary = RunSummary.from_json(old)
+    assert summary.stability is ABSENT and "stability" not in summary.to_json()  # kept as read
+    assert stability_of(summary) == "stable"
+    old["divergence"]["spikes"] = 2
+    assert stability_of(RunSummary.from_json(old)) == "spiked"
+    assert stability_of(RunSummary.from_json({**old, "status": "diverged"})) == "diverged"
+    assert stability_of(RunSummary.from_json({"status": "failed"})) is None
+    # a file that holds the key: as written, null included
+    assert stability_of(RunSummary.from_json({**old, "stability": None})) is None
+    assert stability_of(RunSummary.from_json(COMPLETED)) == "spiked"
+    assert "completed (spiked)" in format_summary(COMPLETED)
+
+
+def test_stability_is_a_string_or_null():
+    with pytest.raises(ValueError, match="'stability' should be a string"):
+        RunSummary.from_json({**COMPLETED, "stability": 1})

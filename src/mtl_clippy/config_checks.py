@@ -314,6 +314,10 @@ RULES: dict[str, Rule] = {
     "optim.use_standard_accumulator_update": flag(),
     "optim.weight_decay": number(0),
     "optim.eps": number(0),
+    # LAMB (configs/optim/lamb.yaml, pytorch-optimizer's Lamb)
+    "optim.weight_decouple": flag(),
+    "optim.adam_debias": flag(),
+    "optim.pre_norm": flag(),
     # param_groups (configs/param_groups/*.yaml): options per parameter role of the backbone
     "param_groups": checked_by(
         _ROLES,
@@ -379,6 +383,8 @@ RULES: dict[str, Rule] = {
     ),
     "trainer.deterministic": flag(also="warn", null=True),
     "trainer.gradient_clip_val": number(0, null=True),
+    # null: Lightning's default, norm
+    "trainer.gradient_clip_algorithm": one_of("norm", "value", null=True),
     "trainer.enable_model_summary": flag(),
     # the data module's samplers shard by rank themselves; Lightning's would shard again
     "trainer.use_distributed_sampler": Rule(
@@ -428,11 +434,24 @@ RULES: dict[str, Rule] = {
     "callbacks.lr_monitor.logging_interval": one_of("step", "epoch", null=True),
     "callbacks.divergence_monitor.warmup_steps": whole(0),
     "callbacks.divergence_monitor.spike_factor": number(1, low_open=True, finite=False),
-    "callbacks.divergence_monitor.small_spike_factor": number(1, low_open=True, null=True),
+    # removed with the rule that used it (a spike is now a rise that comes back)
+    "callbacks.divergence_monitor.small_spike_factor": Rule(
+        "removed: a spike is now a loss above spike_factor x the running median that comes "
+        "back within persist_steps; delete the key",
+        lambda v: False,
+        words="{key}: {allowed} (got {value!r})",
+    ),
     "callbacks.divergence_monitor.window": whole(1),
+    "callbacks.divergence_monitor.persist_steps": whole(1),
+    "callbacks.divergence_monitor.max_recorded_spikes": whole(0),
+    "callbacks.divergence_monitor.track_logits": flag(),
     "callbacks.divergence_monitor.check_every_n_steps": whole(1, null=True),
     "callbacks.divergence_monitor.max_loss": number(0, low_open=True, finite=False, null=True),
     "callbacks.optimizer_telemetry.log_every_n_steps": whole(1),
+    # grad_clip=agc (configs/grad_clip/agc.yaml)
+    "callbacks.agc.clipping": number(0, low_open=True),
+    "callbacks.agc.eps": number(0, low_open=True),
+    "callbacks.agc.skip_heads": flag(),
 }
 
 
@@ -660,19 +679,6 @@ def _combinations(cfg: Any) -> str | None:
     endless = _endless_without_validation(cfg)
     if endless:
         return endless
-    spike = _value(cfg, "callbacks.divergence_monitor.spike_factor")
-    small = _value(cfg, "callbacks.divergence_monitor.small_spike_factor")
-    if _is_number(spike) and small is None and spike <= 2:
-        return (
-            "callbacks.divergence_monitor.spike_factor: expected a number > 2 with "
-            "small_spike_factor: null (spikes are then counted above spike_factor / 2, which "
-            f"must be > 1), got {spike}; or set small_spike_factor"
-        )
-    if _is_number(spike) and _is_number(small) and small > spike:
-        return (
-            "callbacks.divergence_monitor.small_spike_factor: expected at most spike_factor="
-            f"{spike} (a counted spike is smaller than a divergence), got {small}"
-        )
     scheduler = _value(cfg, "scheduler._target_")
     monitor = _value(cfg, "scheduler.monitor")
     monitor = "val/auc_mean" if monitor is _ABSENT else monitor  # the plateau's default

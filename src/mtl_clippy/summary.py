@@ -4,7 +4,8 @@
 Every run writes it in its folder whatever its outcome (``completed``, ``diverged``,
 ``failed``, ``interrupted``)::
 
-    {"status": "completed", "model": "shared_bottom", "optim": "clippy", "lr": 0.1,
+    {"status": "completed", "stability": "stable", "model": "shared_bottom", "optim": "clippy",
+     "lr": 0.1,
      "seed": 1, "overrides": [...], "epochs": 3, "steps": 150, "wall_time_s": 12.3,
      "samples_per_s": 41000.0, "optimizer_path": {"dense": ["foreach"], ...},
      "val": {"auc_click": 0.71, ...},
@@ -16,6 +17,14 @@ Every run writes it in its folder whatever its outcome (``completed``, ``diverge
 The keys from ``resumed_from`` on are written once the run has got that far (a run whose
 configuration is refused has none of them); ``resume_command`` and ``interrupted`` only for an
 interrupted run, ``traceback`` only for a failure that is not a user's mistake.
+
+``stability`` is the run's verdict on training stability (``STABILITY``): ``diverged`` (the
+divergence monitor ended it: ``divergence`` says where and why), ``collapsed`` (it completed,
+but every task's test AUC ended at chance: ``collapsed`` lists them), ``spiked`` (it completed;
+the loss jumped and came back, ``divergence.spikes`` times) or ``stable``. A run writes it
+once it has completed or diverged (null when no divergence monitor watched it and it did not
+collapse); a run that failed or was interrupted has no verdict and no key. For an older file
+without the key, :func:`stability_of` derives it.
 """
 
 from __future__ import annotations
@@ -34,6 +43,9 @@ METRICS_FILE = "metrics.json"
 
 #: A task whose test AUC ends within this distance of 0.5 is listed in ``collapsed``.
 COLLAPSE_TOLERANCE = 0.01
+
+#: The values of ``stability``, from best to worst (see the module).
+STABILITY = ("stable", "spiked", "collapsed", "diverged")
 
 
 class _Absent:
@@ -59,13 +71,22 @@ ABSENT: Any = _Absent()
 
 @dataclass
 class Divergence:
-    """metrics.json's ``divergence``: what ``DivergenceMonitor`` saw (``step`` is where the
-    run diverged, None when it did not)."""
+    """metrics.json's ``divergence``: what ``DivergenceMonitor`` saw (its rule:
+    ``mtl_clippy.callbacks.divergence``). ``verdict``: stable, spiked or diverged (None: no
+    monitor, or an older file); ``step``: where the run diverged (the first step of the rise
+    it did not come back from), None when it did not; ``detected_step``: the step that settled
+    it; ``spike_steps`` and ``spike_peaks``: the first step of each spike and its largest loss
+    over the median before it; ``open_rise_step``: a rise that training ended in the middle
+    of (counted as a spike)."""
 
+    verdict: str | None = None
     step: int | None = None
+    detected_step: int | None = None
     last_finite_loss: float | None = None
     spikes: int | None = 0
     spike_steps: list[int] | None = field(default_factory=list)
+    spike_peaks: list[float] | None = field(default_factory=list)
+    open_rise_step: int | None = None
     reason: str | None = None
 
     def to_json(self) -> dict[str, Any]:
@@ -80,6 +101,7 @@ class Divergence:
 
 #: The keys written only once a run gets that far, or in one outcome only (see the module).
 _OPTIONAL = (
+    "stability",
     "resumed_from",
     "threads",
     "oov_rate",
@@ -96,6 +118,9 @@ class RunSummary:
     """The content of one run's ``metrics.json``; the field order is the file's key order."""
 
     status: str | None = "failed"
+    #: stable, spiked, collapsed or diverged (``STABILITY``; see the module); written by a
+    #: run that completed or diverged (ABSENT: an older file, or a run that got nowhere)
+    stability: str | None = ABSENT
     model: str | None = None
     optim: str | None = None
     lr: float | None = None
@@ -215,7 +240,7 @@ _NUMBER_LIST = _Kind(
 #: What each of ``RunSummary``'s keys holds (its type hint, as JSON types).
 _KINDS: dict[str, _Kind] = {
     **dict.fromkeys(
-        ("status", "model", "optim", "error", "output_dir", "resumed_from",
+        ("status", "stability", "model", "optim", "error", "output_dir", "resumed_from",
          "early_stopping", "precision", "resume_command", "traceback"),
         _STR,
     ),
@@ -232,10 +257,14 @@ _KINDS: dict[str, _Kind] = {
 
 #: The same for the keys of ``divergence``.
 _DIVERGENCE_KINDS: dict[str, _Kind] = {
+    "verdict": _STR,
     "step": _NUMBER,
+    "detected_step": _NUMBER,
     "last_finite_loss": _NUMBER,
     "spikes": _NUMBER,
     "spike_steps": _NUMBER_LIST,
+    "spike_peaks": _NUMBER_LIST,
+    "open_rise_step": _NUMBER,
     "reason": _STR,
 }
 
@@ -296,6 +325,41 @@ def collapsed_tasks(test: Mapping[str, Any] | None) -> list[str]:
     )
 
 
+def _all_collapsed(summary: RunSummary) -> bool:
+    """Whether every task's test AUC ended at chance (``collapsed`` covers them all)."""
+    tasks = {k[len("auc_") :] for k in (summary.test or {}) if k.startswith("auc_")} - {"mean"}
+    return bool(tasks) and tasks <= set(summary.collapsed or [])
+
+
+def judge_stability(summary: RunSummary) -> str | None:
+    """The ``stability`` a run writes, from its status, its divergence monitor's verdict and
+    its collapsed tasks: diverged takes precedence, then collapsed (a completed run whose
+    every task is at chance), then the monitor's spiked or stable; None for a run that did
+    not complete, or that no monitor watched (``divergence.verdict`` None) and did not
+    collapse."""
+    if summary.status == "diverged":
+        return "diverged"
+    if summary.status != "completed":
+        return None
+    if _all_collapsed(summary):
+        return "collapsed"
+    verdict = summary.divergence.verdict
+    return verdict if verdict in ("stable", "spiked") else None
+
+
+def stability_of(summary: RunSummary) -> str | None:
+    """A run's ``stability``: the key its file holds (null included); for an older file
+    without it, derived as :func:`judge_stability` does, with ``divergence.spikes`` (counted
+    by the rule of its time) standing in for the monitor's verdict that such a file lacks."""
+    if summary.stability is not ABSENT:
+        return summary.stability
+    judged = judge_stability(summary)
+    spikes = summary.divergence.spikes
+    if judged is None and summary.status == "completed" and spikes is not None:
+        return "spiked" if spikes else "stable"
+    return judged
+
+
 def format_summary(summary: RunSummary | Mapping[str, Any]) -> str:
     """The per-task table printed at the end of a run."""
     s = summary if isinstance(summary, RunSummary) else RunSummary.from_json(summary)
@@ -309,7 +373,8 @@ def format_summary(summary: RunSummary | Mapping[str, Any]) -> str:
 
     lines = [
         f"{s.model} + {s.optim} (lr {s.lr}, seed {s.seed}): "
-        f"{s.status}, {s.epochs} epochs, {s.steps} steps, "
+        f"{s.status}" + (f" ({stability})" if (stability := stability_of(s)) else "") + ", "
+        f"{s.epochs} epochs, {s.steps} steps, "
         f"{s.wall_time_s} s" + (f", {s.samples_per_s:,.0f} samples/s" if s.samples_per_s else ""),
         "",
         f"| {'task':<12} | val AUC | test AUC | Bayes AUC | val logloss | test logloss |",
@@ -328,10 +393,13 @@ __all__ = [
     "ABSENT",
     "COLLAPSE_TOLERANCE",
     "METRICS_FILE",
+    "STABILITY",
     "Divergence",
     "RunSummary",
     "collapsed_tasks",
     "format_summary",
+    "judge_stability",
     "split_metrics",
+    "stability_of",
     "write_json_atomic",
 ]

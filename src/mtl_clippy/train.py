@@ -49,6 +49,7 @@ from mtl_clippy.summary import (
     RunSummary,
     collapsed_tasks,
     format_summary,
+    judge_stability,
     split_metrics,
 )
 
@@ -130,6 +131,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             summary.status = "completed"
             params = OmegaConf.to_container(cfg, resolve=True)
             log_results(trainer.loggers, params, summary.test, trainer.global_step)
+        summary.stability = judge_stability(summary)
     except BaseException as exc:
         raised = _record_stop(summary, exc, trainer, out_dir)
         if raised is exc:

@@ -1,7 +1,8 @@
 """The Hydra callback that writes a sweep's table and report when its multirun ends.
 
 Configured in ``configs/hydra/default.yaml`` (``hydra.callbacks.results_table``). It only
-calls the report (``sweep.write_results``, ``study.build_report``); nothing in the report
+calls the report (``sweep.write_results``, ``study.build_report`` and, for a sweep of
+``experiment=paper_baselines``, ``paper.build_paper_report``); nothing in the report
 imports it, so the report's modules import in one direction and work without Hydra.
 """
 
@@ -32,6 +33,13 @@ class SweepResultsCallback(Callback):
                 from mtl_clippy.report.study import build_report
 
                 print(f"report: {build_report(root)}")
+                from mtl_clippy.report import paper
+
+                if paper.is_paper_sweep(root):  # experiment=paper_baselines
+                    done = paper.build_paper_report(root)
+                    for line in done.problems:
+                        log.warning("paper report: %s", line)
+                    print(f"paper report: {done.path}")
             except Exception as exc:
                 log.warning("could not build the report of %s: %s", root, exc)
         n = len(df)

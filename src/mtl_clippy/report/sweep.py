@@ -17,11 +17,11 @@ from typing import Any
 
 import pandas as pd
 
-from mtl_clippy.summary import METRICS_FILE, RunSummary
+from mtl_clippy.summary import METRICS_FILE, RunSummary, stability_of
 
 log = logging.getLogger(__name__)
 
-FIRST_COLUMNS = ["job", "model", "optim", "variant", "lr", "seed", "status"]
+FIRST_COLUMNS = ["job", "model", "optim", "variant", "lr", "seed", "status", "stability"]
 # Overrides that other columns already show, or that do not change what a run is.
 _NOT_VARIANT_KEYS = {
     "experiment",
@@ -56,6 +56,7 @@ def _row(path: Path, root: Path) -> dict[str, Any]:
         "job": str(path.parent.relative_to(root)) if path.parent != root else path.parent.name,
         **{k: getattr(m, k) for k in ("model", "optim", "lr", "seed", "status")},
         "variant": variant_of(m.overrides or []),
+        "stability": stability_of(m),  # derived for an older file without the key
     }
     for key, value in sorted((m.test or {}).items()):
         if key.startswith(("auc_", "logloss_")):
