@@ -26,6 +26,7 @@ Two steps:
    python benchmarks/divergence_rule.py generate --out /tmp/divergence_traces
    python benchmarks/divergence_rule.py score --out /tmp/divergence_traces \
        --json benchmarks/divergence_rule.json
+   python benchmarks/divergence_rule.py score --out /tmp/divergence_traces --set persist_steps=1
 """
 
 from __future__ import annotations
@@ -122,14 +123,15 @@ def blew_up(trace: list[tuple[int, float]], summary: dict) -> int | None:
     return None
 
 
-def score(out: Path, json_path: Path | None) -> None:
+def score(out: Path, json_path: Path | None, settings: dict | None = None) -> None:
     sys.path.insert(0, str(ROOT / "src"))
-    from mtl_clippy.callbacks import DivergenceMonitor
-
     import yaml
+
+    from mtl_clippy.callbacks import DivergenceMonitor
 
     block = yaml.safe_load((ROOT / "configs/callbacks/default.yaml").read_text())
     shipped = {k: v for k, v in block["divergence_monitor"].items() if k != "_target_"}
+    shipped.update(settings or {})  # --set persist_steps=1: the earlier single-step rule
     rows = []
     for kind in ("stable", "blowup"):
         for folder in sorted((out / kind).glob("*")):
@@ -187,8 +189,11 @@ def main() -> None:
     p.add_argument("command", choices=["generate", "score"])
     p.add_argument("--out", type=Path, default=Path("/tmp/divergence_traces"))
     p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="score with a monitor option changed, e.g. --set persist_steps=1")
     a = p.parse_args()
-    generate(a.out) if a.command == "generate" else score(a.out, a.json)
+    settings = {k: json.loads(v) for k, v in (item.split("=", 1) for item in a.set)}
+    generate(a.out) if a.command == "generate" else score(a.out, a.json, settings)
 
 
 if __name__ == "__main__":

@@ -283,8 +283,13 @@ def test_every_shipped_config_passes(base, tmp_path):
             for key, values in cfg.hydra.sweeper.params.items():
                 for value in str(values).split(","):
                     run = cfg.copy()
-                    if key in GROUPS:
-                        run[key] = _load(key, value)
+                    if (CONFIGS / key).is_dir():
+                        # a group choice (a `# @package _global_` group such as `method` sets
+                        # other groups: compose it as a run does)
+                        run = compose(
+                            "train", [f"experiment={experiment}", f"{key}={value}"],
+                            return_hydra_config=True,
+                        )
                     else:
                         OmegaConf.update(run, key, yaml.safe_load(value))
                     check_config(run)

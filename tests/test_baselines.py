@@ -9,6 +9,7 @@ loops over units and steps, not from the code they check.
 
 from __future__ import annotations
 
+import copy
 import functools
 import math
 from concurrent.futures import ThreadPoolExecutor
@@ -203,6 +204,53 @@ def test_agc_clips_sparse_embedding_gradients_exactly():
     assert not np.allclose(expected, dense)  # some rows were clipped
 
 
+def test_agc_treats_a_vector_with_a_sparse_gradient_as_one_unit():
+    """A vector is one unit whether its gradient is dense or sparse (uncoalesced, a
+    repeated index): the same numbers as AGC of the dense gradient."""
+    w = np.array([0.5, -1.0, 0.0, 2.0, 0.1])
+    grad = torch.sparse_coo_tensor([[0, 3, 0]], [3.0, -4.0, 1.0], (5,), dtype=torch.float64)
+    p = nn.Parameter(torch.tensor(w))
+    p.grad = grad
+    adaptive_clip_([p], 0.1, 1e-3)
+    expected = agc_reference(w, grad.to_dense().numpy(), 0.1, 1e-3)
+    np.testing.assert_allclose(p.grad.to_dense().numpy(), expected, rtol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_agc_scales_an_exploding_finite_gradient_to_the_bound(dtype):
+    """A finite gradient whose sum of squares overflows its own dtype (elements ~1e25 in 32
+    or 16 bits): each unit ends at the bound clipping * ||W_i||, not at 0 (an overflowed
+    norm reads as inf, and bound / inf would zero the unit's step)."""
+    rng = np.random.default_rng(3)
+    for shape in [(3, 4), (5,)]:
+        w = rng.normal(size=shape)
+        g = rng.normal(size=shape) * 1e25
+        p = nn.Parameter(torch.tensor(w, dtype=dtype))
+        p.grad = torch.tensor(g, dtype=dtype)
+        adaptive_clip_([p], 0.01, 1e-3)
+        out = p.grad.double().numpy()
+        assert np.isfinite(out).all()
+        expected = agc_reference(p.detach().double().numpy(), g, 0.01, 1e-3)
+        np.testing.assert_allclose(out, expected, rtol=2e-2, atol=0)
+
+
+def test_agc_keeps_a_zero_half_precision_gradient_zero():
+    """float16 weights and gradients of zero, with a bound clipping * eps below float16's
+    smallest number (1e-9): the gradient stays 0, never 0 / 0 = NaN; and a factor below
+    float16's range (1e-10) still scales a float16 gradient to the bound, not to 0."""
+    for shape in [(2, 3), (3,)]:
+        p = nn.Parameter(torch.zeros(shape, dtype=torch.float16))
+        p.grad = torch.zeros(shape, dtype=torch.float16)
+        adaptive_clip_([p], 1e-3, 1e-6)
+        assert torch.equal(p.grad, torch.zeros(shape, dtype=torch.float16))
+    # a large gradient on zero weights: scaled by 1e-10 to ~6e-6, which float16 holds
+    p = nn.Parameter(torch.zeros(3, dtype=torch.float16))
+    p.grad = torch.full((3,), 6e4, dtype=torch.float16)
+    adaptive_clip_([p], 0.01, 1e-3)
+    expected = agc_reference(np.zeros(3), np.full(3, 6e4), 0.01, 1e-3)
+    np.testing.assert_allclose(p.grad.double().numpy(), expected, rtol=2e-2)
+
+
 def test_agc_options_are_checked():
     for bad in (0, -0.1, float("inf"), float("nan"), "abc", True):
         with pytest.raises(ValueError, match="clipping must be a finite number > 0"):
@@ -361,6 +409,33 @@ def test_lamb_weight_decay_is_the_l2_term_inside_r():
         assert not np.allclose(w - start, c - start, rtol=1e-3, atol=0)
 
 
+def test_lamb_resumes_exactly_from_its_state_dict():
+    """3 steps, the optimizer's state saved and loaded into a fresh one (the step count
+    lives in the param groups), 4 more: the weights of 7 uninterrupted steps, bit for bit."""
+    w0, grad_fn = _lamb_problem()
+
+    def steps(params, opt, n):
+        for _ in range(n):
+            grads = grad_fn([p.detach().numpy() for p in params])
+            for p, g in zip(params, grads):
+                p.grad = torch.tensor(g)
+            opt.step()
+
+    whole = [nn.Parameter(torch.tensor(w)) for w in w0]
+    _, opt = _lamb_from_config(whole)
+    steps(whole, opt, 7)
+    first = [nn.Parameter(torch.tensor(w)) for w in w0]
+    _, opt = _lamb_from_config(first)
+    steps(first, opt, 3)
+    saved = copy.deepcopy(opt.state_dict())
+    resumed = [nn.Parameter(p.detach().clone()) for p in first]
+    _, opt = _lamb_from_config(resumed)
+    opt.load_state_dict(saved)
+    steps(resumed, opt, 4)
+    for a, b in zip(whole, resumed):
+        assert torch.equal(a, b)
+
+
 def test_lamb_runs_in_the_module_and_the_summary():
     """optim=lamb builds through the module (param groups included) and reports no
     ClippyAdagrad implementation (optimizer_path null)."""
@@ -503,6 +578,42 @@ def test_sparse_embeddings_with_lamb_or_norm_clipping_are_refused_in_one_line():
 
     agc = _compose(["grad_clip=agc", "optim=adagrad", "model.sparse_embeddings=true", *SMALL])
     run_checks.check_gradient_clipping(agc, builder.build_module(agc, META))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (["method=clippy", "optim=adam"], "method=clippy: it sets optim=clippy, but this run has optim=adam"),
+        (["method=adagrad_agc", "grad_clip=norm"], "method=adagrad_agc: it sets grad_clip=agc, but this run has grad_clip=norm"),
+        (["experiment=seed_study", "method=lamb"], "method=lamb: it sets optim=lamb, but this run has optim=clippy_seed"),
+        (["method=adagrad_gc", "optim.lr=0.5", "trainer.gradient_clip_val=0.2"], None),
+        (["method=clippy", "optim=clippy"], None),
+        (["optim=adam"], None),
+    ],
+)  # fmt: skip
+def test_a_method_replaced_by_another_choice_is_refused_in_one_line(overrides, expected, tmp_path):
+    """method=<name> sets optim and grad_clip; a later choice of either (the command line's,
+    an experiment's) would replace it silently and the run would train something else than
+    its name: refused in one line. Its options (optim.lr, the clipping threshold) are free."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        job = compose(config_name="train", overrides=overrides, return_hydra_config=True)
+    OmegaConf.update(job, "hydra.runtime.output_dir", str(tmp_path), force_add=True)
+    cfg = _compose(overrides)
+    saved = HydraConfig.instance().cfg
+    HydraConfig.instance().set_config(job)  # as in a run: the job's choices
+    try:
+        if expected is None:
+            check_config(cfg)
+            return
+        with pytest.raises(ConfigError) as info:
+            check_config(cfg)
+    finally:
+        HydraConfig.instance().cfg = saved
+    message = str(info.value)
+    assert "\n" not in message and message.startswith(expected), message
 
 
 # ----------------------------------------------------------------------------- end to end

@@ -377,3 +377,64 @@ def test_no_checkpoint_after_a_settled_divergence(tmp_path):
     assert info.value.step == 5 and monitor.detected_step == 7
     names = sorted(p.name for p in (tmp_path / "ckpt").iterdir())
     assert names == ["step-0000006.ckpt"]  # the newest kept; none after step 7
+
+
+def test_gradient_accumulation_gives_one_loss_per_optimizer_step(tmp_path):
+    """accumulate_grad_batches=2: the rule sees the loss of each optimizer step (the mean of
+    its two micro-batches), numbered 1, 2, ...; a blow-up at step 11 is dated there and settled
+    at the 3rd high loss of 4 (step 13), not counted in micro-batches."""
+    monitor = DivergenceMonitor(warmup_steps=0, persist_steps=4)
+    x = torch.randn(4 * 2 * 20, 3, generator=torch.Generator().manual_seed(0))
+    trainer = pl.Trainer(
+        default_root_dir=tmp_path, max_epochs=1, logger=False, enable_progress_bar=False,
+        enable_model_summary=False, enable_checkpointing=False, callbacks=[monitor],
+        accelerator="cpu", devices=1, accumulate_grad_batches=2,
+    )  # fmt: skip
+    with pytest.raises(TrainingDiverged) as info:
+        trainer.fit(_Scripted([1.0] * 10 + [50.0] * 10), DataLoader(TensorDataset(x, x), 4))
+    assert info.value.step == 11 and monitor.detected_step == 13
+    assert monitor.last_finite_loss == 50.0  # the step's loss, not a micro-batch's half
+
+
+def test_the_printed_summary_names_the_stability_once():
+    from mtl_clippy.summary import RunSummary, format_summary
+
+    base = {"model": "sb", "optim": "clippy", "lr": 0.1, "seed": 1}
+    diverged = RunSummary.from_json({**base, "status": "diverged", "stability": "diverged"})
+    assert "diverged, " in format_summary(diverged).splitlines()[0]
+    assert "(diverged)" not in format_summary(diverged)
+    spiked = RunSummary.from_json({**base, "status": "completed", "stability": "spiked"})
+    assert "completed (spiked), " in format_summary(spiked).splitlines()[0]
+
+
+@st.composite
+def boundary_traces(draw):
+    """Losses at exactly k x the median and just around it, zeros (a median of 0 is no
+    reference), -inf, NaN and huge values: the edges of the rule."""
+    n = draw(st.integers(1, 120))
+    level = draw(st.floats(0.01, 2.0))
+    factors = [1.0, 1.0, 1.0, 0.5, 2.0, 9.99, 10.0, 10.01, 15.0, 50.0, 1e3, 0.0]
+    specials = [math.nan, math.inf, -math.inf]
+    values = draw(st.lists(st.sampled_from(factors + specials), min_size=n, max_size=n))
+    losses = [level * v if math.isfinite(v) else v for v in values]
+    params = {
+        "warmup_steps": draw(st.integers(0, 12)),
+        "spike_factor": 10.0,
+        "window": draw(st.integers(1, 20)),
+        "persist_steps": draw(st.integers(1, 17)),
+        "max_loss": draw(st.sampled_from([None, 100.0])),
+    }
+    return losses, params
+
+
+@settings(max_examples=300, deadline=None)
+@given(boundary_traces())
+def test_the_rule_matches_the_reference_at_its_edges(trace):
+    losses, params = trace
+    got = _replay(losses, **params).summary()
+    verdict, step, detected, spike_steps, open_step = _reference(
+        losses, *(params[k] for k in ("warmup_steps", "spike_factor", "window")),
+        params["persist_steps"], params["max_loss"],
+    )  # fmt: skip
+    assert (got["verdict"], got["step"], got["detected_step"]) == (verdict, step, detected)
+    assert got["spike_steps"] == spike_steps and got["open_rise_step"] == open_step

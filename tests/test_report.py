@@ -152,6 +152,15 @@ def test_experiment_sweeps_compose_with_each_of_their_values(experiment):
                         break
                 if key in ("model", "optim"):
                     assert job[key]["_target_"]
+                elif key == "method":  # a `_global_` group: it chooses the optimizer (and clipping)
+                    import yaml
+
+                    spec = yaml.safe_load((Path(configs) / "method" / f"{value}.yaml").read_text())
+                    optim = next(
+                        d["override /optim"] for d in spec["defaults"] if "override /optim" in d
+                    )
+                    want = compose(config_name="train", overrides=[f"optim={optim}"])
+                    assert job.optim["_target_"] == want.optim["_target_"], (key, value)
                 else:
                     assert (node is not None and str(node) == value) or float(node) == float(
                         value

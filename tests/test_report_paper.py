@@ -329,4 +329,168 @@ def test_largest_stable_lr_matches_an_independent_computation(cells):
         expected = _reference_largest_stable({k: o for k, (o, _) in cells.items()})
         assert paper.largest_stable_lr(runs) == expected
         row = _row(paper.stable_lr_table(runs), "| sb | AdaGrad | ").split(" | ")
-        assert row[3] == ("none" if expected is None else f"{expected:g}")
+        shown = "none" if expected is None else f"{expected:g}"
+        full = len({seed for _, seed in cells})  # every cell is over distinct seeds here
+        have = sum(lr == expected for lr, _ in cells)
+        if expected is not None and have < full:  # not every seed ran there
+            shown += f" ({have} of {full} runs)"
+        assert row[3] == shown
+
+
+# ----------------------------------------------------------------------------- review cases
+
+
+def _table_row(md: str, size: str, method: str) -> list[str]:
+    return [c.strip() for c in _row(md, f"| {size} | {method} | ").split("|")[1:-1]]
+
+
+def test_a_sweep_started_again_into_its_folder_counts_each_run_once(tmp_path):
+    """The same (size, method, lr, seed) in two job folders: the newer metrics.json is kept,
+    the other named; the cell is not counted as two seeds nor averaged over both."""
+    import os
+
+    root = tmp_path / "s"
+    for n, seed in enumerate(SEEDS):
+        write_job(root, n, "sb", "AdaGrad", 0.1, seed, "stable", auc=0.70)
+    old = write_job(root, 3, "sb", "AdaGrad", 0.2, 1, "diverged")
+    new = write_job(root, 4, "sb", "AdaGrad", 0.2, 1, "stable", auc=0.60)
+    os.utime(old / "metrics.json", (1_000, 1_000))
+    runs, problems = paper.read_runs(root)
+    assert [(r.lr, r.seed, r.stability) for r in runs if r.lr == 0.2] == [(0.2, 1, "stable")]
+    (line,) = [p for p in problems if "the same run" in p]
+    assert line.startswith(old.name) and new.name in line
+    md = paper.build_paper_report(root).path.read_text()
+    assert _table_row(md, "sb", "AdaGrad")[2:4] == ["0.1, 0.2 (1 of 3 runs)", "0.2 (1 of 3 runs)"]
+
+
+def test_runs_of_another_experiment_in_the_folder_are_left_out(tmp_path):
+    root = tmp_path / "s"
+    write_job(root, 0, "sb", "AdaGrad", 0.1, 1, "stable")
+    write_job(root, 1, "sb", "AdaGrad", 0.2, 1, "stable")
+    other = write_job(root, 2, "sb", "AdaGrad", 0.2, 2, "diverged", experiment="lr_stability")
+    runs, problems = paper.read_runs(root)
+    assert len(runs) == 2 and all(r.experiment == "paper_baselines" for r in runs)
+    assert (
+        f"{other.name}: a run of experiment=lr_stability, not paper_baselines: left out" in problems
+    )
+    md = paper.build_paper_report(root).path.read_text()
+    assert _table_row(md, "sb", "AdaGrad")[3] == "0.2"
+    # --paper on a folder without any paper_baselines run keeps every run
+    only = tmp_path / "o"
+    write_job(only, 0, "sb", "AdaGrad", 0.1, 1, "stable", experiment="lr_stability")
+    assert len(paper.read_runs(only)[0]) == 1
+
+
+def test_an_interrupted_run_is_left_out_not_counted_unstable(tmp_path):
+    """A run whose metrics.json says interrupted has no outcome yet (as a job without one)."""
+    root = tmp_path / "s"
+    for n, seed in enumerate(SEEDS):
+        write_job(root, n, "sb", "AdaGrad", 0.1, seed, "stable")
+        job = write_job(root, 3 + n, "sb", "AdaGrad", 0.2, seed, "stable", auc=0.75)
+    data = json.loads((job / "metrics.json").read_text())  # seed 3 at lr 0.2
+    data.update(status="interrupted", stability=None, test=None)
+    (job / "metrics.json").write_text(json.dumps(data))
+    done = paper.build_paper_report(root)
+    assert {(r.lr, r.seed) for r in done.runs} == {(0.1, 1), (0.1, 2), (0.1, 3), (0.2, 1), (0.2, 2)}
+    assert any(p.startswith(f"{job.name}: interrupted") for p in done.problems)
+    md = done.path.read_text()
+    assert _table_row(md, "sb", "AdaGrad")[3] == "0.2 (2 of 3 runs)"
+    assert "AdaGrad's best stable lr for sb: 0.2 " in md
+    assert "| AdaGrad | 0.7515 ± 0.0007 (n=2) |" in md
+    assert "- **Not finished**: 1 job folder without an outcome yet" in md
+    # a job still running (its folder has .hydra, no metrics.json yet) is one more
+    (write_job(root, 9, "sb", "Clippy", 0.1, 1, "stable") / "metrics.json").unlink()
+    md = paper.build_paper_report(root).path.read_text()
+    assert "- **Not finished**: 2 job folders without an outcome yet" in md
+
+
+def test_a_sweep_without_the_baseline_says_so(tmp_path):
+    root = tmp_path / "s"
+    write_job(root, 0, "sb", "Clippy", 0.1, 1, "stable")
+    md = paper.build_paper_report(root).path.read_text()
+    assert "AdaGrad has no run for sb: no reference learning rate." in md
+    assert "No reference learning rate: the sweep has no AdaGrad run." in md
+    assert "stable at none" not in md
+    # stable, but run with test=false: no AUC to choose its best lr by
+    job = write_job(root, 1, "sb", "AdaGrad", 0.1, 1, "stable")
+    data = json.loads((job / "metrics.json").read_text())
+    (job / "metrics.json").write_text(json.dumps({**data, "test": None}))
+    md = paper.build_paper_report(root).path.read_text()
+    assert "AdaGrad has no test AUC where it is stable for sb: no reference learning rate." in md
+    assert "No reference learning rate: AdaGrad has none at any size (see above)." in md
+
+
+def test_two_spellings_of_one_learning_rate_are_one_grid_point(tmp_path):
+    root = tmp_path / "s"
+    write_job(root, 0, "sb", "AdaGrad", 0.3, 1, "stable")
+    write_job(root, 1, "sb", "AdaGrad", 0.1 * 3, 2, "stable")  # 0.30000000000000004
+    runs, _ = paper.read_runs(root)
+    assert {r.lr for r in runs} == {0.3}
+    assert _table_row(paper.stable_lr_table(runs), "sb", "AdaGrad")[2] == "0.3"
+
+
+def test_the_end_of_a_multirun_keeps_each_report_apart_from_the_others(tmp_path, monkeypatch):
+    """A failing report (plots or the paper's) costs neither the sweep's results.csv nor the
+    other report, and the callback does not raise."""
+    from omegaconf import OmegaConf
+
+    from mtl_clippy.report import hydra_callback, study
+    from mtl_clippy.report.hydra_callback import SweepResultsCallback
+
+    monkeypatch.setattr(hydra_callback, "_is_global_zero", lambda config: True)
+    root = tmp_path / "s"
+    write_job(root, 0, "sb", "AdaGrad", 0.1, 1, "stable")
+    config = OmegaConf.create({"hydra": {"sweep": {"dir": str(root)}}, "trainer": {}})
+
+    def broken(_root):
+        raise RuntimeError("plotting failed")
+
+    monkeypatch.setattr(study, "build_report", broken)
+    SweepResultsCallback().on_multirun_end(config)
+    assert (root / "paper_report.md").is_file() and (root / "results.csv").is_file()
+    table = (root / "results.csv").read_text()
+    monkeypatch.undo()
+    monkeypatch.setattr(hydra_callback, "_is_global_zero", lambda config: True)
+    (root / "paper_report.md").unlink()
+    monkeypatch.setattr(paper, "build_paper_report", broken)
+    SweepResultsCallback().on_multirun_end(config)
+    assert (root / "results.csv").read_text() == table and (root / "results.md").is_file()
+    assert not (root / "paper_report.md").exists()
+
+
+def test_a_diverged_run_without_losses_near_its_divergence_is_not_drawn(tmp_path):
+    """Its CSV ends over STEPS_BEFORE steps before the step it diverged at (logged rarely, or
+    cut short): the report is written, that run is left out of the figure (it crashed)."""
+    root = tmp_path / "s"
+    write_job(root, 0, "sb", "AdaGrad", 0.1, 1, "stable")
+    job = write_job(root, 1, "sb", "AdaGrad", 0.8, 1, "diverged")
+    data = json.loads((job / "metrics.json").read_text())
+    data["divergence"]["step"] = 5000
+    (job / "metrics.json").write_text(json.dumps(data))
+    md = paper.build_paper_report(root).path.read_text()
+    assert "Runs diverged, but none has a training loss in csv/metrics.csv within 100" in md
+    assert not (root / "report" / paper.DIVERGENCE_FIGURE).exists()
+    # with another diverged run that has its losses, the figure is drawn from that one
+    write_job(root, 2, "sb", "AdaGrad", 0.8, 2, "diverged")
+    paper.build_paper_report(root)
+    assert (root / "report" / paper.DIVERGENCE_FIGURE).is_file()
+
+
+def test_variants_of_a_size_are_kept_apart_not_merged_or_dropped(tmp_path):
+    """model=sb_small model.norm=batch,none in one sweep: two rows per method, each cell over
+    its own seeds; an override all runs share (data.train_rows) is not in the names."""
+    root = tmp_path / "s"
+    n = 0
+    for norm, outcome in (("batch", "stable"), ("none", "diverged")):
+        for seed in (1, 2):
+            job = write_job(root, n, "sb_small", "AdaGrad", 0.4, seed, outcome)
+            data = json.loads((job / "metrics.json").read_text())
+            data["overrides"] += [f"model.norm={norm}", "data.train_rows=3000", "method=adagrad"]
+            (job / "metrics.json").write_text(json.dumps(data))
+            n += 1
+    done = paper.build_paper_report(root)
+    assert not [p for p in done.problems if "the same run" in p]
+    md = done.path.read_text()
+    assert _table_row(md, "sb_small, model.norm=batch", "AdaGrad")[2:4] == ["0.4", "0.4"]
+    assert _table_row(md, "sb_small, model.norm=none", "AdaGrad")[2:4] == ["0.4", "none"]
+    assert "data.train_rows" not in md

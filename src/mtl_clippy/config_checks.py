@@ -697,9 +697,68 @@ def _combinations(cfg: Any) -> str | None:
     return None
 
 
+#: The config groups a ``method=<name>`` (configs/method/) sets.
+_METHOD_GROUPS = ("optim", "grad_clip")
+
+
+def method_problem(method: str, sets: Mapping[str, Any], choices: Mapping[str, Any]) -> str | None:
+    """Why the run's config-group ``choices`` contradict ``method=<method>``, which sets the
+    groups ``sets`` (``{"optim": "clippy", "grad_clip": "none"}``), or None. A later choice
+    (``method=clippy optim=adam`` on the command line, or an experiment's own optimizer)
+    replaces the method's silently: the run would train something else than its name says."""
+    for group in _METHOD_GROUPS:
+        wanted, got = sets.get(group, _ABSENT), choices.get(group, _ABSENT)
+        if wanted is not _ABSENT and got != wanted:
+            return (
+                f"method={method}: it sets {group}={wanted}, but this run has {group}={got} "
+                f"(from the command line or the experiment); drop {group}={got}, or drop "
+                f"method= and choose optim= and grad_clip= yourself"
+            )
+    return None
+
+
+def _method_sets(path: Any, method: str) -> dict[str, Any]:
+    """The groups ``configs/method/<method>.yaml`` sets (its ``override /<group>: <choice>``
+    defaults), read from the primary config folder ``path``; {} when it cannot be read."""
+    from pathlib import Path
+
+    try:
+        defaults = OmegaConf.load(Path(path) / "method" / f"{method}.yaml").get("defaults") or []
+    except Exception:
+        return {}
+    sets: dict[str, Any] = {}
+    for entry in defaults:
+        for key, value in entry.items() if isinstance(entry, Mapping) else ():
+            group = str(key).removeprefix("override").strip().lstrip("/")
+            if group in _METHOD_GROUPS:
+                sets[group] = value
+    return sets
+
+
+def _method_conflict() -> str | None:
+    """``method_problem`` of the running Hydra job (None outside one)."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        if not HydraConfig.initialized():
+            return None
+        runtime = HydraConfig.get().runtime
+        choices = dict(runtime.choices)
+        method = choices.get("method")
+        paths = [
+            s.path for s in runtime.config_sources if s.provider == "main" and s.schema == "file"
+        ]
+    except Exception:
+        return None
+    if not isinstance(method, str) or not paths:
+        return None
+    return method_problem(method, _method_sets(paths[0], method), choices)
+
+
 def check_config(cfg: DictConfig | Mapping[str, Any]) -> None:
     """Raise one ``ConfigError`` for the first value of ``cfg`` that its rule rejects (in
-    the table's order), then for the first bad combination of values."""
+    the table's order), then for the first bad combination of values (a ``method=`` whose
+    optimizer or clipping another choice replaced included)."""
     message = unresolvable(cfg)  # before anything reads a value
     if message:
         raise ConfigError(message)
@@ -714,7 +773,7 @@ def check_config(cfg: DictConfig | Mapping[str, Any]) -> None:
         message = problem(key, value)
         if message:
             raise ConfigError(message)
-    message = _combinations(view)
+    message = _combinations(view) or _method_conflict()
     if message:
         raise ConfigError(message)
 

@@ -373,7 +373,9 @@ def format_summary(summary: RunSummary | Mapping[str, Any]) -> str:
 
     lines = [
         f"{s.model} + {s.optim} (lr {s.lr}, seed {s.seed}): "
-        f"{s.status}" + (f" ({stability})" if (stability := stability_of(s)) else "") + ", "
+        f"{s.status}"
+        + (f" ({stability})" if (stability := stability_of(s)) not in (None, s.status) else "")
+        + ", "
         f"{s.epochs} epochs, {s.steps} steps, "
         f"{s.wall_time_s} s" + (f", {s.samples_per_s:,.0f} samples/s" if s.samples_per_s else ""),
         "",

@@ -50,13 +50,21 @@ def _check(name: str, value: Any) -> float:
     return float(value)
 
 
+#: The precision of the norms and factors. In 32 or 16 bits the sum of squares of a finite
+#: but exploding gradient (elements above about 1e19) overflows: its norm reads as inf and
+#: the unit's gradient would become 0 instead of being scaled to the bound; in 16 bits the
+#: bound ``clipping * eps`` itself can round to 0. The gradients stay in their own dtype.
+_NORM_DTYPE = torch.float64
+
+
 def unit_norms(x: Tensor) -> Tensor:
-    """The L2 norm of each unit of ``x``: one per slice ``x[i]`` (shape ``[n, 1, ...]``, to
-    broadcast against ``x``) for two or more dimensions, the whole tensor's for fewer
-    (a 0-dim tensor)."""
+    """The L2 norm of each unit of ``x``, in float64: one per slice ``x[i]`` (shape
+    ``[n, 1, ...]``, to broadcast against ``x``) for two or more dimensions, the whole
+    tensor's for fewer (a 0-dim tensor)."""
     if x.dim() <= 1:
-        return torch.linalg.vector_norm(x)
-    return torch.linalg.vector_norm(x, dim=tuple(range(1, x.dim())), keepdim=True)
+        return torch.linalg.vector_norm(x, dtype=_NORM_DTYPE)
+    dims = tuple(range(1, x.dim()))
+    return torch.linalg.vector_norm(x, dim=dims, keepdim=True, dtype=_NORM_DTYPE)
 
 
 def _scale_(weight_norm: Tensor, grad_norm: Tensor, clipping: float, eps: float) -> Tensor:
@@ -84,10 +92,10 @@ def _clip_sparse_(p: Tensor, clipping: float, eps: float) -> None:
     values = grad._values()  # [touched rows, *row shape], a view of the gradient's values
     if values.numel() == 0:
         return
+    if p.dim() <= 1:  # a vector is one unit as a whole, as for a dense gradient
+        values.mul_(_scale_(unit_norms(p.detach()), unit_norms(values), clipping, eps))
+        return
     weights = p.detach().index_select(0, rows)
-    if values.dim() == 1:  # a table of scalars: each row is one number
-        values = values.unsqueeze(1)
-        weights = weights.unsqueeze(1)
     values.mul_(_scale_(unit_norms(weights), unit_norms(values), clipping, eps))
 
 
@@ -117,12 +125,13 @@ def adaptive_clip_(params: Iterable[Tensor], clipping: float = 0.01, eps: float 
             grads.append(g)
             scales.append(_scale_(unit_norms(p.detach()), unit_norms(g), clipping, eps))
     if flat_g:
-        weight_norms = torch._foreach_norm(flat_p)
-        grad_norms = torch._foreach_norm(flat_g)
+        weight_norms = torch._foreach_norm(flat_p, 2, dtype=_NORM_DTYPE)
+        grad_norms = torch._foreach_norm(flat_g, 2, dtype=_NORM_DTYPE)
         grads += flat_g
         scales += [_scale_(w, n, clipping, eps) for w, n in zip(weight_norms, grad_norms)]
     for g, s in zip(grads, scales):
-        g.mul_(s.to(g.dtype))
+        # 16-bit gradients are scaled in float32: a small factor (1e-10) is 0 in float16
+        g.mul_(s.to(torch.promote_types(g.dtype, torch.float32)))
 
 
 def tower_heads(module: nn.Module) -> list[nn.Linear]:

@@ -30,6 +30,9 @@ and came back: counted, the run goes on) or ``diverged`` (the run is ended there
   diverges. Losses fall fast at first and are no baseline: during the warm-up only the
   non-finite and ``max_loss`` rules apply, but warm-up losses fill the median's window. Every
   finite loss, a rise's included, enters the window.
+* A median of 0 or below (a loss that reached exactly 0, or one that can be negative) is no
+  reference: while it lasts no rise opens, and only the non-finite and ``max_loss`` rules
+  apply.
 
 Why: with small batches and rare positives, a batch that holds several positives has a loss
 10-20 times the median, two or three such batches can follow each other, and the loss falls
@@ -50,9 +53,11 @@ model's device) is kept by reference, without reading it; every ``check_every_n_
 steps, and before any validation, checkpoint or end of training, the kept losses are stacked
 and copied to the host in one transfer (one host-device synchronisation per check) and the rule
 is applied to each of them in order, so the steps recorded are exact whatever the check
-interval. Under DDP every rank applies the rule to the same numbers, the mean loss over the
-ranks. On a CPU reading a value costs nothing, so ``check_every_n_steps: null`` (auto) checks
-every step there; on an accelerator it checks every 16 steps (one sync per 16 steps).
+interval. With gradient accumulation (``accumulate_grad_batches`` > 1) the rule sees one loss
+per optimizer step, the mean over its micro-batches. Under DDP every rank applies the rule to
+the same numbers, the mean loss over the ranks. On a CPU reading a value costs nothing, so
+``check_every_n_steps: null`` (auto) checks every step there; on an accelerator it checks
+every 16 steps (one sync per 16 steps).
 
 **Checkpoints and a divergence.** ``StepCheckpoint`` calls :func:`check_pending_losses`
 before it saves, and the monitor's own checkpoint state (``state_dict``, written with every
@@ -197,6 +202,10 @@ class DivergenceMonitor(pl.Callback):
         """Forget everything observed (a new run)."""
         self._recent: deque[float] = deque(maxlen=self.window)
         self._pending: list[tuple[int, Tensor]] = []
+        # accumulate_grad_batches > 1: the losses of the micro-batches of the optimizer step
+        # not yet taken, and the step count at the last recorded loss (None: not known)
+        self._micro: list[Tensor] = []
+        self._last_global_step: int | None = None
         self._seen = 0  # losses examined
         self._rise: _Rise | None = None
         self._every = self.check_every_n_steps or 1
@@ -419,6 +428,7 @@ class DivergenceMonitor(pl.Callback):
         # Here, not in on_fit_start: every strategy has restored the checkpoint by now (some
         # restore it after on_fit_start), and the module is on its device.
         self._apply_loaded(pl_module.device)
+        self._last_global_step = int(trainer.global_step)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # A resumed fit with nothing left to train (stopped during testing) calls no
@@ -445,7 +455,15 @@ class DivergenceMonitor(pl.Callback):
         if not isinstance(loss, Tensor):
             return
         # step: the number of optimizer steps taken so far, this one included (1-based)
-        self._pending.append((int(trainer.global_step), loss.detach()))
+        step = int(trainer.global_step)
+        self._micro.append(loss.detach())
+        if getattr(trainer, "accumulate_grad_batches", 1) > 1 and step == self._last_global_step:
+            return  # a micro-batch of gradient accumulation: its optimizer step is not taken yet
+        self._last_global_step = step
+        # Under accumulation Lightning hands each micro-batch's loss divided by their number:
+        # their sum is the loss of the optimizer step (the mean over its micro-batches).
+        micro, self._micro = self._micro, []
+        self._pending.append((step, micro[0] if len(micro) == 1 else torch.stack(micro).sum()))
         if _last_training_batch(trainer, batch_idx):  # before the last validation/checkpoint
             self._finish(trainer)
         elif len(self._pending) >= self._every:

@@ -29,10 +29,14 @@ class SweepResultsCallback(Callback):
             return
         df = write_results(root)
         if len(df):
-            try:  # the report (plots, table over seeds) must never cost the sweep its table
+            # the reports (plots, tables) must never cost the sweep its table, nor each other
+            try:
                 from mtl_clippy.report.study import build_report
 
                 print(f"report: {build_report(root)}")
+            except Exception as exc:
+                log.warning("could not build the report of %s: %s", root, exc)
+            try:
                 from mtl_clippy.report import paper
 
                 if paper.is_paper_sweep(root):  # experiment=paper_baselines
@@ -41,7 +45,7 @@ class SweepResultsCallback(Callback):
                         log.warning("paper report: %s", line)
                     print(f"paper report: {done.path}")
             except Exception as exc:
-                log.warning("could not build the report of %s: %s", root, exc)
+                log.warning("could not build the paper report of %s: %s", root, exc)
         n = len(df)
         failed = int((df["status"] != "completed").sum()) if n else 0
         print(f"\nsweep results ({n} jobs, {failed} not completed): {root / 'results.md'}")

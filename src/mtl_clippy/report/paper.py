@@ -25,14 +25,19 @@ Its tables:
 written before that key existed): ``diverged`` (stopped by the divergence monitor),
 ``collapsed`` (trained to the end, but every task's test AUC at chance), ``spiked`` (trained
 to the end after loss spikes it recovered from) or ``stable``. A run counts as *stable* when it
-is ``stable`` or ``spiked``; a run that failed or was interrupted never does.
+is ``stable`` or ``spiked``; a run that failed never does. A run that was interrupted has no
+outcome yet (it is resumed in its own folder): like a job without ``metrics.json`` it is left
+out, with one line in the report.
 
 **What each job folder gives**: ``metrics.json`` (read through
 :class:`~mtl_clippy.summary.RunSummary`), ``.hydra/hydra.yaml`` (the config choices: ``model``
 is the size; ``optim`` and ``grad_clip`` make the method, see :func:`method_name`) and
 ``csv/metrics.csv`` (the training loss of every step and Clippy's telemetry, written with
 ``logger=csv trainer.log_every_n_steps=1``). A job whose files cannot be read gets one line in
-the report and is left out of what needs them; nothing stops the rest of the report.
+the report and is left out of what needs them; nothing stops the rest of the report. Where
+the folder holds runs of ``experiment=paper_baselines``, the runs of other experiments are
+left out; where it holds the same run twice (size, method, learning rate and seed: a sweep
+started again into the same folder), the one whose ``metrics.json`` is newer is kept.
 
 Steps are counted as ``metrics.json``'s ``divergence.step`` counts them: step n is the n-th
 optimizer step (the CSV's 0-based ``step`` column plus one for the loss). A diverged run is
@@ -57,6 +62,7 @@ from matplotlib.figure import Figure
 
 from mtl_clippy.atomic import write_atomically
 from mtl_clippy.data.schema import TASKS
+from mtl_clippy.report.sweep import variant_of
 from mtl_clippy.summary import METRICS_FILE, RunSummary
 from mtl_clippy.summary import stability_of as read_stability
 
@@ -103,6 +109,8 @@ STEPS_AFTER = 50
 ROLES = ("embeddings", "numerical", "bottom", "gates", "towers")
 _DPI = 100
 _WRITE_HINT = "free some space, then build the report again"
+#: The end of the line of a job folder without an outcome yet.
+UNFINISHED = ": no outcome yet, left out"
 
 #: Display names of (optim, grad_clip) choices; any other pair is "<optim> + <grad_clip>".
 _METHODS: dict[tuple[str, str], str] = {
@@ -150,6 +158,8 @@ class Run:
     wall_time_s: float | None = None
     experiment: str | None = None
     csv: Path | None = None  #: ``csv/metrics.csv``, where it exists
+    #: the run's overrides beyond size, method, lr and seed (``model.norm=none``)
+    variant: tuple[str, ...] = ()
 
     @property
     def stable(self) -> bool:
@@ -220,7 +230,7 @@ def read_runs(root: str | Path) -> tuple[list[Run], list[str]]:
         try:
             s = RunSummary.read(folder)
         except FileNotFoundError:
-            problems.append(f"{job}: no {METRICS_FILE} (the job did not finish): left out")
+            problems.append(f"{job}: no {METRICS_FILE} (the job did not finish){UNFINISHED}")
             continue
         except (OSError, ValueError) as exc:
             problems.append(f"{job}: unreadable {METRICS_FILE} ({exc}): left out")
@@ -251,7 +261,7 @@ def read_runs(root: str | Path) -> tuple[list[Run], list[str]]:
                 folder=folder,
                 size=str(size),
                 method=method_name(optim, choices.get("grad_clip")),
-                lr=float(s.lr),
+                lr=float(f"{float(s.lr):.12g}"),  # 0.1 * 3 and 0.3: one grid point
                 seed=None if s.seed is None else int(s.seed),
                 status=str(s.status),
                 stability=stability_of(s),
@@ -260,11 +270,84 @@ def read_runs(root: str | Path) -> tuple[list[Run], list[str]]:
                 detected_step=_int(getattr(s.divergence, "detected_step", None)),
                 spikes=int(s.divergence.spikes or 0),
                 wall_time_s=s.wall_time_s,
-                experiment=choices.get("experiment"),
+                experiment=choices.get("experiment") or _from_overrides(overrides, "experiment"),
                 csv=csv if csv.is_file() else None,
+                variant=tuple(o for o in overrides if _is_variant(o)),
             )
         )
-    return runs, problems
+    _name_variants(runs)
+    return _drop_duplicates(
+        _of_the_experiment(_finished(runs, problems), problems), problems
+    ), problems
+
+
+def _is_variant(override: str) -> bool:
+    """Whether an override makes a run other than its size, method, lr and seed say."""
+    key = override.split("=", 1)[0].lstrip("+~")
+    return key not in ("method", "grad_clip") and variant_of([override]) is not None
+
+
+def _name_variants(runs: list[Run]) -> None:
+    """Add to each run's size the overrides whose values differ between the runs
+    (``sb_small, model.norm=none``): variants of a size are kept apart, in every table and
+    figure; an override that every run shares (``data.train_rows=3000``) is not shown."""
+    given = [dict(o.lstrip("+~").split("=", 1) for o in r.variant if "=" in o) for r in runs]
+    keys = sorted({k for g in given for k in g})
+    varying = [k for k in keys if len({g.get(k) for g in given}) > 1]
+    for r, g in zip(runs, given, strict=True):
+        shown = [f"{k}={g[k]}" for k in varying if k in g]
+        if shown:
+            r.size = ", ".join([r.size, *shown])
+
+
+def _finished(runs: list[Run], problems: list[str]) -> list[Run]:
+    """``runs`` less the interrupted ones: no outcome yet (a resumed run writes its own)."""
+    for r in runs:
+        if r.status == "interrupted":
+            problems.append(f"{r.job}: interrupted (resume it to count it){UNFINISHED}")
+    return [r for r in runs if r.status != "interrupted"]
+
+
+def _of_the_experiment(runs: list[Run], problems: list[str]) -> list[Run]:
+    """Where some of ``runs`` are of ``EXPERIMENT``, those and the runs that do not say
+    which experiment they are; all of them otherwise (``--paper`` on another sweep)."""
+    if not any(r.experiment == EXPERIMENT for r in runs):
+        return runs
+    for r in runs:
+        if r.experiment not in (EXPERIMENT, None):
+            problems.append(
+                f"{r.job}: a run of experiment={r.experiment}, not {EXPERIMENT}: left out"
+            )
+    return [r for r in runs if r.experiment in (EXPERIMENT, None)]
+
+
+def _drop_duplicates(runs: list[Run], problems: list[str]) -> list[Run]:
+    """``runs`` with one run per size, method, learning rate and seed: of two, the one whose
+    ``metrics.json`` was written last (the other gets a line in ``problems``)."""
+
+    def written(r: Run) -> float:
+        try:
+            return (r.folder / METRICS_FILE).stat().st_mtime
+        except OSError:
+            return -math.inf
+
+    kept: dict[tuple[Any, ...], Run] = {}
+    for r in runs:
+        if r.seed is None:  # nothing tells two such runs apart from two seeds
+            continue
+        key = (r.size, r.method, r.lr, r.seed)
+        other = kept.get(key)
+        if other is None:
+            kept[key] = r
+            continue
+        new, old = (r, other) if written(r) >= written(other) else (other, r)
+        kept[key] = new
+        problems.append(
+            f"{old.job}: the same run (model {r.size}, {r.method}, lr {_lr(r.lr)}, seed "
+            f"{r.seed}) as {new.job}, whose metrics.json is newer: left out"
+        )
+    chosen = {id(r) for r in kept.values()}
+    return [r for r in runs if id(r) in chosen or r.seed is None]
 
 
 def is_paper_sweep(root: str | Path) -> bool:
@@ -408,6 +491,13 @@ def _not_stable(cell: list[Run]) -> str:
     return "; ".join(parts)
 
 
+def _seeds_of(methods: dict[str, list[Run]]) -> int:
+    """How many runs a full cell of this size holds: its distinct seeds (or its largest cell)."""
+    group = [r for g in methods.values() for r in g]
+    seeds = len({r.seed for r in group if r.seed is not None})
+    return max(seeds, *(len(c) for g in methods.values() for c in _cells(g).values()))
+
+
 def stable_lr_table(runs: list[Run]) -> str:
     """Markdown: per size and method, the largest learning rate at which every seed trained
     stably, the learning rates tried (with the number of seeds where it differs from the
@@ -418,14 +508,18 @@ def stable_lr_table(runs: list[Run]) -> str:
         "|---|---|---|---|---|---|",
     ]
     for size, methods in _groups(runs).items():
+        seeds = _seeds_of(methods)
         for method, group in methods.items():
             cells = _cells(group)
-            most = max(len(c) for c in cells.values())
+            most = max(seeds, *(len(c) for c in cells.values()))
             tried = ", ".join(
                 _lr(lr) + (f" ({len(c)} of {most} runs)" if len(c) < most else "")
                 for lr, c in cells.items()
             )
             largest = largest_stable_lr(group)
+            shown = "none" if largest is None else _lr(largest)
+            if largest is not None and len(cells[largest]) < most:  # not every seed has run
+                shown += f" ({len(cells[largest])} of {most} runs)"
             bad = "<br>".join(
                 f"{_lr(lr)}: {_not_stable(c)}"
                 for lr, c in cells.items()
@@ -437,30 +531,32 @@ def stable_lr_table(runs: list[Run]) -> str:
                 if sum(r.spikes for r in c)
             )
             lines.append(
-                f"| {size} | {method} | {tried} | {'none' if largest is None else _lr(largest)} "
-                f"| {bad or '-'} | {spikes or '-'} |"
+                f"| {size} | {method} | {tried} | {shown} | {bad or '-'} | {spikes or '-'} |"
             )
     return "\n".join(lines) + "\n"
 
 
-def _mean_std(values: list[float]) -> str:
+def _mean_std(values: list[float], seeds: int = 0) -> str:
+    """Mean ± std of ``values``; ``(n=k)`` after it where they are fewer than ``seeds``."""
     if not values:
         return "no test"
+    few = f" (n={len(values)})" if len(values) < seeds else ""
     if len(values) == 1:
-        return f"{values[0]:.4f}"
-    return f"{statistics.fmean(values):.4f} ± {statistics.stdev(values):.4f}"
+        return f"{values[0]:.4f}{few}"
+    return f"{statistics.fmean(values):.4f} ± {statistics.stdev(values):.4f}{few}"
 
 
-def auc_cell(cell: list[Run] | None, task: str) -> str:
+def auc_cell(cell: list[Run] | None, task: str, seeds: int = 0) -> str:
     """One cell of the AUC table: ``-`` where the grid has no runs, the count of each outcome
-    that is not stable (``diverged 2/3``) where any run is not, else mean ± std over seeds."""
+    that is not stable (``diverged 2/3``) where any run is not, else mean ± std over seeds
+    (``(n=2)`` after it where fewer than ``seeds`` runs have a test AUC)."""
     if not cell:
         return "-"
     if not all(r.stable for r in cell):
         counts = Counter(r.stability for r in cell if not r.stable)
         order = _ordered(counts, OUTCOMES)
         return ", ".join(f"{o} {counts[o]}/{len(cell)}" for o in order)
-    return _mean_std([r.auc[task] for r in cell if task in r.auc])
+    return _mean_std([r.auc[task] for r in cell if task in r.auc], seeds)
 
 
 def baseline_lrs(runs: list[Run]) -> dict[str, float | None]:
@@ -479,7 +575,13 @@ def auc_tables(runs: list[Run]) -> str:
         lr0 = base[size]
         out.append(f"### {size}\n")
         if lr0 is None:
-            why = "has no run" if BASELINE not in methods else "is stable at no learning rate"
+            why = (
+                "has no run"
+                if BASELINE not in methods
+                else "has no test AUC where it is stable"
+                if largest_stable_lr(methods[BASELINE]) is not None
+                else "is stable at no learning rate"
+            )
             out.append(f"{BASELINE} {why} for {size}: no reference learning rate.\n")
             continue
         out.append(
@@ -490,12 +592,14 @@ def auc_tables(runs: list[Run]) -> str:
         for k in MULTIPLES:
             head += [f"{k}x = {_lr(k * lr0)}: click AUC", f"{k}x: conversion AUC"]
         lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+        seeds = _seeds_of(methods)
         for method, group in methods.items():
             cells = _cells(group)
             row = [method]
             for k in MULTIPLES:
                 lr = grid_lr(cells, k * lr0)
-                row += [auc_cell(cells.get(lr) if lr is not None else None, t) for t in TASKS]
+                cell = cells.get(lr) if lr is not None else None
+                row += [auc_cell(cell, t, seeds) for t in TASKS]
             lines.append("| " + " | ".join(row) + " |")
         out.append("\n".join(lines) + "\n")
     return "\n".join(out)
@@ -605,7 +709,23 @@ def plot_divergences(runs: list[Run], traces: Traces, out: Path) -> bool:
     lr (and seed, where there is one) over the same steps and ``STEPS_AFTER`` more, where
     that run did not diverge itself (if it did, it has its own line). False (nothing written)
     when no run diverged."""
-    diverged = [r for r in runs if r.stability == "diverged" and len(traces.loss(r))]
+
+    def step_of(r: Run) -> int:
+        return (
+            r.divergence_step
+            if r.divergence_step is not None
+            else int(traces.loss(r).index[-1]) + 1
+        )
+
+    # a run whose CSV holds no loss near its divergence (logged too rarely, or cut short)
+    # has nothing to draw
+    diverged = [
+        r
+        for r in runs
+        if r.stability == "diverged"
+        and len(traces.loss(r))
+        and (traces.loss(r).index >= step_of(r) - STEPS_BEFORE).any()
+    ]
     if not diverged:
         return False
     colours = _colours(r.method for r in runs)
@@ -618,7 +738,7 @@ def plot_divergences(runs: list[Run], traces: Traces, out: Path) -> bool:
         compared = 0
         for r in mine:
             loss = traces.loss(r)
-            d = r.divergence_step if r.divergence_step is not None else int(loss.index[-1]) + 1
+            d = step_of(r)
             part = loss[loss.index >= d - STEPS_BEFORE]
             ax.plot(part.index - d, part.to_numpy(), color=colours[r.method], lw=1, alpha=0.8)
             ax.plot(part.index[-1] - d, part.iloc[-1], "x", color=colours[r.method], ms=5)
@@ -702,7 +822,8 @@ def plot_clipping(runs: list[Run], traces: Traces, out: Path) -> bool:
                 for role in _ordered(curves[q], ROLES):
                     s = curves[q][role]
                     ax.plot(s.index, s.to_numpy(), color=role_colour.get(role, "black"), ls=style,
-                            lw=1.2 if style == "-" else 0.9)  # fmt: skip
+                            lw=1.2 if style == "-" else 0.9,
+                            marker="o" if len(s) <= 20 else None, ms=3)  # fmt: skip
                     roles = _ordered([*roles, role], ROLES)
             diverged = sum(r.stability == "diverged" for r in row.runs)
             n = len(row.runs)
@@ -794,6 +915,13 @@ def build_paper_report(root: str | Path) -> PaperReport:
     figures = root / FIGURE_DIR
     figures.mkdir(exist_ok=True)
     lines = _header(root, runs)
+    unfinished = sum(p.endswith(UNFINISHED) for p in problems)
+    if unfinished:  # a sweep still running: its grid is not complete yet
+        lines[-1:-1] = [
+            f"- **Not finished**: {unfinished} job folder{'s' if unfinished > 1 else ''} "
+            "without an outcome yet (running, interrupted or killed; listed at the end): "
+            "the tables below may change when they finish."
+        ]
     lines += [
         "## Largest stable learning rate",
         "",
@@ -823,7 +951,11 @@ def build_paper_report(root: str | Path) -> PaperReport:
             "",
         ]
     elif any(r.stability == "diverged" for r in runs):
-        lines += ["Runs diverged, but none has a per-step loss in csv/metrics.csv.", ""]
+        lines += [
+            "Runs diverged, but none has a training loss in csv/metrics.csv within "
+            f"{STEPS_BEFORE} steps of its divergence (logger=csv trainer.log_every_n_steps=1).",
+            "",
+        ]
     else:
         lines += ["No run diverged.", ""]
     lines += [
@@ -842,8 +974,12 @@ def build_paper_report(root: str | Path) -> PaperReport:
             "",
             table,
         ]
+    elif not any(r.method == BASELINE for r in runs):
+        lines += [f"No reference learning rate: the sweep has no {BASELINE} run.", ""]
     elif all(lr is None for lr in baseline_lrs(runs).values()):
-        lines += [f"No reference learning rate: {BASELINE} is stable at none.", ""]
+        lines += [f"No reference learning rate: {BASELINE} has none at any size (see above).", ""]
+    elif not any(row.runs for row in _clippy_rows(runs)):
+        lines += [f"{CLIPPY} was not run at 1x or 4x {BASELINE}'s best stable lr.", ""]
     else:
         lines += [
             f"No {CLIPPY} run at those learning rates logged its clipping factor "
