@@ -324,8 +324,8 @@ def test_values_of_the_wrong_type_name_their_key(runs):
 BAD_OVERRIDES = [
     (["modle=ncf"], "override 'modle=ncf': no key or config group 'modle' (did you mean model?)"),
     (["optim.lrr=0.1"], "override 'optim.lrr=0.1': optim has no key 'lrr' (did you mean lr?)"),
-    (["model=nfc"], "model=nfc: no such option; choose from aitm, esmm, lr, mmoe, ncf, omoe, ple, sb, single_task (did you mean ncf?)"),
-    (["-m", "model=sb,nfc"], "model=nfc: no such option; choose from aitm, esmm, lr, mmoe, ncf, omoe, ple, sb, single_task (did you mean ncf?)"),
+    (["model=nfc"], "model=nfc: no such option; choose from aitm, esmm, lr, mmoe, mmoe_large, ncf, omoe, ple, ple_large, sb, sb_large, sb_small, single_task (did you mean ncf?)"),
+    (["-m", "model=sb,nfc"], "model=nfc: no such option; choose from aitm, esmm, lr, mmoe, mmoe_large, ncf, omoe, ple, ple_large, sb, sb_large, sb_small, single_task (did you mean ncf?)"),
     (["model=sb,ncf"], "override 'model=sb,ncf': several values: add -m to sweep over them, or write model=[sb,ncf] for a list, or quote the value for a string"),
 ]  # fmt: skip
 
@@ -349,8 +349,8 @@ def test_a_typo_in_an_override_is_one_line(args, expected, tmp_path):
         (["+model.embed_dim=3"], "override '+model.embed_dim=3': model.embed_dim already exists (to change it, write model.embed_dim=3)"),
         (["~foo"], "override '~foo': there is no foo to delete"),
         (["+model=ncf"], "override '+model=ncf': model is already chosen (to change it, write model=ncf)"),
-        (["experiment=nope"], "experiment=nope: no such option; choose from clippy_thresholds, lr_stability, lr_stability_hard, paper_comparison"),
-        (["-m", "experiment=lr_stability,nope"], "experiment=nope: no such option; choose from clippy_thresholds, lr_stability, lr_stability_hard, paper_comparison"),
+        (["experiment=nope"], "experiment=nope: no such option; choose from clippy_thresholds, lr_stability, lr_stability_hard, paper_baselines, paper_comparison, seed_study, seed_study_ours"),
+        (["-m", "experiment=lr_stability,nope"], "experiment=nope: no such option; choose from clippy_thresholds, lr_stability, lr_stability_hard, paper_baselines, paper_comparison, seed_study, seed_study_ours"),
         (["seed=range(0,3)"], "override 'seed=range(0,3)': a sweep needs -m (--multirun)"),
         (["optim.lr=[1,"], "override 'optim.lr=[1,': cannot parse it: no viable alternative at input '[1,' (overrides are key=value; quote values with special characters)"),
         (["optim.lr"], "override 'optim.lr': cannot parse it: missing EQUAL at '<EOF>' (overrides are key=value; quote values with special characters)"),
