@@ -19,6 +19,7 @@ from app_helpers import TINY, run_train
 from mtl_clippy import build as builder
 from mtl_clippy import loggers as loggers_mod
 from mtl_clippy import run_checks, runtime
+from mtl_clippy.summary import format_summary
 from mtl_clippy.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -292,6 +293,47 @@ def test_every_model_optimizer_pair_runs(model, optim, data_root, monkeypatch):
     }
     on_disk = json.loads((run / "run" / "metrics.json").read_text())
     assert on_disk["status"] == "completed" and on_disk["lr"] == cfg.optim.lr
+
+
+def test_val_metrics_describe_the_tested_checkpoint_when_early_stopping_ends_later(
+    tmp_path, data_root
+):
+    """Early stopping ends a run some epochs after its best: metrics.json's ``val`` (and the
+    printed table's val column) is the best epoch's validation, the one whose checkpoint is
+    tested, and ``val_last`` the final epoch's. Checked against the CSV log of every
+    validation. (On these 3,000 rows at lr 1 the first epoch is the best and patience 1
+    stops the run after the second: seeded, so the same on every CPU.)"""
+    cfg = _compose(
+        tmp_path,
+        [
+            *TINY,
+            "optim.lr=1.0",
+            "trainer.max_epochs=4",
+            "callbacks.early_stopping.patience=1",
+            "trainer.accelerator=cpu",
+            "logger=csv",
+            "callbacks.progress_bar.refresh_rate=0",
+        ],
+    )
+    OmegaConf.update(cfg, "paths.data_dir", str(data_root / "data"), force_add=True)
+    summary = train(cfg)
+    run = tmp_path / "run"
+    logged = pd.read_csv(run / "csv" / "metrics.csv")
+    per_epoch = logged.dropna(subset=["val/auc_mean"]).groupby("epoch").last()
+    best_epoch, last_epoch = summary["best"]["epoch"], summary["epochs"] - 1
+    assert best_epoch < last_epoch, (best_epoch, last_epoch)  # the case under test
+    for key in ("auc_click", "auc_conversion", "auc_mean", "logloss_click"):
+        assert summary["val"][key] == pytest.approx(per_epoch.loc[best_epoch, f"val/{key}"])
+        assert summary["val_last"][key] == pytest.approx(
+            per_epoch.loc[last_epoch, f"val/{key}"]
+        )
+    assert summary["val"]["auc_mean"] == pytest.approx(summary["best"]["score"])
+    assert summary["val"]["auc_mean"] > summary["val_last"]["auc_mean"]
+    on_disk = json.loads((run / "metrics.json").read_text())
+    assert on_disk["val"] == summary["val"] and on_disk["val_last"] == summary["val_last"]
+    printed = format_summary(on_disk)  # what main() prints
+    assert f"(best: epoch {best_epoch + 1}, tested)" in printed
+    assert f"{summary['val']['auc_click']:.4f}" in printed
 
 
 def _event_scalars(event_dir: Path) -> dict[str, list[float]]:

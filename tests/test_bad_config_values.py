@@ -740,10 +740,11 @@ def test_the_default_best_is_val_auc_mean(tmp_path):
     cb = SimpleNamespace(
         monitor="val/auc_mean", best_model_score=torch.tensor(0.7), best_model_path=""
     )
-    out = best.summary(cb, True, tmp_path, {"auc_mean": 0.69})
+    out, best_val = best.summary(cb, True, tmp_path, {"auc_mean": 0.69})
+    assert best_val is None
     assert out == {"monitor": "val/auc_mean", "score": pytest.approx(0.7), "val/auc_mean": pytest.approx(0.7), "checkpoint": None}  # fmt: skip
     assert best.score(out) == pytest.approx(0.7)
-    none = best.summary(None, True, tmp_path, {"auc_mean": 0.69})
+    none, _ = best.summary(None, True, tmp_path, {"auc_mean": 0.69})
     assert none["monitor"] is None and none["score"] is None and none["val/auc_mean"] == 0.69
 
 

@@ -25,6 +25,7 @@ import lightning.pytorch as pl
 
 from mtl_clippy import config_checks
 from mtl_clippy import resume as resume_mod
+from mtl_clippy.summary import split_metrics
 
 #: The metric a sweep's ``best_val_auc_mean`` column and :func:`auc_at_best` report.
 AUC_MEAN = "val/auc_mean"
@@ -39,16 +40,20 @@ def _finite(value: Any) -> float | None:
 
 
 class ValidationRecord(pl.Callback):
-    """Keeps the epoch and ``val/auc_mean`` of the latest validation, in every checkpoint.
+    """Keeps the epoch and the metrics (``val/...``) of the latest validation, in every
+    checkpoint.
 
     Lightning runs checkpoint callbacks after all others, so a checkpoint taken after a
-    validation holds that validation's mean AUC: metrics.json reads it from ``best.ckpt``
-    when another metric chose the checkpoint. It changes nothing in training.
+    validation holds that validation's metrics: metrics.json reads them from ``best.ckpt``,
+    so that its ``val`` describes the tested checkpoint's epoch (not the last one, which
+    early stopping makes a worse one) and its ``best["val/auc_mean"]`` is that epoch's mean
+    AUC whichever metric chose the checkpoint. It changes nothing in training.
     """
 
     def __init__(self) -> None:
         self.epoch: int | None = None
         self.auc_mean: float | None = None
+        self.metrics: dict[str, float | None] = {}
 
     @property
     def state_key(self) -> str:
@@ -59,23 +64,27 @@ class ValidationRecord(pl.Callback):
             return
         self.epoch = int(trainer.current_epoch)
         self.auc_mean = _finite(trainer.callback_metrics.get(AUC_MEAN))
+        self.metrics = split_metrics(trainer.callback_metrics, "val")
 
     def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, AUC_MEAN: self.auc_mean}
+        return {"epoch": self.epoch, AUC_MEAN: self.auc_mean, "metrics": dict(self.metrics)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.epoch = state_dict.get("epoch")
         self.auc_mean = state_dict.get(AUC_MEAN)
+        self.metrics = dict(state_dict.get("metrics") or {})  # absent in older checkpoints
 
 
 def summary(
     checkpoint_callback: Any, validation: bool, out_dir: Path, val: dict[str, Any]
-) -> dict[str, Any]:
-    """metrics.json's ``best``: what chose the checkpoint (``monitor``), the monitored value
-    there (``score``), that epoch's ``val/auc_mean``, the file and its epoch.
+) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """metrics.json's ``best`` (what chose the checkpoint, ``monitor``; the monitored value
+    there, ``score``; that epoch's ``val/auc_mean``; the file and its epoch) and the
+    validation metrics of that checkpoint's epoch (None where the checkpoint does not hold
+    them: no checkpoint, or one written before they were recorded).
 
-    ``val`` is the last validation's metrics (``summary["val"]``): without a checkpoint
-    callback the final weights are tested, and their mean AUC is the last one.
+    ``val`` is the last validation's metrics: without a checkpoint callback the final
+    weights are tested, and their mean AUC is the last one.
     """
     monitor = config_checks.best_monitor(checkpoint_callback, validation)
     path = getattr(checkpoint_callback, "best_model_path", "") or ""
@@ -89,16 +98,21 @@ def summary(
     }
     if checkpoint_callback is None:
         best[AUC_MEAN] = val.get("auc_mean")
-        return best
+        return best, None
     if watched == AUC_MEAN:
         best[AUC_MEAN] = score
+    best_val = None
     if path:
         ckpt = resume_mod.load_checkpoint(path)  # weights_only=True: runs no code
         best["epoch"] = ckpt.get("epoch")
         record = (ckpt.get("callbacks") or {}).get("ValidationRecord") or {}
-        if watched != AUC_MEAN and record.get("epoch") == ckpt.get("epoch"):
-            best[AUC_MEAN] = _finite(record.get(AUC_MEAN))
-    return best
+        if record.get("epoch") == ckpt.get("epoch"):
+            if watched != AUC_MEAN:
+                best[AUC_MEAN] = _finite(record.get(AUC_MEAN))
+            metrics = record.get("metrics")
+            if isinstance(metrics, dict) and metrics:
+                best_val = {str(k): _finite(v) for k, v in sorted(metrics.items())}
+    return best, best_val
 
 
 def score(best: dict[str, Any] | None) -> float | None:

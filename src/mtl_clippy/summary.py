@@ -8,7 +8,7 @@ Every run writes it in its folder whatever its outcome (``completed``, ``diverge
      "lr": 0.1,
      "seed": 1, "overrides": [...], "epochs": 3, "steps": 150, "wall_time_s": 12.3,
      "samples_per_s": 41000.0, "optimizer_path": {"dense": ["foreach"], ...},
-     "val": {"auc_click": 0.71, ...},
+     "val": {"auc_click": 0.71, ...}, "val_last": {...},
      "best": {...}, "test": {...}, "bayes": {...}, "divergence": {...},
      "max_abs_logit": 7.2, "collapsed": [], "error": null, "output_dir": "...",
      "resumed_from": null, "threads": 2, "oov_rate": {...}, "early_stopping": "val/auc_mean",
@@ -102,6 +102,7 @@ class Divergence:
 #: The keys written only once a run gets that far, or in one outcome only (see the module).
 _OPTIONAL = (
     "stability",
+    "val_last",
     "resumed_from",
     "threads",
     "oov_rate",
@@ -133,7 +134,12 @@ class RunSummary:
     #: which ClippyAdagrad implementations ran the steps (``ClippyAdagrad.implementation()``;
     #: a string in older files; None for other optimizers)
     optimizer_path: str | dict[str, Any] | None = None
+    #: the validation metrics of the tested checkpoint's epoch (best.ckpt's; the last
+    #: validation's where no checkpoint records them)
     val: dict[str, float | None] | None = field(default_factory=dict)
+    #: the last validation's metrics, where that is another epoch than ``val``'s (early
+    #: stopping ends a run some epochs after its best)
+    val_last: dict[str, float | None] | None = ABSENT
     #: what chose best.ckpt, its score, that epoch's val/auc_mean (``mtl_clippy.best``)
     best: dict[str, Any] | None = field(default_factory=dict)
     test: dict[str, float | None] | None = None
@@ -250,7 +256,7 @@ _KINDS: dict[str, _Kind] = {
         _NUMBER,
     ),
     **dict.fromkeys(("overrides", "collapsed"), _STRINGS),
-    **dict.fromkeys(("val", "test", "bayes"), _NUMBERS),
+    **dict.fromkeys(("val", "val_last", "test", "bayes"), _NUMBERS),
     **dict.fromkeys(("best", "divergence", "oov_rate", "interrupted"), _OBJECT),
     "optimizer_path": _STR_OR_OBJECT,
 }  # fmt: skip
@@ -376,7 +382,13 @@ def format_summary(summary: RunSummary | Mapping[str, Any]) -> str:
         f"{s.status}"
         + (f" ({stability})" if (stability := stability_of(s)) not in (None, s.status) else "")
         + ", "
-        f"{s.epochs} epochs, {s.steps} steps, "
+        f"{s.epochs} epochs"
+        + (
+            f" (best: epoch {b + 1}, tested)"
+            if isinstance(b := (s.best or {}).get("epoch"), int)
+            else ""
+        )
+        + f", {s.steps} steps, "
         f"{s.wall_time_s} s" + (f", {s.samples_per_s:,.0f} samples/s" if s.samples_per_s else ""),
         "",
         f"| {'task':<12} | val AUC | test AUC | Bayes AUC | val logloss | test logloss |",
