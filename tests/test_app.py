@@ -332,7 +332,7 @@ def test_val_metrics_describe_the_tested_checkpoint_when_early_stopping_ends_lat
     on_disk = json.loads((run / "metrics.json").read_text())
     assert on_disk["val"] == summary["val"] and on_disk["val_last"] == summary["val_last"]
     printed = format_summary(on_disk)  # what main() prints
-    assert f"(best: epoch {best_epoch + 1}, tested)" in printed
+    assert f"(epoch {best_epoch + 1} tested)" in printed
     assert f"{summary['val']['auc_click']:.4f}" in printed
 
 

@@ -740,12 +740,60 @@ def test_the_default_best_is_val_auc_mean(tmp_path):
     cb = SimpleNamespace(
         monitor="val/auc_mean", best_model_score=torch.tensor(0.7), best_model_path=""
     )
-    out, best_val = best.summary(cb, True, tmp_path, {"auc_mean": 0.69})
-    assert best_val is None
+    out, tested = best.summary(cb, True, tmp_path, {"auc_mean": 0.69})
+    assert tested == {"auc_mean": 0.69}  # no checkpoint file: the final weights are tested
     assert out == {"monitor": "val/auc_mean", "score": pytest.approx(0.7), "val/auc_mean": pytest.approx(0.7), "checkpoint": None}  # fmt: skip
     assert best.score(out) == pytest.approx(0.7)
     none, _ = best.summary(None, True, tmp_path, {"auc_mean": 0.69})
     assert none["monitor"] is None and none["score"] is None and none["val/auc_mean"] == 0.69
+
+
+LAST_VAL = {"auc_click": 0.61, "auc_mean": 0.6}
+BEST_VAL = {"auc_click": 0.72, "auc_mean": 0.7}
+
+
+@pytest.mark.parametrize(
+    "record, ckpt_epoch, ckpt_step, expected",
+    [
+        # the record of the checkpoint's own validation: its metrics
+        ({"epoch": 2, "val/auc_mean": 0.7, "metrics": BEST_VAL}, 2, 30, BEST_VAL),
+        # an older checkpoint (no metrics) of an earlier step: not known
+        ({"epoch": 2, "val/auc_mean": 0.7}, 2, 30, None),
+        # an older checkpoint of the final step: the last validation is its own
+        ({"epoch": 4, "val/auc_mean": 0.6}, 4, 50, LAST_VAL),
+        # a step checkpoint written between validations (the record is the epoch before)
+        ({"epoch": 1, "val/auc_mean": 0.7, "metrics": BEST_VAL}, 2, 28, None),
+        # no record at all, final step
+        (None, 4, 50, LAST_VAL),
+    ],
+)
+def test_val_is_the_tested_checkpoints_validation_or_unknown(
+    record, ckpt_epoch, ckpt_step, expected, tmp_path
+):
+    """The validation metrics ``mtl_clippy.best.summary`` reports for the tested checkpoint:
+    never the last validation's numbers for other weights (the run ended at step 50)."""
+    from types import SimpleNamespace
+
+    from mtl_clippy import best
+
+    path = tmp_path / "best.ckpt"
+    callbacks = {} if record is None else {"ValidationRecord": record}
+    torch.save({"epoch": ckpt_epoch, "global_step": ckpt_step, "callbacks": callbacks}, path)
+    cb = SimpleNamespace(monitor="val/auc_mean", best_model_score=torch.tensor(0.7),
+                         best_model_path=str(path))  # fmt: skip
+    out, tested = best.summary(cb, True, tmp_path, LAST_VAL, final_step=50)
+    assert tested == expected and out["epoch"] == ckpt_epoch
+
+
+def test_the_printed_epoch_tested_needs_a_test(tmp_path):
+    """A diverged run or test=false has a best epoch but tests nothing: the first line of
+    the printed summary says no 'tested'."""
+    base = {"model": "sb", "optim": "clippy", "lr": 0.1, "seed": 1, "epochs": 3,
+            "best": {"epoch": 1}}  # fmt: skip
+    tested = format_summary({**base, "status": "completed", "test": {"auc_click": 0.7}})
+    assert "3 epochs (epoch 2 tested)" in tested.splitlines()[0]
+    for untested in ({**base, "status": "diverged"}, {**base, "status": "completed"}):
+        assert "tested" not in format_summary(untested).splitlines()[0]
 
 
 @pytest.mark.slow  # about 15 s end to end; the rule is checked in-process by the FOR_THE_DATA cases

@@ -396,6 +396,40 @@ def test_gradient_accumulation_gives_one_loss_per_optimizer_step(tmp_path):
     assert monitor.last_finite_loss == 50.0  # the step's loss, not a micro-batch's half
 
 
+def _fit_accumulated(tmp_path, losses, monitor, batches=10, accumulate=3, epochs=2):
+    x = torch.randn(4 * batches, 3, generator=torch.Generator().manual_seed(0))
+    trainer = pl.Trainer(
+        default_root_dir=tmp_path, max_epochs=epochs, logger=False, enable_progress_bar=False,
+        enable_model_summary=False, enable_checkpointing=False, callbacks=[monitor],
+        accelerator="cpu", devices=1, accumulate_grad_batches=accumulate,
+    )  # fmt: skip
+    trainer.fit(_Scripted(losses), DataLoader(TensorDataset(x, x), 4))
+    return trainer
+
+
+@pytest.mark.parametrize("accumulate", [3, 4, 6])
+def test_an_epochs_last_shorter_accumulation_group_reads_its_own_mean(tmp_path, accumulate):
+    """10 batches an epoch: groups of `accumulate` micro-batches and a shorter last one, which
+    Lightning still divides by accumulate_grad_batches. The step's loss is the mean over its
+    own micro-batches: a 200 on that last step ends the run above max_loss=100 (read as
+    200 x size / accumulate before), and a 2.0 against a median of 0.1, followed by a low
+    loss, is a spike (read below 10 x the median before)."""
+    per_epoch = -(-10 // accumulate)
+    last = per_epoch  # 1-based step of the first epoch's shorter group
+    losses = [0.1] * (2 * per_epoch)
+    losses[last - 1] = 200.0
+    monitor = DivergenceMonitor(warmup_steps=0, persist_steps=1, max_loss=100.0)
+    with pytest.raises(TrainingDiverged) as info:
+        _fit_accumulated(tmp_path / "a", losses, monitor, accumulate=accumulate)
+    assert info.value.step == last and monitor.last_finite_loss == pytest.approx(0.1)
+    losses[last - 1] = 2.0
+    monitor = DivergenceMonitor(warmup_steps=0, persist_steps=2, max_loss=100.0)
+    _fit_accumulated(tmp_path / "b", losses, monitor, accumulate=accumulate)
+    d = monitor.summary()
+    assert d["verdict"] == "spiked" and d["spike_steps"] == [last]
+    assert d["spike_peaks"] == [pytest.approx(20.0)]  # the peak over the median
+
+
 def test_the_printed_summary_names_the_stability_once():
     from mtl_clippy.summary import RunSummary, format_summary
 

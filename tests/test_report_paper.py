@@ -494,3 +494,33 @@ def test_variants_of_a_size_are_kept_apart_not_merged_or_dropped(tmp_path):
     assert _table_row(md, "sb_small, model.norm=batch", "AdaGrad")[2:4] == ["0.4", "0.4"]
     assert _table_row(md, "sb_small, model.norm=none", "AdaGrad")[2:4] == ["0.4", "none"]
     assert "data.train_rows" not in md
+
+
+def test_a_control_at_lr_0_a_nan_auc_and_a_continued_job(tmp_path):
+    """Hostile but legal sweeps: an lr-0 control (stable, best AUC) is no reference lr, whose
+    multiples would all be 0; a hand-edited NaN AUC is no measurement; a job continued with
+    resume=true is the same grid cell as its siblings, not a model size of its own."""
+    root = tmp_path / "s"
+    write_job(root, 0, "sb", "AdaGrad", 0.0, 1, "stable", auc=0.9)
+    write_job(root, 1, "sb", "AdaGrad", 0.2, 1, "stable", auc=0.60)
+    write_job(root, 2, "sb", "AdaGrad", 0.4, 1, "stable", auc=0.70)
+    nan_job = write_job(root, 3, "sb", "AdaGrad", 0.8, 1, "stable", auc=0.80)
+    data = json.loads((nan_job / "metrics.json").read_text())
+    data["test"] = {**data["test"], "auc_mean": float("nan"), "auc_click": float("nan")}
+    (nan_job / "metrics.json").write_text(json.dumps(data))
+    for n, seed in ((4, 1), (5, 2)):
+        job = write_job(root, n, "sb", "Clippy", 0.4, seed, "stable")
+        if seed == 2:
+            data = json.loads((job / "metrics.json").read_text())
+            data["overrides"].append("resume=true")
+            (job / "metrics.json").write_text(json.dumps(data))
+    report = paper.build_paper_report(root)  # no ZeroDivisionError
+    runs, _ = paper.read_runs(root)
+    adagrad = [r for r in runs if r.method == "AdaGrad"]
+    nan_run = next(r for r in adagrad if r.lr == 0.8)
+    assert "mean" not in nan_run.auc and "click" not in nan_run.auc
+    assert paper.best_stable_lr(adagrad) == 0.4  # not 0 (no multiples), not 0.8 (NaN)
+    assert {r.size for r in runs} == {"sb"}
+    md = report.path.read_text()
+    assert "resume=true" not in md
+    assert "AdaGrad's best stable lr for sb: 0.4" in md

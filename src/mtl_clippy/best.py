@@ -76,15 +76,22 @@ class ValidationRecord(pl.Callback):
 
 
 def summary(
-    checkpoint_callback: Any, validation: bool, out_dir: Path, val: dict[str, Any]
+    checkpoint_callback: Any,
+    validation: bool,
+    out_dir: Path,
+    val: dict[str, Any],
+    final_step: int | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """metrics.json's ``best`` (what chose the checkpoint, ``monitor``; the monitored value
     there, ``score``; that epoch's ``val/auc_mean``; the file and its epoch) and the
-    validation metrics of that checkpoint's epoch (None where the checkpoint does not hold
-    them: no checkpoint, or one written before they were recorded).
+    validation metrics of the weights that are tested.
 
-    ``val`` is the last validation's metrics: without a checkpoint callback the final
-    weights are tested, and their mean AUC is the last one.
+    ``val`` is the last validation's metrics and ``final_step`` the run's last optimizer
+    step: without a checkpoint callback, or without a best checkpoint, the final weights are
+    tested, and ``val`` is theirs (as it is for a checkpoint of the final step whose record
+    holds no metrics, an older one). The second value is None where the tested checkpoint's
+    validation is not known: its record holds no metrics, or another epoch's (a step
+    checkpoint written between validations), and it is not the final step's.
     """
     monitor = config_checks.best_monitor(checkpoint_callback, validation)
     path = getattr(checkpoint_callback, "best_model_path", "") or ""
@@ -98,21 +105,23 @@ def summary(
     }
     if checkpoint_callback is None:
         best[AUC_MEAN] = val.get("auc_mean")
-        return best, None
+        return best, val
     if watched == AUC_MEAN:
         best[AUC_MEAN] = score
-    best_val = None
-    if path:
-        ckpt = resume_mod.load_checkpoint(path)  # weights_only=True: runs no code
-        best["epoch"] = ckpt.get("epoch")
-        record = (ckpt.get("callbacks") or {}).get("ValidationRecord") or {}
-        if record.get("epoch") == ckpt.get("epoch"):
-            if watched != AUC_MEAN:
-                best[AUC_MEAN] = _finite(record.get(AUC_MEAN))
-            metrics = record.get("metrics")
-            if isinstance(metrics, dict) and metrics:
-                best_val = {str(k): _finite(v) for k, v in sorted(metrics.items())}
-    return best, best_val
+    if not path:
+        return best, val
+    ckpt = resume_mod.load_checkpoint(path)  # weights_only=True: runs no code
+    best["epoch"] = ckpt.get("epoch")
+    record = (ckpt.get("callbacks") or {}).get("ValidationRecord") or {}
+    same_epoch = record.get("epoch") == ckpt.get("epoch")
+    if same_epoch and watched != AUC_MEAN:
+        best[AUC_MEAN] = _finite(record.get(AUC_MEAN))
+    metrics = record.get("metrics")
+    if same_epoch and isinstance(metrics, dict) and metrics:
+        return best, {str(k): _finite(v) for k, v in sorted(metrics.items())}
+    if final_step is not None and ckpt.get("global_step") == final_step:
+        return best, val  # the final weights: the last validation is theirs
+    return best, None
 
 
 def score(best: dict[str, Any] | None) -> float | None:

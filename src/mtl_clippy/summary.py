@@ -134,8 +134,9 @@ class RunSummary:
     #: which ClippyAdagrad implementations ran the steps (``ClippyAdagrad.implementation()``;
     #: a string in older files; None for other optimizers)
     optimizer_path: str | dict[str, Any] | None = None
-    #: the validation metrics of the tested checkpoint's epoch (best.ckpt's; the last
-    #: validation's where no checkpoint records them)
+    #: the validation metrics of the tested checkpoint's epoch (best.ckpt's); null where
+    #: they are not known (a checkpoint written between validations, or by an older version,
+    #: that is not the final step's)
     val: dict[str, float | None] | None = field(default_factory=dict)
     #: the last validation's metrics, where that is another epoch than ``val``'s (early
     #: stopping ends a run some epochs after its best)
@@ -384,8 +385,8 @@ def format_summary(summary: RunSummary | Mapping[str, Any]) -> str:
         + ", "
         f"{s.epochs} epochs"
         + (
-            f" (best: epoch {b + 1}, tested)"
-            if isinstance(b := (s.best or {}).get("epoch"), int)
+            f" (epoch {b + 1} tested)"
+            if s.test and isinstance(b := (s.best or {}).get("epoch"), int)
             else ""
         )
         + f", {s.steps} steps, "

@@ -119,12 +119,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         diverged = _fit(trainer, module, datamodule, start.ckpt_path)
         _record_fit(summary, trainer, throughput)
         validation = config_checks.has_validation(cfg)
-        summary.best, best_val = best_mod.summary(
-            trainer.checkpoint_callback, validation, out_dir, summary.val
+        summary.best, tested_val = best_mod.summary(
+            trainer.checkpoint_callback, validation, out_dir, summary.val, summary.steps
         )
-        if best_val is not None and best_val != summary.val:
-            # val describes the tested checkpoint, like test; the last epoch's stays apart
-            summary.val_last, summary.val = summary.val, best_val
+        if tested_val != summary.val and summary.val:
+            # val describes the tested checkpoint, like test (null where that is not known);
+            # the last epoch's stays apart
+            summary.val_last, summary.val = summary.val, tested_val
         if diverged:  # a result, not a crash: no test numbers from a broken model
             summary.status = "diverged"
         else:

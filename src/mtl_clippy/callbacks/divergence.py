@@ -460,10 +460,17 @@ class DivergenceMonitor(pl.Callback):
         if getattr(trainer, "accumulate_grad_batches", 1) > 1 and step == self._last_global_step:
             return  # a micro-batch of gradient accumulation: its optimizer step is not taken yet
         self._last_global_step = step
-        # Under accumulation Lightning hands each micro-batch's loss divided by their number:
-        # their sum is the loss of the optimizer step (the mean over its micro-batches).
+        # Under accumulation Lightning hands each micro-batch's loss divided by
+        # accumulate_grad_batches, also in an epoch's last, shorter group: the sum, scaled by
+        # accumulate_grad_batches / the group's size, is the loss of the optimizer step (the
+        # mean over its micro-batches).
         micro, self._micro = self._micro, []
-        self._pending.append((step, micro[0] if len(micro) == 1 else torch.stack(micro).sum()))
+        accumulate = int(getattr(trainer, "accumulate_grad_batches", 1) or 1)
+        if len(micro) == 1:
+            step_loss = micro[0] * accumulate if accumulate > 1 else micro[0]
+        else:
+            step_loss = torch.stack(micro).sum() * (accumulate / len(micro))
+        self._pending.append((step, step_loss))
         if _last_training_batch(trainer, batch_idx):  # before the last validation/checkpoint
             self._finish(trainer)
         elif len(self._pending) >= self._every:

@@ -249,7 +249,8 @@ def read_runs(root: str | Path) -> tuple[list[Run], list[str]]:
         size = choices.get("model") or s.model or "?"
         optim = choices.get("optim") or s.optim
         test = s.test or {}
-        auc = {t: test.get(f"auc_{t}") for t in (*TASKS, "mean")}
+        # a NaN or infinite AUC (a hand-edited file; runs write null) is no measurement
+        auc = {t: _finite_or_none(test.get(f"auc_{t}")) for t in (*TASKS, "mean")}
         if auc["mean"] is None and all(auc[t] is not None for t in TASKS):
             auc["mean"] = sum(auc[t] for t in TASKS) / len(TASKS)
         csv = folder / "csv" / "metrics.csv"
@@ -434,11 +435,22 @@ def largest_stable_lr(runs: Iterable[Run]) -> float | None:
     return max(ok) if ok else None
 
 
+def _finite_or_none(value: object) -> float | None:
+    try:
+        v = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+    return v if math.isfinite(v) else None
+
+
 def best_stable_lr(runs: Iterable[Run]) -> float | None:
-    """Among the learning rates at which every run is stable, the one with the highest mean
-    test ``auc_mean`` over its runs (the smaller learning rate on a tie); None if none."""
+    """Among the positive learning rates at which every run is stable, the one with the
+    highest mean test ``auc_mean`` over its runs (the smaller learning rate on a tie); None
+    if none. (A control at lr 0 is left out: its multiples would all be 0.)"""
     best, best_auc = None, -math.inf
     for lr, cell in _cells(runs).items():
+        if not lr > 0:
+            continue
         values = [r.auc["mean"] for r in cell if "mean" in r.auc]
         if all(r.stable for r in cell) and values:
             auc = statistics.fmean(values)
@@ -449,6 +461,8 @@ def best_stable_lr(runs: Iterable[Run]) -> float | None:
 
 def grid_lr(lrs: Iterable[float], target: float) -> float | None:
     """The learning rate of ``lrs`` nearest ``target`` within ``LR_TOLERANCE`` (relative)."""
+    if not target > 0:
+        return None
     near = [lr for lr in lrs if abs(lr / target - 1) <= LR_TOLERANCE]
     return min(near, key=lambda lr: abs(lr / target - 1)) if near else None
 

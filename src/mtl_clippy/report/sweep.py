@@ -31,6 +31,9 @@ _NOT_VARIANT_KEYS = {
     "seed",
     "data.data_dir",
     "ckpt_path",
+    "resume",
+    "slurm_requeue",
+    "threads",
 }
 _NOT_VARIANT_PREFIXES = ("paths.", "hydra.", "hydra/")
 
