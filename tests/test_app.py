@@ -324,9 +324,7 @@ def test_val_metrics_describe_the_tested_checkpoint_when_early_stopping_ends_lat
     assert best_epoch < last_epoch, (best_epoch, last_epoch)  # the case under test
     for key in ("auc_click", "auc_conversion", "auc_mean", "logloss_click"):
         assert summary["val"][key] == pytest.approx(per_epoch.loc[best_epoch, f"val/{key}"])
-        assert summary["val_last"][key] == pytest.approx(
-            per_epoch.loc[last_epoch, f"val/{key}"]
-        )
+        assert summary["val_last"][key] == pytest.approx(per_epoch.loc[last_epoch, f"val/{key}"])
     assert summary["val"]["auc_mean"] == pytest.approx(summary["best"]["score"])
     assert summary["val"]["auc_mean"] > summary["val_last"]["auc_mean"]
     on_disk = json.loads((run / "metrics.json").read_text())

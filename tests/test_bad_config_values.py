@@ -287,7 +287,8 @@ def test_every_shipped_config_passes(base, tmp_path):
                         # a group choice (a `# @package _global_` group such as `method` sets
                         # other groups: compose it as a run does)
                         run = compose(
-                            "train", [f"experiment={experiment}", f"{key}={value}"],
+                            "train",
+                            [f"experiment={experiment}", f"{key}={value}"],
                             return_hydra_config=True,
                         )
                     else:

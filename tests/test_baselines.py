@@ -589,6 +589,15 @@ def test_sparse_embeddings_with_lamb_or_norm_clipping_are_refused_in_one_line():
         (["method=adagrad_gc", "optim.lr=0.5", "trainer.gradient_clip_val=0.2"], None),
         (["method=clippy", "optim=clippy"], None),
         (["optim=adam"], None),
+        # the clipping keys set without the group: the kind of clipping the method names
+        # may not change (its threshold may)
+        (["method=adagrad", "trainer.gradient_clip_val=1.0"], "method=adagrad: it names grad_clip=none (trainer.gradient_clip_val=null and no callbacks.agc), but this run's settings clip by norm"),
+        (["method=clippy", "trainer.gradient_clip_val=0.5", "+trainer.gradient_clip_algorithm=value"], "method=clippy: it names grad_clip=none (trainer.gradient_clip_val=null and no callbacks.agc), but this run's settings clip by value"),
+        (["method=adagrad_gc", "trainer.gradient_clip_val=null"], "method=adagrad_gc: it names grad_clip=norm (trainer.gradient_clip_val (a threshold > 0, algorithm norm)), but this run's settings clip by none"),
+        (["method=adagrad_agc", "callbacks.agc=null"], "method=adagrad_agc: it names grad_clip=agc (callbacks.agc), but this run's settings clip by none"),
+        (["method=adagrad_agc", "trainer.gradient_clip_val=1.0"], "method=adagrad_agc: it names grad_clip=agc (callbacks.agc), but this run's settings clip by norm+agc"),
+        (["method=adagrad_agc", "callbacks.agc.clipping=0.05"], None),
+        (["trainer.gradient_clip_val=1.0"], None),  # no method named: Lightning's key as ever
     ],
 )  # fmt: skip
 def test_a_method_replaced_by_another_choice_is_refused_in_one_line(overrides, expected, tmp_path):

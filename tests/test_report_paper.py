@@ -524,3 +524,20 @@ def test_a_control_at_lr_0_a_nan_auc_and_a_continued_job(tmp_path):
     md = report.path.read_text()
     assert "resume=true" not in md
     assert "AdaGrad's best stable lr for sb: 0.4" in md
+
+
+def test_a_run_is_named_by_the_clipping_its_config_did(tmp_path):
+    """grad_clip=none in the choices, but trainer.gradient_clip_val=1.0 in the resolved
+    config (set without the group, before method= refused that): AdaGrad + GC, said so."""
+    root = tmp_path / "s"
+    job = write_job(root, 0, "sb", "AdaGrad", 0.4, 1, "stable")
+    (job / ".hydra" / "config.yaml").write_text(
+        yaml.safe_dump({"trainer": {"gradient_clip_val": 1.0, "gradient_clip_algorithm": "norm"}})
+    )
+    plain = write_job(root, 1, "sb", "AdaGrad", 0.4, 2, "stable")
+    (plain / ".hydra" / "config.yaml").write_text(
+        yaml.safe_dump({"trainer": {"gradient_clip_val": None}, "callbacks": {"agc": None}})
+    )
+    runs, problems = paper.read_runs(root)
+    assert {r.seed: r.method for r in runs} == {1: "AdaGrad + GC", 2: "AdaGrad"}
+    assert any("clips by norm: named by what it ran" in p for p in problems)

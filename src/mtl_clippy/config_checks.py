@@ -735,8 +735,51 @@ def _method_sets(path: Any, method: str) -> dict[str, Any]:
     return sets
 
 
-def _method_conflict() -> str | None:
-    """``method_problem`` of the running Hydra job (None outside one)."""
+def clipping_of(cfg: Any) -> str:
+    """The gradient clipping a run's config really does, named as the ``grad_clip`` choices
+    are: ``none``, ``norm`` (Lightning's ``trainer.gradient_clip_val`` with the ``norm``
+    algorithm), ``value`` (the ``value`` algorithm), ``agc`` (a ``callbacks.agc`` entry), or
+    two joined by ``+``. A command line can set these keys without the group
+    (``trainer.gradient_clip_val=1.0`` under ``grad_clip=none``)."""
+    kinds = []
+    clip = _value(cfg, "trainer.gradient_clip_val")
+    if clip not in (_ABSENT, None, 0, 0.0, False):
+        algorithm = _value(cfg, "trainer.gradient_clip_algorithm")
+        kinds.append("value" if algorithm == "value" else "norm")
+    agc = _value(cfg, "callbacks.agc")
+    if isinstance(agc, Mapping) and agc.get("_target_"):
+        kinds.append("agc")
+    return "+".join(kinds) or "none"
+
+
+_CLIP_KEYS = {
+    "none": "trainer.gradient_clip_val=null and no callbacks.agc",
+    "norm": "trainer.gradient_clip_val (a threshold > 0, algorithm norm)",
+    "agc": "callbacks.agc",
+}
+
+
+def method_clipping_problem(method: str, sets: Mapping[str, Any], cfg: Any) -> str | None:
+    """Why the clipping ``cfg`` really does (``clipping_of``) is not the one ``method=`` names
+    (its ``grad_clip`` group), or None: ``method=adagrad trainer.gradient_clip_val=1.0``
+    would train AdaGrad + GC under AdaGrad's name. Its thresholds may be tuned
+    (``method=adagrad_gc trainer.gradient_clip_val=0.5``); its kind may not change."""
+    wanted = sets.get("grad_clip", _ABSENT)
+    if wanted is _ABSENT:
+        return None
+    got = clipping_of(cfg)
+    if got == wanted:
+        return None
+    return (
+        f"method={method}: it names grad_clip={wanted} ({_CLIP_KEYS.get(str(wanted), wanted)}), "
+        f"but this run's settings clip by {got}; drop the clipping keys you set, or drop "
+        f"method= and choose optim= and grad_clip= yourself"
+    )
+
+
+def _method_conflict(cfg: Any = None) -> str | None:
+    """``method_problem`` (and, given the run's ``cfg``, ``method_clipping_problem``) of the
+    running Hydra job (None outside one)."""
     try:
         from hydra.core.hydra_config import HydraConfig
 
@@ -752,7 +795,11 @@ def _method_conflict() -> str | None:
         return None
     if not isinstance(method, str) or not paths:
         return None
-    return method_problem(method, _method_sets(paths[0], method), choices)
+    sets = _method_sets(paths[0], method)
+    message = method_problem(method, sets, choices)
+    if message is None and cfg is not None:
+        message = method_clipping_problem(method, sets, cfg)
+    return message
 
 
 def check_config(cfg: DictConfig | Mapping[str, Any]) -> None:
@@ -773,7 +820,7 @@ def check_config(cfg: DictConfig | Mapping[str, Any]) -> None:
         message = problem(key, value)
         if message:
             raise ConfigError(message)
-    message = _combinations(view) or _method_conflict()
+    message = _combinations(view) or _method_conflict(view)
     if message:
         raise ConfigError(message)
 

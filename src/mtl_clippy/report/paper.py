@@ -192,6 +192,19 @@ def _choices(folder: Path) -> dict[str, Any] | None:
     return dict(choices) if isinstance(choices, dict) else None
 
 
+def _clipping_ran(folder: Path) -> str | None:
+    """The clipping the job's resolved config (``.hydra/config.yaml``) really did
+    (``config_checks.clipping_of``): a run may set ``trainer.gradient_clip_val`` without
+    ``grad_clip=``. None if the file cannot be read."""
+    from mtl_clippy.config_checks import clipping_of
+
+    try:
+        data = yaml.safe_load((folder / ".hydra" / "config.yaml").read_text())
+    except (OSError, yaml.YAMLError):
+        return None
+    return clipping_of(data) if isinstance(data, dict) else None
+
+
 def _from_overrides(overrides: Iterable[str], key: str) -> str | None:
     for o in overrides:
         k, _, v = o.lstrip("+").partition("=")
@@ -246,6 +259,13 @@ def read_runs(root: str | Path) -> tuple[list[Run], list[str]]:
                 f"{METRICS_FILE}, gradient clipping from its overrides"
             )
             choices = {"grad_clip": _from_overrides(overrides, "grad_clip")}
+        ran = _clipping_ran(folder)
+        if ran is not None and ran != (choices.get("grad_clip") or "none"):
+            problems.append(
+                f"{job}: grad_clip={choices.get('grad_clip') or 'none'}, but its config clips "
+                f"by {ran}: named by what it ran"
+            )
+            choices = {**choices, "grad_clip": ran}
         size = choices.get("model") or s.model or "?"
         optim = choices.get("optim") or s.optim
         test = s.test or {}
