@@ -212,7 +212,7 @@ def test_the_seeds_protocol_is_one_epoch_without_validation(studies, tmp_path):
 
 def test_our_protocol_validates_keeps_the_best_epoch_and_stops_early(studies, tmp_path):
     cfg = studies["seed_study_ours"]
-    assert cfg.trainer.max_epochs == 30 and cfg.data.val_fraction == 0.1
+    assert cfg.trainer.max_epochs == 200 and cfg.data.val_fraction == 0.1
     assert has_validation(cfg) and cfg.test
     callbacks, stopping = _callbacks("seed_study_ours", tmp_path)
     assert stopping == "val/auc_mean"
