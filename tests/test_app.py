@@ -334,6 +334,63 @@ def test_val_metrics_describe_the_tested_checkpoint_when_early_stopping_ends_lat
     assert f"{summary['val']['auc_click']:.4f}" in printed
 
 
+def test_a_copied_run_folder_resumed_keeps_its_best_checkpoint(tmp_path, data_root):
+    """A run folder copied (or moved) and continued from its last.ckpt: the copy's best.ckpt
+    and its score stay the record (Lightning's ModelCheckpoint drops them when the saved
+    dirpath differs, and the first epoch after the resume became 'best-v1.ckpt', however
+    worse). At lr 1 on these rows the first epoch is the best of three."""
+    import shutil
+
+    common = [*TINY, "optim.lr=1.0", "trainer.accelerator=cpu", "logger=none",
+              "callbacks.progress_bar.refresh_rate=0"]  # fmt: skip
+    first = _compose(tmp_path / "a", [*common, "trainer.max_epochs=2"])
+    OmegaConf.update(first, "paths.data_dir", str(data_root / "data"), force_add=True)
+    (tmp_path / "a").mkdir()
+    before = train(first)
+    assert before["best"]["epoch"] == 0
+    shutil.copytree(tmp_path / "a" / "run", tmp_path / "b" / "run")
+    shutil.rmtree(tmp_path / "a")  # moved, not copied: the old paths are gone
+    ckpts = tmp_path / "b" / "run" / "checkpoints"
+    again = _compose(
+        tmp_path / "b", [*common, "trainer.max_epochs=3", f"ckpt_path={ckpts / 'last.ckpt'}"]
+    )
+    OmegaConf.update(again, "paths.data_dir", str(data_root / "data"), force_add=True)
+    after = train(again)
+    assert after["epochs"] == 3 and after["status"] == "completed"
+    assert not list(ckpts.glob("best-v*.ckpt"))
+    assert after["best"]["checkpoint"] == "checkpoints/best.ckpt"
+    assert after["best"]["score"] >= before["best"]["score"]
+    if after["best"]["epoch"] == 0:
+        assert after["val"] == before["val"] and after["test"] == before["test"]
+
+
+def test_the_best_record_moves_only_with_its_own_checkpoint_file(tmp_path):
+    """RunCheckpoint takes a saved record from another dirpath only where the best file is
+    found under the same name in its own: a checkpoint of another run (fine-tuning from it)
+    starts a fresh record, as Lightning's class does."""
+    from mtl_clippy.callbacks import RunCheckpoint
+
+    old, new = tmp_path / "old" / "checkpoints", tmp_path / "new" / "checkpoints"
+    state = {
+        "monitor": "val/auc_mean", "best_model_score": torch.tensor(0.7),
+        "best_model_path": str(old / "best.ckpt"), "current_score": torch.tensor(0.6),
+        "dirpath": str(old), "best_k_models": {str(old / "best.ckpt"): torch.tensor(0.7)},
+        "kth_best_model_path": str(old / "best.ckpt"), "kth_value": torch.tensor(0.7),
+        "last_model_path": "",
+    }  # fmt: skip
+    fresh = RunCheckpoint(dirpath=new, filename="best", monitor="val/auc_mean", mode="max")
+    with pytest.warns(UserWarning, match="dirpath has changed"):
+        fresh.load_state_dict(dict(state))  # no best.ckpt in new/: not this run's record
+    assert fresh.best_model_score is None
+    new.mkdir(parents=True)
+    (new / "best.ckpt").write_bytes(b"x")
+    moved = RunCheckpoint(dirpath=new, filename="best", monitor="val/auc_mean", mode="max")
+    moved.load_state_dict(dict(state))
+    assert float(moved.best_model_score) == pytest.approx(0.7)
+    assert moved.best_model_path == str(new / "best.ckpt")
+    assert list(moved.best_k_models) == [str(new / "best.ckpt")]
+
+
 def _event_scalars(event_dir: Path) -> dict[str, list[float]]:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

@@ -1,7 +1,12 @@
 """Lightning callbacks of the experiment app."""
 
 from mtl_clippy.callbacks.agc import AdaptiveGradientClipping
-from mtl_clippy.callbacks.checkpointing import AtomicCheckpointIO, ResumeState, StepCheckpoint
+from mtl_clippy.callbacks.checkpointing import (
+    AtomicCheckpointIO,
+    ResumeState,
+    RunCheckpoint,
+    StepCheckpoint,
+)
 from mtl_clippy.callbacks.divergence import DivergenceMonitor, TrainingDiverged
 from mtl_clippy.callbacks.telemetry import OptimizerTelemetry
 from mtl_clippy.callbacks.throughput import ThroughputMeter
@@ -12,6 +17,7 @@ __all__ = [
     "DivergenceMonitor",
     "OptimizerTelemetry",
     "ResumeState",
+    "RunCheckpoint",
     "StepCheckpoint",
     "ThroughputMeter",
     "TrainingDiverged",

@@ -48,7 +48,54 @@ from mtl_clippy.resume import (
 log = logging.getLogger("mtl_clippy")
 
 
-class StepCheckpoint(ModelCheckpoint):
+def _moved_state(state: dict[str, Any], new: str) -> dict[str, Any] | None:
+    """``ModelCheckpoint``'s state with its paths moved from the saved ``dirpath`` to ``new``,
+    where the run folder was moved or copied (its best checkpoint is there, under the same
+    relative name); None otherwise (a checkpoint of another run: not this run's record)."""
+    old = state.get("dirpath")
+    best = state.get("best_model_path")
+    if not old or not best:
+        return None
+
+    def move(path: Any) -> Any:
+        try:
+            return str(Path(new) / Path(path).relative_to(old)) if path else path
+        except (TypeError, ValueError):  # not under the old dirpath: left as it is
+            return path
+
+    if not Path(move(best)).is_file() or move(best) == best:
+        return None
+    out = dict(state, dirpath=new)
+    for key in ("best_model_path", "kth_best_model_path", "last_model_path"):
+        out[key] = move(state.get(key))
+    out["best_k_models"] = {move(k): v for k, v in (state.get("best_k_models") or {}).items()}
+    return out
+
+
+class RunCheckpoint(ModelCheckpoint):
+    """Lightning's ``ModelCheckpoint`` that keeps its record of the best checkpoint (score,
+    path) when a run folder was moved or copied and then resumed (``ckpt_path=`` a file in
+    the new place, ``resume=<folder>``). Lightning drops the record whenever the saved
+    ``dirpath`` differs from the present one, so the first epoch after the resume became the
+    "best" (``best-v1.ckpt``), however much worse, and was tested. Here the paths are moved
+    when the best checkpoint is found under the same name in the new folder; a checkpoint of
+    another run (not found there) is left to Lightning, which starts a fresh record."""
+
+    @property
+    def state_key(self) -> str:
+        # ModelCheckpoint's own key ("ModelCheckpoint{'monitor': ...}"): checkpoints written
+        # with Lightning's class restore into this one and the other way round
+        key = super().state_key
+        name = type(self).__qualname__
+        return "ModelCheckpoint" + key[len(name) :] if key.startswith(name + "{") else key
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if self.dirpath and state_dict.get("dirpath") not in (None, self.dirpath):
+            state_dict = _moved_state(state_dict, str(self.dirpath)) or state_dict
+        super().load_state_dict(state_dict)
+
+
+class StepCheckpoint(RunCheckpoint):
     """Keep the newest checkpoint taken every ``every_n_train_steps`` optimizer steps.
 
     Files are ``<dirpath>/step-<step>.ckpt``; only the newest is kept, also across a kill and
