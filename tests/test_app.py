@@ -391,6 +391,26 @@ def test_the_best_record_moves_only_with_its_own_checkpoint_file(tmp_path):
     assert list(moved.best_k_models) == [str(new / "best.ckpt")]
 
 
+def test_without_best_and_last_checkpoints_the_final_weights_are_tested(tmp_path, data_root):
+    """callbacks.model_checkpoint=null and last_checkpoint=null leave the every-N-steps
+    checkpoint, which Lightning makes trainer.checkpoint_callback: its mid-run step (28 of
+    30) was tested and reported as the last epoch. Now the final weights are tested, and
+    metrics.json's val is their validation."""
+    cfg = _compose(
+        tmp_path,
+        [*TINY, "trainer.max_epochs=3", "trainer.accelerator=cpu", "logger=none",
+         "callbacks.model_checkpoint=null", "callbacks.last_checkpoint=null",
+         "callbacks.step_checkpoint.every_n_train_steps=7",
+         "callbacks.progress_bar.refresh_rate=0"],
+    )  # fmt: skip
+    OmegaConf.update(cfg, "paths.data_dir", str(data_root / "data"), force_add=True)
+    summary = train(cfg)
+    assert summary["steps"] == 30 and summary["status"] == "completed"
+    assert list((tmp_path / "run" / "checkpoints").glob("step-*.ckpt"))  # it did save
+    assert summary["best"]["checkpoint"] is None and summary["best"]["monitor"] is None
+    assert "val_last" not in summary and summary["val"]["auc_mean"] is not None
+
+
 def _event_scalars(event_dir: Path) -> dict[str, list[float]]:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

@@ -766,6 +766,9 @@ BEST_VAL = {"auc_click": 0.72, "auc_mean": 0.7}
         ({"epoch": 1, "val/auc_mean": 0.7, "metrics": BEST_VAL}, 2, 28, None),
         # no record at all, final step
         (None, 4, 50, LAST_VAL),
+        # every N steps within an epoch: the record is an earlier validation of that epoch
+        ({"epoch": 1, "step": 15, "val/auc_mean": 0.7, "metrics": BEST_VAL}, 1, 18, None),
+        ({"epoch": 1, "step": 18, "val/auc_mean": 0.7, "metrics": BEST_VAL}, 1, 18, BEST_VAL),
     ],
 )
 def test_val_is_the_tested_checkpoints_validation_or_unknown(

@@ -597,6 +597,7 @@ def test_sparse_embeddings_with_lamb_or_norm_clipping_are_refused_in_one_line():
         (["method=adagrad_agc", "callbacks.agc=null"], "method=adagrad_agc: it names grad_clip=agc (callbacks.agc), but this run's settings clip by none"),
         (["method=adagrad_agc", "trainer.gradient_clip_val=1.0"], "method=adagrad_agc: it names grad_clip=agc (callbacks.agc), but this run's settings clip by norm+agc"),
         (["method=adagrad_agc", "callbacks.agc.clipping=0.05"], None),
+        (["method=adagrad", "+callbacks.clip2={_target_:mtl_clippy.callbacks.AdaptiveGradientClipping}"], "method=adagrad: it names grad_clip=none (trainer.gradient_clip_val=null and no callbacks.agc), but this run's settings clip by agc"),
         (["trainer.gradient_clip_val=1.0"], None),  # no method named: Lightning's key as ever
     ],
 )  # fmt: skip

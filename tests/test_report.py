@@ -197,7 +197,13 @@ def test_variant_keeps_runs_that_differ_beyond_model_optimizer_lr_and_seed_apart
     assert variant_of(["data.hard=true", "model.norm=batch"]) == "data.hard=true,model.norm=batch"
     # a continued job (-m ... resume=true, or the folder a resumed run records) is the same
     # run as its siblings that had finished
-    for continued in ("resume=true", "resume=/runs/s11", "threads=1", "slurm_requeue=true"):
+    for continued in (
+        "resume=true",
+        "resume=/runs/s11",
+        "threads=1",
+        "slurm_requeue=true",
+        "logger=none",
+    ):
         assert variant_of(["model=sb", "optim.lr=3", continued]) is None
 
 

@@ -541,3 +541,31 @@ def test_a_run_is_named_by_the_clipping_its_config_did(tmp_path):
     runs, problems = paper.read_runs(root)
     assert {r.seed: r.method for r in runs} == {1: "AdaGrad + GC", 2: "AdaGrad"}
     assert any("clips by norm: named by what it ran" in p for p in problems)
+
+
+def test_a_job_refused_before_training_neither_is_renamed_nor_replaces_a_result(tmp_path):
+    """`-m method=adagrad_gc,adagrad trainer.gradient_clip_val=0.5`: the adagrad job is
+    refused (failed, 0 steps) with the clipping in its config; it keeps its own name, and a
+    completed twin is never replaced by a newer failed one."""
+    import os
+
+    root = tmp_path / "s"
+    done = write_job(root, 0, "sb", "AdaGrad + GC", 0.1, 1, "stable")
+    refused = write_job(root, 1, "sb", "AdaGrad", 0.1, 1, "failed")
+    data = json.loads((refused / "metrics.json").read_text())
+    (refused / "metrics.json").write_text(json.dumps({**data, "steps": 0}))
+    (refused / ".hydra" / "config.yaml").write_text(
+        yaml.safe_dump({"trainer": {"gradient_clip_val": 0.5}})
+    )
+    runs, problems = paper.read_runs(root)
+    assert {r.job: r.method for r in runs} == {done.name: "AdaGrad + GC", refused.name: "AdaGrad"}
+    assert not any("named by what it ran" in p for p in problems)
+    # the same cell twice: the completed run stays, however old
+    twin = write_job(root, 2, "sb", "AdaGrad + GC", 0.1, 1, "failed")
+    os.utime(done / "metrics.json", (1_000, 1_000))
+    runs, problems = paper.read_runs(root)
+    gc = [r for r in runs if r.method == "AdaGrad + GC"]
+    assert [r.job for r in gc] == [done.name]
+    assert any(
+        p.startswith(twin.name) and "which is completed (this one failed)" in p for p in problems
+    )

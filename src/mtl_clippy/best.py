@@ -52,6 +52,7 @@ class ValidationRecord(pl.Callback):
 
     def __init__(self) -> None:
         self.epoch: int | None = None
+        self.step: int | None = None  #: the optimizer steps done at that validation
         self.auc_mean: float | None = None
         self.metrics: dict[str, float | None] = {}
 
@@ -63,14 +64,17 @@ class ValidationRecord(pl.Callback):
         if trainer.sanity_checking:  # not an epoch of training
             return
         self.epoch = int(trainer.current_epoch)
+        self.step = int(trainer.global_step)
         self.auc_mean = _finite(trainer.callback_metrics.get(AUC_MEAN))
         self.metrics = split_metrics(trainer.callback_metrics, "val")
 
     def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, AUC_MEAN: self.auc_mean, "metrics": dict(self.metrics)}
+        return {"epoch": self.epoch, "step": self.step, AUC_MEAN: self.auc_mean,
+                "metrics": dict(self.metrics)}  # fmt: skip
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.epoch = state_dict.get("epoch")
+        self.step = state_dict.get("step")  # absent in older checkpoints
         self.auc_mean = state_dict.get(AUC_MEAN)
         self.metrics = dict(state_dict.get("metrics") or {})  # absent in older checkpoints
 
@@ -113,7 +117,11 @@ def summary(
     ckpt = resume_mod.load_checkpoint(path)  # weights_only=True: runs no code
     best["epoch"] = ckpt.get("epoch")
     record = (ckpt.get("callbacks") or {}).get("ValidationRecord") or {}
-    same_epoch = record.get("epoch") == ckpt.get("epoch")
+    # the record is this checkpoint's own validation: the same epoch, and (where the record
+    # has it) the same step: a checkpoint every N steps comes between two validations
+    same_epoch = record.get("epoch") == ckpt.get("epoch") and (
+        record.get("step") is None or record.get("step") == ckpt.get("global_step")
+    )
     if same_epoch and watched != AUC_MEAN:
         best[AUC_MEAN] = _finite(record.get(AUC_MEAN))
     metrics = record.get("metrics")

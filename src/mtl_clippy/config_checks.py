@@ -746,8 +746,14 @@ def clipping_of(cfg: Any) -> str:
     if clip not in (_ABSENT, None, 0, 0.0, False):
         algorithm = _value(cfg, "trainer.gradient_clip_algorithm")
         kinds.append("value" if algorithm == "value" else "norm")
-    agc = _value(cfg, "callbacks.agc")
-    if isinstance(agc, Mapping) and agc.get("_target_"):
+    callbacks = _value(cfg, "callbacks")
+    entries = callbacks.items() if isinstance(callbacks, Mapping) else ()
+    if any(
+        isinstance(entry, Mapping)
+        and ((name == "agc" and entry.get("_target_"))
+             or str(entry.get("_target_", "")).endswith("AdaptiveGradientClipping"))
+        for name, entry in entries
+    ):  # fmt: skip
         kinds.append("agc")
     return "+".join(kinds) or "none"
 

@@ -31,6 +31,7 @@ from mtl_clippy.callbacks import (
     AtomicCheckpointIO,
     DivergenceMonitor,
     ResumeState,
+    StepCheckpoint,
     ThroughputMeter,
     TrainingDiverged,
 )
@@ -120,7 +121,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         _record_fit(summary, trainer, throughput)
         validation = config_checks.has_validation(cfg)
         summary.best, tested_val = best_mod.summary(
-            trainer.checkpoint_callback, validation, out_dir, summary.val, summary.steps
+            tested_checkpoint(trainer), validation, out_dir, summary.val, summary.steps
         )
         if tested_val != summary.val and summary.val:
             # val describes the tested checkpoint, like test (null where that is not known);
@@ -238,9 +239,20 @@ def _record_fit(summary: RunSummary, trainer: pl.Trainer, throughput: Throughput
     summary.val = split_metrics(trainer.callback_metrics, "val")
 
 
+def tested_checkpoint(trainer: pl.Trainer) -> Any:
+    """The checkpoint callback whose file is tested: the first that is not the every-N-steps
+    :class:`StepCheckpoint` (Lightning's ``trainer.checkpoint_callback`` would be that one
+    when ``callbacks.model_checkpoint=null``, and a mid-run step would be tested as if it
+    were the best or the last epoch); None without one: the final weights are tested."""
+    for callback in getattr(trainer, "checkpoint_callbacks", None) or []:
+        if not isinstance(callback, StepCheckpoint):
+            return callback
+    return None
+
+
 def _test_best(trainer: pl.Trainer, module: Any, datamodule: Any) -> dict[str, float | None]:
     """The test metrics of the best checkpoint (of the final weights without one)."""
-    best_path = getattr(trainer.checkpoint_callback, "best_model_path", "") or ""
+    best_path = getattr(tested_checkpoint(trainer), "best_model_path", "") or ""
     results = trainer.test(
         module, datamodule=datamodule, ckpt_path=best_path or None, verbose=False
     )

@@ -259,7 +259,9 @@ def read_runs(root: str | Path) -> tuple[list[Run], list[str]]:
                 f"{METRICS_FILE}, gradient clipping from its overrides"
             )
             choices = {"grad_clip": _from_overrides(overrides, "grad_clip")}
-        ran = _clipping_ran(folder)
+        # a run refused before training (a failed run of 0 steps) ran no clipping at all
+        trained = s.status != "failed" or bool(s.steps)
+        ran = _clipping_ran(folder) if trained else None
         if ran is not None and ran != (choices.get("grad_clip") or "none"):
             problems.append(
                 f"{job}: grad_clip={choices.get('grad_clip') or 'none'}, but its config clips "
@@ -343,14 +345,16 @@ def _of_the_experiment(runs: list[Run], problems: list[str]) -> list[Run]:
 
 
 def _drop_duplicates(runs: list[Run], problems: list[str]) -> list[Run]:
-    """``runs`` with one run per size, method, learning rate and seed: of two, the one whose
-    ``metrics.json`` was written last (the other gets a line in ``problems``)."""
+    """``runs`` with one run per size, method, learning rate and seed: of two, a run with a
+    result (completed or diverged) before one without (failed, interrupted), then the one
+    whose ``metrics.json`` was written last (the other gets a line in ``problems``)."""
 
-    def written(r: Run) -> float:
+    def written(r: Run) -> tuple[bool, float]:
         try:
-            return (r.folder / METRICS_FILE).stat().st_mtime
+            mtime = (r.folder / METRICS_FILE).stat().st_mtime
         except OSError:
-            return -math.inf
+            mtime = -math.inf
+        return (r.status in ("completed", "diverged"), mtime)
 
     kept: dict[tuple[Any, ...], Run] = {}
     for r in runs:
@@ -365,7 +369,13 @@ def _drop_duplicates(runs: list[Run], problems: list[str]) -> list[Run]:
         kept[key] = new
         problems.append(
             f"{old.job}: the same run (model {r.size}, {r.method}, lr {_lr(r.lr)}, seed "
-            f"{r.seed}) as {new.job}, whose metrics.json is newer: left out"
+            f"{r.seed}) as {new.job}, "
+            + (
+                "whose metrics.json is newer"
+                if written(new)[0] == written(old)[0]
+                else f"which is {new.status} (this one {old.status})"
+            )
+            + ": left out"
         )
     chosen = {id(r) for r in kept.values()}
     return [r for r in runs if id(r) in chosen or r.seed is None]

@@ -34,6 +34,7 @@ _NOT_VARIANT_KEYS = {
     "resume",
     "slurm_requeue",
     "threads",
+    "logger",
 }
 _NOT_VARIANT_PREFIXES = ("paths.", "hydra.", "hydra/")
 
