@@ -1,6 +1,6 @@
 """Time one optimizer ``step()`` of ClippyAdagrad against torch's Adagrad and Adam.
 
-Run: ``python benchmarks/bench_optimizer.py [--steps 60] [--threads 2]``
+Run: ``python benchmarks/bench_optimizer.py [--steps 60] [--threads 2] [--device cuda]``
 
 (a) The parameter set of the shared-bottom model (16 embedding fields x 128 with a few thousand
     vocabulary rows in total, MLP 2176 -> 512 -> 256 with BatchNorm, two towers
@@ -31,6 +31,14 @@ from mtl_clippy.optim import ClippyAdagrad
 
 CLIPPY_KW = dict(variable_relative_threshold=0.5, absolute_threshold=1e-2)
 
+#: where the tensors live (``--device``); on CUDA every timed step is synchronised
+DEVICE = torch.device("cpu")
+
+
+def _sync() -> None:
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)
+
 
 def shared_bottom_params(vocab_rows: int = 4000, embed_dim: int = 128) -> list[nn.Parameter]:
     """Parameters shaped like SharedBottom's at published sizes, with random dense grads."""
@@ -47,6 +55,7 @@ def shared_bottom_params(vocab_rows: int = 4000, embed_dim: int = 128) -> list[n
     for _ in range(2):
         modules += mlp([256, 128, 64]) + [nn.Linear(64, 1)]
     params = [p for m in modules for p in m.parameters()]
+    params = [nn.Parameter(p.detach().to(DEVICE)) for p in params]
     for p in params:
         p.grad = torch.randn_like(p) * 0.01
     return params
@@ -69,11 +78,13 @@ def time_interleaved(
     for opt in opts:
         for _ in range(warmup):  # includes torch.compile's compilation for the fused path
             opt.step()
+    _sync()
     times: list[list[float]] = [[] for _ in cases]
     for _ in range(steps):
         for i, opt in enumerate(opts):
             t0 = time.perf_counter()
             opt.step()
+            _sync()
             times[i].append(time.perf_counter() - t0)
     return [(name, statistics.median(t)) for (name, _), t in zip(cases, times, strict=True)]
 
@@ -129,8 +140,8 @@ def bench_sparse_table(steps: int, warmup: int) -> list[tuple[str, float]]:
     print(f"(b) {rows:,} x {dim} table, {batch} x {fields} lookups per step")
     cases: list[tuple[str, Callable[[], torch.optim.Optimizer]]] = []
     for kind in ("zipf", "uniform"):
-        ids = lookup_ids(kind, batch * fields, rows)
-        w = nn.Parameter(torch.randn(rows, dim) * 0.1)
+        ids = lookup_ids(kind, batch * fields, rows).to(DEVICE)
+        w = nn.Parameter(torch.randn(rows, dim, device=DEVICE) * 0.1)
         nn.functional.embedding(ids, w, sparse=True).sum().backward()
         distinct = ids.unique().numel()
         cases.append(
@@ -142,7 +153,7 @@ def bench_sparse_table(steps: int, warmup: int) -> list[tuple[str, float]]:
         cases.append(
             (f"torch Adagrad sparse, {kind} ids", lambda w=w: torch.optim.Adagrad([w], lr=0.1))
         )
-    w = nn.Parameter(torch.randn(rows, dim) * 0.1)
+    w = nn.Parameter(torch.randn(rows, dim, device=DEVICE) * 0.1)
     w.grad = torch.randn_like(w) * 0.01
     cases += [
         ("ClippyAdagrad dense (default path)", lambda: ClippyAdagrad([w], lr=0.1, **CLIPPY_KW)),
@@ -170,12 +181,20 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=5, help="untimed steps per case")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--skip-sparse", action="store_true", help="skip part (b)")
+    ap.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
     args = ap.parse_args()
+    global DEVICE
+    DEVICE = torch.device(args.device)
+    if DEVICE.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"error: --device {args.device}: no CUDA GPU is available here")
     torch.set_num_threads(args.threads)
-    print(
-        f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
-        f"{os.cpu_count()} CPUs, {args.threads} threads, median of {args.steps} steps"
+    where = (
+        torch.cuda.get_device_name(DEVICE)
+        if DEVICE.type == "cuda"
+        else f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+        f"{args.threads} threads"
     )
+    print(f"torch {torch.__version__}, {where}, median of {args.steps} steps")
     a = bench_shared_bottom(args.steps, args.warmup)
     print_table("(a) shared-bottom parameters, dense gradients", a, "torch Adagrad fused=True")
     if not args.skip_sparse:

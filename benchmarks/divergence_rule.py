@@ -57,27 +57,72 @@ STABLE = []
 for seed in (1, 2):
     for optim, lr in (("clippy", 0.1), ("adagrad", 0.1), ("adam", 0.001)):
         STABLE += [
-            (f"b32_{optim}_s{seed}", [f"optim={optim}", f"optim.lr={lr}", "data.batch_size=32",
-                                      "data.train_rows=6000", "trainer.max_epochs=2",
-                                      f"seed={seed}"]),
-            (f"b128_{optim}_s{seed}", [f"optim={optim}", f"optim.lr={lr}", "data.batch_size=128",
-                                       "data.train_rows=30000", "trainer.max_epochs=2",
-                                       f"seed={seed}"]),
-            (f"b2048_{optim}_s{seed}", [f"optim={optim}", f"optim.lr={lr}",
-                                        "data.batch_size=2048", "data.train_rows=100000",
-                                        "trainer.max_epochs=4", f"seed={seed}"]),
+            (
+                f"b32_{optim}_s{seed}",
+                [
+                    f"optim={optim}",
+                    f"optim.lr={lr}",
+                    "data.batch_size=32",
+                    "data.train_rows=6000",
+                    "trainer.max_epochs=2",
+                    f"seed={seed}",
+                ],
+            ),
+            (
+                f"b128_{optim}_s{seed}",
+                [
+                    f"optim={optim}",
+                    f"optim.lr={lr}",
+                    "data.batch_size=128",
+                    "data.train_rows=30000",
+                    "trainer.max_epochs=2",
+                    f"seed={seed}",
+                ],
+            ),
+            (
+                f"b2048_{optim}_s{seed}",
+                [
+                    f"optim={optim}",
+                    f"optim.lr={lr}",
+                    "data.batch_size=2048",
+                    "data.train_rows=100000",
+                    "trainer.max_epochs=4",
+                    f"seed={seed}",
+                ],
+            ),
         ]
-    STABLE.append((f"hard_b256_clippy_s{seed}", ["optim=clippy", "data.hard=true",
-                                                 "data.batch_size=256", "data.train_rows=30000",
-                                                 "trainer.max_epochs=2", f"seed={seed}"]))
+    STABLE.append(
+        (
+            f"hard_b256_clippy_s{seed}",
+            [
+                "optim=clippy",
+                "data.hard=true",
+                "data.batch_size=256",
+                "data.train_rows=30000",
+                "trainer.max_epochs=2",
+                f"seed={seed}",
+            ],
+        )
+    )
 
 BLOWUP = []
 for seed in (1, 2):
     for optim, lr in (("adagrad", 3.16), ("adagrad", 10), ("clippy_noclip", 10)):
-        BLOWUP.append((f"hard_nonorm_{optim}_lr{lr}_s{seed}",
-                       [f"optim={optim}", f"optim.lr={lr}", "data.hard=true", "model.norm=none",
-                        "data.batch_size=512", "data.train_rows=60000", "trainer.max_epochs=2",
-                        f"seed={seed}"]))
+        BLOWUP.append(
+            (
+                f"hard_nonorm_{optim}_lr{lr}_s{seed}",
+                [
+                    f"optim={optim}",
+                    f"optim.lr={lr}",
+                    "data.hard=true",
+                    "model.norm=none",
+                    "data.batch_size=512",
+                    "data.train_rows=60000",
+                    "trainer.max_epochs=2",
+                    f"seed={seed}",
+                ],
+            )
+        )
 
 
 def generate(out: Path) -> None:
@@ -87,8 +132,14 @@ def generate(out: Path) -> None:
             folder = out / kind / name
             if (folder / "metrics.json").exists():
                 continue
-            cmd = [sys.executable, str(ROOT / "train.py"), *COMMON, *overrides,
-                   f"hydra.run.dir={folder}", "threads=1"]
+            cmd = [
+                sys.executable,
+                str(ROOT / "train.py"),
+                *COMMON,
+                *overrides,
+                f"hydra.run.dir={folder}",
+                "threads=1",
+            ]
             print(kind, name, flush=True)
             with open(out / "generate.log", "a") as log:
                 subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, check=False)
@@ -109,7 +160,7 @@ def blew_up(trace: list[tuple[int, float]], summary: dict) -> int | None:
     """The ground truth: the step the loss blew up for good, independent of the rule."""
     losses = [v for _, v in trace]
     for i in range(1, len(losses)):
-        before = [v for v in losses[max(0, i - 50):i] if math.isfinite(v)]
+        before = [v for v in losses[max(0, i - 50) : i] if math.isfinite(v)]
         if not before:
             continue
         ref = statistics.median(before)
@@ -149,13 +200,20 @@ def score(out: Path, json_path: Path | None, settings: dict | None = None) -> No
             if callable(finish):
                 finish()
             verdict = monitor.summary()
-            rows.append({
-                "set": kind, "run": folder.name, "steps": len(trace),
-                "truth_step": truth, "rule_step": verdict.get("step"),
-                "verdict": verdict.get("verdict", "diverged" if verdict.get("step") else "stable"),
-                "spikes": verdict.get("spikes"),
-                "max_over_median": max_ratio(trace),
-            })
+            rows.append(
+                {
+                    "set": kind,
+                    "run": folder.name,
+                    "steps": len(trace),
+                    "truth_step": truth,
+                    "rule_step": verdict.get("step"),
+                    "verdict": verdict.get(
+                        "verdict", "diverged" if verdict.get("step") else "stable"
+                    ),
+                    "spikes": verdict.get("spikes"),
+                    "max_over_median": max_ratio(trace),
+                }
+            )
     fp = [r for r in rows if r["truth_step"] is None and r["rule_step"] is not None]
     real = [r for r in rows if r["truth_step"] is not None]
     caught = [r for r in real if r["rule_step"] is not None or r["verdict"] == "collapsed"]
@@ -165,9 +223,11 @@ def score(out: Path, json_path: Path | None, settings: dict | None = None) -> No
         "detections": f"{len(caught)} of {len(real)}",
     }
     for r in rows:
-        print(f"{r['set']:7s} {r['run']:34s} steps {r['steps']:5d} truth {r['truth_step']!s:>6s} "
-              f"rule {r['rule_step']!s:>6s} {r['verdict']:9s} spikes {r['spikes']!s:>4s} "
-              f"max/median {r['max_over_median']:.1f}")
+        print(
+            f"{r['set']:7s} {r['run']:34s} steps {r['steps']:5d} truth {r['truth_step']!s:>6s} "
+            f"rule {r['rule_step']!s:>6s} {r['verdict']:9s} spikes {r['spikes']!s:>4s} "
+            f"max/median {r['max_over_median']:.1f}"
+        )
     print("false positives:", result["false_positives"], " detections:", result["detections"])
     if json_path:
         json_path.write_text(json.dumps(result, indent=1) + "\n")
@@ -178,7 +238,7 @@ def max_ratio(trace: list[tuple[int, float]]) -> float:
     best = 0.0
     losses = [v for _, v in trace]
     for i in range(10, len(losses)):
-        before = [v for v in losses[max(0, i - 50):i] if math.isfinite(v)]
+        before = [v for v in losses[max(0, i - 50) : i] if math.isfinite(v)]
         if before and math.isfinite(losses[i]):
             best = max(best, losses[i] / max(statistics.median(before), 1e-12))
     return best
@@ -189,8 +249,13 @@ def main() -> None:
     p.add_argument("command", choices=["generate", "score"])
     p.add_argument("--out", type=Path, default=Path("/tmp/divergence_traces"))
     p.add_argument("--json", type=Path, default=None)
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="score with a monitor option changed, e.g. --set persist_steps=1")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="score with a monitor option changed, e.g. --set persist_steps=1",
+    )
     a = p.parse_args()
     settings = {k: json.loads(v) for k, v in (item.split("=", 1) for item in a.set)}
     generate(a.out) if a.command == "generate" else score(a.out, a.json, settings)
