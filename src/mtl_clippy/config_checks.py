@@ -738,7 +738,8 @@ def _method_sets(path: Any, method: str) -> dict[str, Any]:
 def clipping_of(cfg: Any) -> str:
     """The gradient clipping a run's config really does, named as the ``grad_clip`` choices
     are: ``none``, ``norm`` (Lightning's ``trainer.gradient_clip_val`` with the ``norm``
-    algorithm), ``value`` (the ``value`` algorithm), ``agc`` (a ``callbacks.agc`` entry), or
+    algorithm), ``value`` (the ``value`` algorithm), ``agc`` (a ``callbacks.agc`` entry, or
+    any callbacks entry of AGC's class), or
     two joined by ``+``. A command line can set these keys without the group
     (``trainer.gradient_clip_val=1.0`` under ``grad_clip=none``)."""
     kinds = []

@@ -63,7 +63,8 @@ def _moved_state(state: dict[str, Any], new: str) -> dict[str, Any] | None:
         except (TypeError, ValueError):  # not under the old dirpath: left as it is
             return path
 
-    if not Path(move(best)).is_file() or move(best) == best:
+    moved = move(best)
+    if moved == best or not Path(moved).is_file():
         return None
     out = dict(state, dirpath=new)
     for key in ("best_model_path", "kth_best_model_path", "last_model_path"):

@@ -466,8 +466,8 @@ class DivergenceMonitor(pl.Callback):
         # mean over its micro-batches).
         micro, self._micro = self._micro, []
         accumulate = int(getattr(trainer, "accumulate_grad_batches", 1) or 1)
-        if len(micro) == 1:
-            step_loss = micro[0] * accumulate if accumulate > 1 else micro[0]
+        if accumulate == 1:  # no accumulation: the micro-batch is the step
+            step_loss = micro[0]
         else:
             step_loss = torch.stack(micro).sum() * (accumulate / len(micro))
         self._pending.append((step, step_loss))

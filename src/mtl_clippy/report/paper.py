@@ -63,7 +63,7 @@ from matplotlib.figure import Figure
 from mtl_clippy.atomic import write_atomically
 from mtl_clippy.data.schema import TASKS
 from mtl_clippy.report.sweep import variant_of
-from mtl_clippy.summary import METRICS_FILE, RunSummary
+from mtl_clippy.summary import METRICS_FILE, RunSummary, finite_or_none
 from mtl_clippy.summary import stability_of as read_stability
 
 __all__ = [
@@ -272,7 +272,7 @@ def read_runs(root: str | Path) -> tuple[list[Run], list[str]]:
         optim = choices.get("optim") or s.optim
         test = s.test or {}
         # a NaN or infinite AUC (a hand-edited file; runs write null) is no measurement
-        auc = {t: _finite_or_none(test.get(f"auc_{t}")) for t in (*TASKS, "mean")}
+        auc = {t: finite_or_none(test.get(f"auc_{t}")) for t in (*TASKS, "mean")}
         if auc["mean"] is None and all(auc[t] is not None for t in TASKS):
             auc["mean"] = sum(auc[t] for t in TASKS) / len(TASKS)
         csv = folder / "csv" / "metrics.csv"
@@ -349,12 +349,15 @@ def _drop_duplicates(runs: list[Run], problems: list[str]) -> list[Run]:
     result (completed or diverged) before one without (failed, interrupted), then the one
     whose ``metrics.json`` was written last (the other gets a line in ``problems``)."""
 
+    def finished(r: Run) -> bool:
+        return r.status in ("completed", "diverged")
+
     def written(r: Run) -> tuple[bool, float]:
         try:
             mtime = (r.folder / METRICS_FILE).stat().st_mtime
         except OSError:
             mtime = -math.inf
-        return (r.status in ("completed", "diverged"), mtime)
+        return (finished(r), mtime)
 
     kept: dict[tuple[Any, ...], Run] = {}
     for r in runs:
@@ -372,7 +375,7 @@ def _drop_duplicates(runs: list[Run], problems: list[str]) -> list[Run]:
             f"{r.seed}) as {new.job}, "
             + (
                 "whose metrics.json is newer"
-                if written(new)[0] == written(old)[0]
+                if finished(new) == finished(old)
                 else f"which is {new.status} (this one {old.status})"
             )
             + ": left out"
@@ -463,14 +466,6 @@ def largest_stable_lr(runs: Iterable[Run]) -> float | None:
     """The largest learning rate at which every run (every seed) is stable; None if none."""
     ok = [lr for lr, cell in _cells(runs).items() if all(r.stable for r in cell)]
     return max(ok) if ok else None
-
-
-def _finite_or_none(value: object) -> float | None:
-    try:
-        v = float(value)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        return None
-    return v if math.isfinite(v) else None
 
 
 def best_stable_lr(runs: Iterable[Run]) -> float | None:
