@@ -346,8 +346,9 @@ def test_fused_dense_path_matches_reference(case, fused_enabled):
     assert opt.implementation() == {
         "dense": ["fused"],
         "sparse": False,
+        "sparse_paths": [],
         "fallback": None,
-        "groups": [{"dense": ["fused"], "sparse": False, "fallback": None}],
+        "groups": [{"dense": ["fused"], "sparse": False, "sparse_paths": [], "fallback": None}],
     }
 
 
@@ -539,8 +540,12 @@ def test_implementation_reports_paths_per_group():
     opt.step()
     used = opt.implementation()
     assert used["dense"] == ["foreach"] and used["sparse"] is True and used["fallback"] is None
-    assert used["groups"][0] == {"dense": ["foreach"], "sparse": False, "fallback": None}
-    assert used["groups"][1] == {"dense": [], "sparse": True, "fallback": None}
+    assert used["groups"][0] == {
+        "dense": ["foreach"], "sparse": False, "sparse_paths": [], "fallback": None
+    }
+    assert used["groups"][1] == {
+        "dense": [], "sparse": True, "sparse_paths": ["kernel"], "fallback": None
+    }
 
 
 # ----------------------------------------------------------------------------- a sweep

@@ -127,8 +127,10 @@ def test_what_a_run_writes_today_reads_back():
     rates per field) pass the type check: a run's own file is never refused."""
     today = {
         **COMPLETED,
-        "optimizer_path": {"dense": ["single"], "sparse": False, "fallback": None,
-                           "groups": [{"dense": ["single"], "sparse": False, "fallback": None}]},
+        "optimizer_path": {"dense": ["single"], "sparse": True, "sparse_paths": ["kernel"],
+                           "fallback": None,
+                           "groups": [{"dense": ["single"], "sparse": True,
+                                       "sparse_paths": ["kernel"], "fallback": None}]},
         "oov_rate": {"train": 0.05, "per_field": {"train": {"categorical_1": 0.0}},
                      "min_count": 5, "untrained": ["categorical_5"]},
         "bayes": {"auc_click": 0.7, "logloss_click": 0.1},

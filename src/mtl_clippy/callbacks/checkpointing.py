@@ -368,6 +368,7 @@ class ResumeState(pl.Callback):
                     int(i): {
                         "dense": sorted(r["dense"]),
                         "sparse": bool(r["sparse"]),
+                        "sparse_paths": sorted(r.get("sparse_paths", ())),
                         "fallback": r["fallback"],
                     }
                     for i, r in paths.items()
@@ -399,6 +400,7 @@ class ResumeState(pl.Callback):
                 rec = opt._record(int(i))
                 rec["dense"] |= set(r["dense"])
                 rec["sparse"] = rec["sparse"] or bool(r["sparse"])
+                rec["sparse_paths"] |= set(r.get("sparse_paths", ()))
                 rec["fallback"] = rec["fallback"] or r["fallback"]
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

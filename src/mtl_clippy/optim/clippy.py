@@ -35,6 +35,8 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from mtl_clippy.optim import _sparse_kernel
+
 __all__ = ["ClippyAdagrad", "ClippyWorkspace", "clippy_adagrad", "clippy_step"]
 
 # dtypes the compiled (fused) path handles. bfloat16 is computed by inductor in float32 and
@@ -300,11 +302,12 @@ class ClippyAdagrad(Optimizer):
     def implementation(self) -> dict[str, Any]:
         """Which implementations this optimizer's steps actually ran, for the record.
 
-        ``{"dense": [...], "sparse": bool, "fallback": None | str, "groups": [...]}``: the dense
-        paths used (``"fused"``, ``"foreach"``, ``"single"``), whether the sparse (row) path
-        ran, and the reason the compiled path had to give way to an eager one (None if it never
-        did); ``groups`` has the same three entries for each param group. Empty before the
-        first step.
+        ``{"dense": [...], "sparse": bool, "sparse_paths": [...], "fallback": None | str,
+        "groups": [...]}``: the dense paths used (``"fused"``, ``"foreach"``, ``"single"``),
+        whether the sparse (row) path ran and how (``"kernel"``: the C++ kernel; ``"eager"``:
+        torch operations), and the reason a compiled path (the dense step's or the sparse
+        kernel) had to give way to an eager one (None if it never did); ``groups`` has the same
+        entries for each param group. Empty before the first step.
         """
         groups = []
         for i in range(len(self.param_groups)):
@@ -313,12 +316,14 @@ class ClippyAdagrad(Optimizer):
                 {
                     "dense": sorted(rec["dense"]),
                     "sparse": rec["sparse"],
+                    "sparse_paths": sorted(rec.get("sparse_paths", ())),
                     "fallback": rec["fallback"],
                 }
             )
         return {
             "dense": sorted({p for g in groups for p in g["dense"]}),
             "sparse": any(g["sparse"] for g in groups),
+            "sparse_paths": sorted({p for g in groups for p in g["sparse_paths"]}),
             "fallback": next((g["fallback"] for g in groups if g["fallback"]), None),
             "groups": groups,
         }
@@ -341,7 +346,7 @@ def _check_options(options: dict[str, Any]) -> None:
 
 
 def _new_record() -> dict[str, Any]:
-    return {"dense": set(), "sparse": False, "fallback": None}
+    return {"dense": set(), "sparse": False, "sparse_paths": set(), "fallback": None}
 
 
 # ---------------------------------------------------------------------- the functional entry
@@ -390,6 +395,23 @@ class ClippyWorkspace:
         self.buffers: dict[tuple, Tensor] = {}
         self.compiled: dict[tuple, Callable[..., list[Tensor]]] = {}
         self.compile_failures: dict[tuple, str] = {}
+
+    def row_slots(self, rows: int) -> Tensor:
+        """The sparse kernel's row -> slot map: int32, at least ``rows`` long, all -1 between
+        steps (the kernel restores it). One for all the group's tables, grown on demand."""
+        slots = self.buffers.get(("row_slots",))
+        if slots is None or slots.numel() < rows:
+            slots = self.buffers[("row_slots",)] = torch.full((rows,), -1, dtype=torch.int32)
+        return slots
+
+    def sparse_sums(self, like: Tensor) -> Tensor:
+        """The sparse kernel's buffer for the summed gradients of rows hit more than once
+        (1-D; the kernel grows it when a step needs more)."""
+        key = ("sparse_sums", like.dtype)
+        buf = self.buffers.get(key)
+        if buf is None:
+            buf = self.buffers[key] = torch.empty(0, dtype=like.dtype)
+        return buf
 
     def scratch(self, kind: str, rows: int, numel: int, like: Tensor) -> Tensor:
         """``rows`` contiguous rows of at least ``numel`` elements of ``like``'s device and
@@ -468,8 +490,10 @@ def clippy_adagrad(
     dense: list[int] = []
     for i, (w, g) in enumerate(zip(params, grads, strict=True)):
         if g.is_sparse:
-            sigmas[i] = _sparse_clippy_adagrad(w, g, accs[i], lr=lr, hp=hp, workspace=workspace)
             record["sparse"] = True
+            sigmas[i] = _sparse_clippy_adagrad(
+                w, g, accs[i], lr=lr, hp=hp, workspace=workspace, record=record
+            )
         elif w.numel() == 0:
             sigmas[i] = torch.ones((), dtype=w.dtype, device=w.device)
         else:
@@ -908,6 +932,77 @@ def _warn_fallback(device: str, dtype: str, reason: str) -> None:
 
 
 def _sparse_clippy_adagrad(
+    p: Tensor,
+    grad: Tensor,
+    acc: Tensor,
+    *,
+    lr: float,
+    hp: _Hyper,
+    workspace: ClippyWorkspace,
+    record: dict[str, Any],
+) -> Tensor:
+    """One step of a parameter with a row-sparse COO gradient; returns sigma.
+
+    On the CPU, for float32 and float64 contiguous tables, the fused C++ kernel
+    (``_sparse_kernel``): one pass over the ids, then two parallel passes over the touched rows
+    (sum duplicates and reduce sigma; update), nothing allocated in proportion to the table.
+    Elsewhere, or where the kernel cannot be built, the eager path below: the same numbers.
+    """
+    if grad.sparse_dim() != 1:
+        raise ValueError(
+            "ClippyAdagrad: sparse gradients must be row-sparse (COO with one sparse dimension, "
+            f"as nn.Embedding(sparse=True) produces); got {grad.sparse_dim()} sparse dimensions"
+        )
+    if hp.wd != 0.0:  # decoupled decay applies to the whole tensor, as in the dense case
+        if p.device.type == "cpu":  # a bad row index must fail before anything is written
+            _check_rows(grad._indices()[0], p.shape[0])
+        p.add_(p, alpha=-(hp.wd * lr))
+    if _kernel_applies(p, acc, grad):
+        op = _sparse_kernel.sparse_step()
+        if op is not None:
+            record["sparse_paths"].add("kernel")
+            ids, vals = grad._indices()[0], grad._values()
+            nnz = ids.numel()
+            if nnz == 0 or p.numel() == 0:
+                return torch.ones((), dtype=p.dtype, device=p.device)
+            return op(
+                p, acc, ids.contiguous(), vals.contiguous().view(nnz, -1),
+                workspace.row_slots(p.shape[0]), workspace.sparse_sums(p),
+                lr, hp.eps, hp.rel, hp.acc_rel, hp.abs_t, hp.clip_acc, hp.standard,
+            )  # fmt: skip
+        record["fallback"] = record["fallback"] or _sparse_kernel.failure()
+    record["sparse_paths"].add("eager")
+    return _sparse_eager(p, grad, acc, lr=lr, hp=hp, workspace=workspace)
+
+
+def _check_rows(ids: Tensor, rows: int) -> None:
+    """Refuse row indices outside ``[0, rows)`` (the kernel checks them too, before it writes;
+    this is for the weight decay, which writes the whole table first)."""
+    if ids.numel() == 0:
+        return
+    lo, hi = (int(v) for v in torch.aminmax(ids))
+    if lo < 0 or hi >= rows:
+        bad = lo if lo < 0 else hi
+        raise RuntimeError(
+            f"ClippyAdagrad: sparse gradient row index {bad} is outside the parameter's "
+            f"{rows} rows"
+        )
+
+
+def _kernel_applies(p: Tensor, acc: Tensor, grad: Tensor) -> bool:
+    """Whether the C++ kernel handles this tensor: CPU, float32/float64, contiguous."""
+    return (
+        p.device.type == "cpu"
+        and p.dtype in (torch.float32, torch.float64)
+        and grad.dtype == p.dtype
+        and acc.dtype == p.dtype
+        and p.dim() >= 1
+        and p.is_contiguous()
+        and acc.is_contiguous()
+    )
+
+
+def _sparse_eager(
     p: Tensor, grad: Tensor, acc: Tensor, *, lr: float, hp: _Hyper, workspace: ClippyWorkspace
 ) -> Tensor:
     """Update only the rows present in a row-sparse COO gradient; returns sigma.
@@ -920,13 +1015,6 @@ def _sparse_clippy_adagrad(
     data-dependent, so on a GPU ``torch.unique`` waits for the device once, as ``coalesce``
     does in torch's own sparse Adagrad.
     """
-    if grad.sparse_dim() != 1:
-        raise ValueError(
-            "ClippyAdagrad: sparse gradients must be row-sparse (COO with one sparse dimension, "
-            f"as nn.Embedding(sparse=True) produces); got {grad.sparse_dim()} sparse dimensions"
-        )
-    if hp.wd != 0.0:  # decoupled decay applies to the whole tensor, as in the dense case
-        p.add_(p, alpha=-(hp.wd * lr))
     row_shape = tuple(p.shape[1:])
     width = math.prod(row_shape)
     if grad.is_coalesced():

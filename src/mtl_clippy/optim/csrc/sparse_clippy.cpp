@@ -1,0 +1,231 @@
+// One fused Clippy AdaGrad step of a row-sparse gradient on the CPU (see _sparse_kernel.py).
+//
+// Semantics: exactly those of the dense step with a gradient that is zero on every untouched
+// row. Duplicate ids are summed, sigma is the minimum of bound / |delta| over the touched rows
+// (0/0 counts as 1), and only the touched rows of the weight and the accumulator change.
+//
+// Work: one sequential pass over the ids (each distinct row gets a slot; `slots` is an int32
+// array of at least the table's row count, all -1 on entry and on exit), then two parallel
+// passes over the distinct rows: (A) sum duplicates and reduce sigma, (B) update the rows.
+// No temporaries proportional to the table; the duplicate sums go to `scratch`, grown only when
+// too small. The arithmetic is the dense eager step's, operation for operation:
+// 1 / sqrt(acc + eps), (g * lr) * p, |w| * rel + abs [+ p * acc_rel], bound / |delta|, with a
+// fused multiply-add exactly where ATen's kernels use one (addcmul_ for acc += g * g and
+// w -= delta * sigma, add_ with alpha for the acc_rel term); the build turns contraction off
+// everywhere else. On distinct ids the result was bit-for-bit the dense step's (torch 2.13).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+namespace {
+
+using at::vec::Vectorized;
+
+template <typename T>
+struct Hyper {
+  T lr, eps, rel, acc_rel, abs_t;
+  bool has_acc_rel, clip_acc, standard;
+};
+
+// bound / |delta| of one element, 0/0 -> 1; the scalar form of row_ratio_min's vector lanes.
+template <typename T>
+inline T ratio_of(T w, T g, T a, const Hyper<T>& h) {
+  if (h.standard) a = std::fma(g, g, a);
+  const T p = T(1) / std::sqrt(a + h.eps);
+  const T delta = (g * h.lr) * p;
+  T bound = std::abs(w) * h.rel + h.abs_t;
+  if (h.has_acc_rel) bound = std::fma(p, h.acc_rel, bound);
+  const T r = bound / std::abs(delta);
+  return std::isnan(r) ? T(1) : r;
+}
+
+template <typename T>
+inline void update_one(T* w, const T g, T* acc, const T sigma, const Hyper<T>& h) {
+  T a = *acc;
+  if (h.standard) a = std::fma(g, g, a);
+  const T p = T(1) / std::sqrt(a + h.eps);
+  const T delta = (g * h.lr) * p;
+  if (h.standard) {
+    *acc = a;
+  } else if (h.clip_acc) {
+    const T sg = g * sigma;
+    *acc = std::fma(sg, sg, a);
+  } else {
+    *acc = std::fma(g, g, a);
+  }
+  *w = std::fma(-delta, sigma, *w);
+}
+
+template <typename T>
+T row_ratio_min(const T* w, const T* g, const T* acc, int64_t d, const Hyper<T>& h, T m) {
+  using V = Vectorized<T>;
+  constexpr int64_t L = V::size();
+  const V lr(h.lr), eps(h.eps), rel(h.rel), acc_rel(h.acc_rel), abs_t(h.abs_t), one(T(1));
+  V vm(m);
+  int64_t i = 0;
+  for (; i + L <= d; i += L) {
+    const V gv = V::loadu(g + i);
+    V a = V::loadu(acc + i);
+    if (h.standard) a = at::vec::fmadd(gv, gv, a);
+    const V p = one / (a + eps).sqrt();
+    const V delta = (gv * lr) * p;
+    V bound = V::loadu(w + i).abs() * rel + abs_t;
+    if (h.has_acc_rel) bound = at::vec::fmadd(p, acc_rel, bound);
+    V r = bound / delta.abs();
+    r = V::blendv(r, one, r.isnan());
+    vm = at::vec::minimum(vm, r);
+  }
+  T lanes[L];
+  vm.store(lanes);
+  for (int64_t k = 0; k < L; ++k) m = std::min(m, lanes[k]);
+  for (; i < d; ++i) m = std::min(m, ratio_of(w[i], g[i], acc[i], h));
+  return m;
+}
+
+template <typename T>
+void row_update(T* w, const T* g, T* acc, int64_t d, const T sigma, const Hyper<T>& h) {
+  using V = Vectorized<T>;
+  constexpr int64_t L = V::size();
+  const V lr(h.lr), eps(h.eps), one(T(1)), s(sigma);
+  int64_t i = 0;
+  for (; i + L <= d; i += L) {
+    const V gv = V::loadu(g + i);
+    V a = V::loadu(acc + i);
+    if (h.standard) a = at::vec::fmadd(gv, gv, a);
+    const V p = one / (a + eps).sqrt();
+    const V delta = (gv * lr) * p;
+    if (h.standard) {
+      a.store(acc + i);
+    } else if (h.clip_acc) {
+      const V sg = gv * s;
+      at::vec::fmadd(sg, sg, a).store(acc + i);
+    } else {
+      at::vec::fmadd(gv, gv, a).store(acc + i);
+    }
+    at::vec::fmadd(V(T(0)) - delta, s, V::loadu(w + i)).store(w + i);
+  }
+  for (; i < d; ++i) update_one(w + i, g[i], acc + i, sigma, h);
+}
+
+template <typename T>
+at::Tensor step_impl(at::Tensor& w, at::Tensor& acc, const at::Tensor& ids, const at::Tensor& vals,
+                     at::Tensor& slots, at::Tensor& scratch, const Hyper<T>& h) {
+  const int64_t n_table = w.size(0);
+  const int64_t nnz = ids.numel();
+  const int64_t d = nnz == 0 ? 0 : vals.numel() / nnz;
+  T* wp = w.data_ptr<T>();
+  T* ap = acc.data_ptr<T>();
+  const T* vp = vals.data_ptr<T>();
+  const int64_t* idp = ids.data_ptr<int64_t>();
+  int32_t* slot = slots.data_ptr<int32_t>();
+
+  // Sequential pass over the ids: slot of each distinct row, its first occurrence, and a chain
+  // through the later ones (in order of appearance).
+  std::vector<int64_t> rows, first;
+  std::vector<int32_t> count;
+  std::vector<int64_t> next(nnz, -1), last;
+  rows.reserve(nnz);
+  for (int64_t j = 0; j < nnz; ++j) {
+    const int64_t id = idp[j];
+    if (id < 0 || id >= n_table) {
+      for (const int64_t r : rows) slot[r] = -1;  // leave the slot array as it was given
+      TORCH_CHECK(false, "ClippyAdagrad: sparse gradient row index ", id,
+                  " is outside the parameter's ", n_table, " rows");
+    }
+    const int32_t s = slot[id];
+    if (s < 0) {
+      slot[id] = static_cast<int32_t>(rows.size());
+      rows.push_back(id);
+      first.push_back(j);
+      last.push_back(j);
+      count.push_back(1);
+    } else {
+      next[last[s]] = j;
+      last[s] = j;
+      count[s] += 1;
+    }
+  }
+  for (const int64_t r : rows) slot[r] = -1;
+  const int64_t n_rows = static_cast<int64_t>(rows.size());
+
+  // Rows hit more than once get their summed gradient in scratch.
+  std::vector<int64_t> dup(n_rows, -1);
+  int64_t n_dup = 0;
+  for (int64_t s = 0; s < n_rows; ++s)
+    if (count[s] > 1) dup[s] = n_dup++;
+  if (scratch.numel() < n_dup * d) scratch.resize_({n_dup * d});
+  T* sp = scratch.data_ptr<T>();
+
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(d, 1));
+  const int n_threads = at::get_num_threads();
+  std::vector<T> mins(static_cast<size_t>(n_threads) + 1, T(1));
+  at::parallel_for(0, n_rows, grain, [&](int64_t begin, int64_t end) {
+    const int t = std::min(at::get_thread_num(), n_threads);
+    T m = mins[t];
+    for (int64_t s = begin; s < end; ++s) {
+      const T* g = vp + first[s] * d;
+      if (dup[s] >= 0) {
+        T* sum = sp + dup[s] * d;
+        std::copy(g, g + d, sum);
+        for (int64_t j = next[first[s]]; j >= 0; j = next[j]) {
+          const T* v = vp + j * d;
+          for (int64_t i = 0; i < d; ++i) sum[i] = sum[i] + v[i];
+        }
+        g = sum;
+      }
+      m = row_ratio_min(wp + rows[s] * d, g, ap + rows[s] * d, d, h, m);
+    }
+    mins[t] = m;
+  });
+  T sigma = T(1);
+  for (const T m : mins) sigma = std::min(sigma, m);
+
+  at::parallel_for(0, n_rows, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t s = begin; s < end; ++s) {
+      const T* g = dup[s] >= 0 ? sp + dup[s] * d : vp + first[s] * d;
+      row_update(wp + rows[s] * d, g, ap + rows[s] * d, d, sigma, h);
+    }
+  });
+  return at::scalar_tensor(sigma, w.options());
+}
+
+at::Tensor sparse_step(at::Tensor w, at::Tensor acc, at::Tensor ids, at::Tensor vals,
+                       at::Tensor slots, at::Tensor scratch, double lr, double eps, double rel,
+                       double acc_rel, double abs_t, bool clip_acc, bool standard) {
+  TORCH_CHECK(w.device().is_cpu() && w.is_contiguous() && acc.is_contiguous() &&
+                  vals.is_contiguous() && ids.is_contiguous(),
+              "mtl_clippy sparse_step: CPU tensors, contiguous");
+  TORCH_CHECK(acc.sizes() == w.sizes() && acc.scalar_type() == w.scalar_type() &&
+                  vals.scalar_type() == w.scalar_type() && scratch.scalar_type() == w.scalar_type(),
+              "mtl_clippy sparse_step: accumulator, values and scratch must match the weight");
+  TORCH_CHECK(ids.scalar_type() == at::kLong && ids.dim() == 1, "ids: int64, one dimension");
+  TORCH_CHECK(slots.scalar_type() == at::kInt && slots.numel() >= w.size(0),
+              "slots: int32, at least one per row");
+  TORCH_CHECK(vals.size(0) == ids.numel() && vals.numel() == ids.numel() * (w.numel() / std::max<int64_t>(w.size(0), 1)),
+              "values: one row of the weight's width per id");
+  at::Tensor sigma;
+  AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "mtl_clippy_sparse_step", [&] {
+    const Hyper<scalar_t> h{static_cast<scalar_t>(lr), static_cast<scalar_t>(eps),
+                            static_cast<scalar_t>(rel), static_cast<scalar_t>(acc_rel),
+                            static_cast<scalar_t>(abs_t), acc_rel != 0.0, clip_acc, standard};
+    sigma = step_impl<scalar_t>(w, acc, ids, vals, slots, scratch, h);
+  });
+  return sigma;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(mtl_clippy_sparse, m) {
+  m.def(
+      "sparse_step(Tensor(a!) w, Tensor(b!) acc, Tensor ids, Tensor vals, Tensor(c!) slots, "
+      "Tensor(d!) scratch, float lr, float eps, float rel, float acc_rel, float abs_t, "
+      "bool clip_acc, bool standard) -> Tensor");
+  m.impl("sparse_step", c10::DispatchKey::CPU, &sparse_step);
+}

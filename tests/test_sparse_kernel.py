@@ -1,0 +1,274 @@
+"""The C++ kernel of Clippy's sparse (row) step, against the NumPy reference and the eager path.
+
+The kernel is built on first use (``mtl_clippy.optim._sparse_kernel``). Where no C++ compiler or
+ninja exists the tests that need it are skipped, and those of the fallback still run: the
+optimizer must then take the eager path, say why, and give the same numbers. Rows here are
+wide enough (up to 129 values) for the kernel's vector lanes and its scalar tail, and tables
+large enough for its multi-threaded passes; ``test_clippy_properties.py`` covers the small rows
+and every id pattern on the default path (the kernel, where it builds).
+"""
+
+from __future__ import annotations
+
+import shutil
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from mtl_clippy.optim import ClippyAdagrad
+from mtl_clippy.optim import _sparse_kernel
+from test_clippy_properties import (
+    INIT_ACC,
+    NP_DTYPE,
+    TOL,
+    assert_close,
+    make_opt,
+    options,
+    random_values,
+    random_weights,
+    ref_kw,
+    ref_step,
+)
+
+HAS_TOOLS = shutil.which("c++") is not None and shutil.which("ninja") is not None
+
+
+def kernel_or_skip():
+    op = _sparse_kernel.sparse_step()
+    if op is None:
+        pytest.skip(f"the sparse kernel is not available here: {_sparse_kernel.failure()}")
+    return op
+
+
+@pytest.fixture
+def fresh_kernel_state(monkeypatch):
+    """A process in which the kernel has not been tried yet (restored afterwards)."""
+    monkeypatch.setattr(_sparse_kernel, "_state", {"tried": False, "op": None, "failure": None})
+
+
+@pytest.mark.skipif(not HAS_TOOLS, reason="no C++ compiler or ninja on this machine")
+def test_kernel_builds_where_a_compiler_exists():
+    """With a compiler and ninja the kernel must build: a broken build is a failure here, not
+    a silent fallback."""
+    assert _sparse_kernel.sparse_step() is not None, _sparse_kernel.failure()
+
+
+def draw_ids(rng, kind, rows, n):
+    """Ids of one batch: uniform, heavy-headed (Zipf-like: many duplicates), distinct in any
+    order, sorted distinct, one row repeated, or none."""
+    if kind == "empty" or n == 0:
+        return np.zeros(0, dtype=np.int64)
+    if kind == "uniform":
+        return rng.integers(0, rows, n)
+    if kind == "zipf":
+        return (rng.zipf(1.3, n) - 1) % rows
+    if kind == "one":
+        return np.full(n, rng.integers(0, rows))
+    ids = rng.permutation(rows)[: min(n, rows)]
+    return np.sort(ids) if kind == "sorted" else ids
+
+
+@st.composite
+def wide_case(draw):
+    return dict(
+        rows=draw(st.sampled_from([1, 3, 40, 700, 3000])),
+        row_shape=draw(st.sampled_from([(1,), (7,), (8,), (16,), (17,), (33,), (64,), (2, 9),
+                                        (129,)])),
+        dtype=draw(st.sampled_from([torch.float32, torch.float64])),
+        opts=draw(options()),
+        lr=draw(st.sampled_from([0.01, 0.3, 2.0])),
+        kinds=draw(st.lists(st.sampled_from(["uniform", "zipf", "distinct", "sorted", "one",
+                                             "empty"]), min_size=1, max_size=3)),
+        coalesce=draw(st.booleans()),
+        seed=draw(st.integers(0, 2**32 - 1)),
+    )  # fmt: skip
+
+
+@given(case=wide_case())
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+def test_kernel_equals_reference_and_eager_path(case, monkeypatch):
+    """Random tables, widths, options and id patterns over several steps: the kernel gives the
+    NumPy reference's numbers and the eager sparse path's (run with the kernel disabled)."""
+    kernel_or_skip()
+    dtype, np_dtype = case["dtype"], NP_DTYPE[case["dtype"]]
+    shape = (case["rows"], *case["row_shape"])
+    rng = np.random.default_rng(case["seed"])
+    w0 = random_weights(rng, shape, np_dtype)
+    w_k, w_e = nn.Parameter(torch.tensor(w0)), nn.Parameter(torch.tensor(w0))
+    opt_k = make_opt([w_k], case["opts"], case["lr"])
+    opt_e = make_opt([w_e], case["opts"], case["lr"])
+    ref_w, ref_a = w0.copy(), np.full(shape, INIT_ACC, dtype=np_dtype)
+    for kind in case["kinds"]:
+        ids = draw_ids(rng, kind, case["rows"], int(rng.integers(1, 2 * case["rows"] + 2)))
+        vals = random_values(rng, (len(ids), *case["row_shape"]), np_dtype)
+        grad = torch.sparse_coo_tensor(
+            torch.tensor(ids, dtype=torch.long).reshape(1, -1), torch.tensor(vals), shape,
+            check_invariants=False,
+        )
+        if case["coalesce"]:
+            grad = grad.coalesce()
+        w_k.grad, w_e.grad = grad, grad.clone()
+        opt_k.step()
+        with monkeypatch.context() as m:
+            m.setenv("MTL_CLIPPY_DISABLE_SPARSE_KERNEL", "1")
+            opt_e.step()
+        dense_g = np.zeros(shape, dtype=np_dtype)
+        np.add.at(dense_g, ids, vals)
+        ref_w, ref_a, sigma = ref_step(ref_w, dense_g, ref_a, lr=case["lr"], **ref_kw(case["opts"]))
+        what = f"{kind} ids, {len(ids)} of {case['rows']} rows"
+        assert_close(w_k, ref_w, dtype, f"weights, {what}")
+        assert_close(opt_k.state[w_k]["sum"], ref_a, dtype, f"accumulator, {what}")
+        assert_close(opt_k.state[w_k]["clipping_factor"], sigma, dtype, f"sigma, {what}")
+        assert_close(w_k, w_e.detach().double().numpy(), dtype, f"kernel vs eager, {what}")
+        assert_close(
+            opt_k.state[w_k]["sum"], opt_e.state[w_e]["sum"].double().numpy(), dtype, what
+        )
+    assert opt_k.implementation()["sparse_paths"] == ["kernel"]
+    assert opt_e.implementation()["sparse_paths"] == ["eager"]
+
+
+def table_case(rows=20_000, dim=64, n=12_000, seed=0, dtype=torch.float32):
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(rows, dim, generator=gen, dtype=dtype) * 0.1
+    ids = torch.randint(0, rows, (n,), generator=gen)
+    ids[: n // 4] = ids[0]  # one heavy row, and ordinary duplicates
+    vals = torch.randn(n, dim, generator=gen, dtype=dtype) * 0.01
+    vals[5, 3] = 50.0  # an outlier: sigma well below 1
+    return w, torch.sparse_coo_tensor(ids[None], vals, (rows, dim))
+
+
+def step_table(w0, grad, threads, **kw):
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        w = nn.Parameter(w0.clone())
+        opt = ClippyAdagrad([w], lr=0.3, variable_relative_threshold=0.5, **kw)
+        for _ in range(2):
+            w.grad = grad
+            opt.step()
+        return w.detach(), opt.state[w]["sum"], opt.state[w]["clipping_factor"], opt
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_threads_change_nothing(dtype):
+    """A table large enough for the kernel's parallel passes: one thread and two give the same
+    bits (rows are independent; sigma is a minimum), and sigma is below 1."""
+    kernel_or_skip()
+    w0, grad = table_case(dtype=dtype)
+    one = step_table(w0, grad, 1)
+    two = step_table(w0, grad, 2)
+    for a, b in zip(one[:3], two[:3], strict=True):
+        assert torch.equal(a, b)
+    assert 0 < float(one[2]) < 1
+    assert one[3].implementation()["sparse_paths"] == ["kernel"]
+
+
+def test_two_tables_of_different_sizes_in_one_group(monkeypatch):
+    """The tables of one param group share the kernel's row map; each gets its own numbers."""
+    kernel_or_skip()
+    results = []
+    for disable in ("", "1"):
+        monkeypatch.setenv("MTL_CLIPPY_DISABLE_SPARSE_KERNEL", disable)
+        torch.manual_seed(0)
+        big, small = nn.Embedding(5000, 24, sparse=True), nn.Embedding(30, 24, sparse=True)
+        opt = ClippyAdagrad([*big.parameters(), *small.parameters()], lr=0.5)
+        for _ in range(3):
+            ids = torch.randint(0, 30, (200,))
+            (big(ids * 150).sum() + small(ids).pow(2).sum()).backward()
+            opt.step()
+            opt.zero_grad()
+        results.append((big.weight.detach().clone(), small.weight.detach().clone()))
+    for k, e in zip(*results, strict=True):
+        torch.testing.assert_close(k, e, rtol=2e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("bad", [-1, 50])
+@pytest.mark.parametrize("wd", [0.0, 0.01])
+def test_row_index_outside_the_table(bad, wd):
+    """A hand-built gradient with a row outside the table: one clear error, nothing written
+    (weight decay included), and the next valid step is exact (the row map was restored)."""
+    w = nn.Parameter(torch.randn(50, 20))
+    opt = ClippyAdagrad([w], lr=0.1, weight_decay=wd)
+    w0 = w.detach().clone()
+    w.grad = torch.sparse_coo_tensor(torch.tensor([[3, bad, 7]]), torch.ones(3, 20), (50, 20))
+    with pytest.raises(RuntimeError, match=f"row index {bad} is outside the parameter's 50 rows"):
+        opt.step()
+    assert torch.equal(w.detach(), w0)
+    ws = opt._workspaces.get(0)
+    slots = ws.buffers.get(("row_slots",)) if ws else None
+    assert slots is None or bool((slots == -1).all())
+    ref = nn.Parameter(w0.clone())
+    ref_opt = ClippyAdagrad([ref], lr=0.1, weight_decay=wd, foreach=False, fused=False)
+    good = torch.sparse_coo_tensor(torch.tensor([[3, 3, 7]]), torch.ones(3, 20), (50, 20))
+    w.grad, ref.grad = good, good.to_dense()
+    opt.step()
+    ref_opt.step()
+    torch.testing.assert_close(w.detach(), ref.detach(), rtol=2e-6, atol=1e-7)
+
+
+def test_other_dtypes_and_layouts_take_the_eager_path():
+    """bfloat16 tables and non-contiguous ones are the eager path's, without a fallback note."""
+    for w in (
+        nn.Parameter(torch.randn(10, 4, dtype=torch.bfloat16)),
+        nn.Parameter(torch.randn(4, 10).t()),
+    ):
+        opt = ClippyAdagrad([w], lr=0.1)
+        w.grad = torch.sparse_coo_tensor(
+            torch.tensor([[1, 2, 2]]), torch.ones(3, 4, dtype=w.dtype), tuple(w.shape)
+        )
+        opt.step()
+        used = opt.implementation()
+        assert used["sparse_paths"] == ["eager"] and used["fallback"] is None
+
+
+def kernel_and_fallback_run(monkeypatch, **env):
+    w0, grad = table_case(rows=3000, dim=40, n=2000, seed=3)
+    out = {}
+    for name, setting in (("kernel", {}), ("fallback", env)):
+        with monkeypatch.context() as m:
+            for k, v in setting.items():
+                m.setenv(k, v)
+            out[name] = step_table(w0, grad, 2)
+    return out
+
+
+def test_no_compiler_falls_back_with_the_same_numbers(monkeypatch, fresh_kernel_state):
+    """No C++ compiler (CXX names none): one warning, the eager path, the reason recorded,
+    and the same numbers as the kernel gives (or as the reference, where it cannot build)."""
+    monkeypatch.setenv("CXX", "no-such-compiler-mtl-clippy")
+    with pytest.warns(RuntimeWarning, match="could not be built here .*no C\\+\\+ compiler"):
+        w, acc, sigma, opt = step_table(*table_case(rows=3000, dim=40, n=2000, seed=3), 2)
+    used = opt.implementation()
+    assert used["sparse_paths"] == ["eager"]
+    assert used["fallback"].startswith("sparse kernel not built: RuntimeError: no C++ compiler")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # warned once per process, not per step
+        step_table(*table_case(rows=30, dim=4, n=20), 1)
+    monkeypatch.delenv("CXX")
+    monkeypatch.setattr(_sparse_kernel, "_state", {"tried": False, "op": None, "failure": None})
+    if _sparse_kernel.sparse_step() is None:
+        return
+    kw, kacc, ksigma, _ = step_table(*table_case(rows=3000, dim=40, n=2000, seed=3), 2)
+    torch.testing.assert_close(w, kw, rtol=2e-6, atol=1e-8)
+    torch.testing.assert_close(acc, kacc, rtol=2e-6, atol=1e-8)
+    torch.testing.assert_close(sigma, ksigma, rtol=0, atol=0)
+
+
+def test_disabled_by_environment(monkeypatch):
+    out = kernel_and_fallback_run(monkeypatch, MTL_CLIPPY_DISABLE_SPARSE_KERNEL="1")
+    fb = out["fallback"][3].implementation()
+    assert fb["sparse_paths"] == ["eager"]
+    assert fb["fallback"] == "sparse kernel disabled by MTL_CLIPPY_DISABLE_SPARSE_KERNEL"
+    if _sparse_kernel.sparse_step() is not None:
+        assert out["kernel"][3].implementation()["sparse_paths"] == ["kernel"]
+        for a, b in zip(out["kernel"][:3], out["fallback"][:3], strict=True):
+            torch.testing.assert_close(a, b, rtol=2e-6, atol=1e-8)
