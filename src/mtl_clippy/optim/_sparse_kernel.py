@@ -35,7 +35,7 @@ _ISA_FLAGS: dict[str, list[str]] = {
     "AVX2": ["-mavx2", "-mfma", "-DCPU_CAPABILITY_AVX2"],
 }  # fmt: skip
 #: Contraction off: no multiply-add fused differently from the eager path's operations.
-_FLAGS = ["-O3", "-ffp-contract=off", "-fno-math-errno", "-std=c++17"]
+_FLAGS = ["-O3", "-ffp-contract=off", "-fno-math-errno"]
 
 _DISABLE_VAR = "MTL_CLIPPY_DISABLE_SPARSE_KERNEL"
 _state: dict[str, object] = {"tried": False, "op": None, "failure": None}

@@ -34,37 +34,25 @@ struct Hyper {
   bool has_acc_rel, clip_acc, standard;
 };
 
-// bound / |delta| of one element, 0/0 -> 1; the scalar form of row_ratio_min's vector lanes.
+// Pass A for one element: stores delta and returns min(m, bound / |delta|). Only an element
+// with bound < |delta| can bring sigma below 1 (bound >= |delta| rounds to a ratio >= 1, and
+// 0/0, NaN and inf/inf never count), so only those take the division: sigma is the same as the
+// dense step's min(1, min_i bound_i / |delta_i|), bit for bit.
 template <typename T>
-inline T ratio_of(T w, T g, T a, const Hyper<T>& h) {
+inline T element_delta_min(T w, T g, T a, T* delta_out, const Hyper<T>& h, T m) {
   if (h.standard) a = std::fma(g, g, a);
   const T p = T(1) / std::sqrt(a + h.eps);
   const T delta = (g * h.lr) * p;
+  *delta_out = delta;
   T bound = std::abs(w) * h.rel + h.abs_t;
   if (h.has_acc_rel) bound = std::fma(p, h.acc_rel, bound);
-  const T r = bound / std::abs(delta);
-  return std::isnan(r) ? T(1) : r;
+  const T ad = std::abs(delta);
+  return bound < ad ? std::min(m, bound / ad) : m;
 }
 
 template <typename T>
-inline void update_one(T* w, const T g, T* acc, const T sigma, const Hyper<T>& h) {
-  T a = *acc;
-  if (h.standard) a = std::fma(g, g, a);
-  const T p = T(1) / std::sqrt(a + h.eps);
-  const T delta = (g * h.lr) * p;
-  if (h.standard) {
-    *acc = a;
-  } else if (h.clip_acc) {
-    const T sg = g * sigma;
-    *acc = std::fma(sg, sg, a);
-  } else {
-    *acc = std::fma(g, g, a);
-  }
-  *w = std::fma(-delta, sigma, *w);
-}
-
-template <typename T>
-T row_ratio_min(const T* w, const T* g, const T* acc, int64_t d, const Hyper<T>& h, T m) {
+T row_delta_min(const T* w, const T* g, const T* acc, T* dout, int64_t d, const Hyper<T>& h,
+                T m) {
   using V = Vectorized<T>;
   constexpr int64_t L = V::size();
   const V lr(h.lr), eps(h.eps), rel(h.rel), acc_rel(h.acc_rel), abs_t(h.abs_t), one(T(1));
@@ -76,42 +64,62 @@ T row_ratio_min(const T* w, const T* g, const T* acc, int64_t d, const Hyper<T>&
     if (h.standard) a = at::vec::fmadd(gv, gv, a);
     const V p = one / (a + eps).sqrt();
     const V delta = (gv * lr) * p;
+    delta.store(dout + i);
     V bound = V::loadu(w + i).abs() * rel + abs_t;
     if (h.has_acc_rel) bound = at::vec::fmadd(p, acc_rel, bound);
-    V r = bound / delta.abs();
-    r = V::blendv(r, one, r.isnan());
-    vm = at::vec::minimum(vm, r);
+    const V ad = delta.abs();
+    const V clipped = bound < ad;  // all-ones lanes where the element would be clipped
+    if (clipped.zero_mask() != (1 << L) - 1) {  // some lane is clipped
+      vm = at::vec::minimum(vm, V::blendv(one, bound / ad, clipped));
+    }
   }
   T lanes[L];
   vm.store(lanes);
   for (int64_t k = 0; k < L; ++k) m = std::min(m, lanes[k]);
-  for (; i < d; ++i) m = std::min(m, ratio_of(w[i], g[i], acc[i], h));
+  for (; i < d; ++i) m = element_delta_min(w[i], g[i], acc[i], dout + i, h, m);
   return m;
 }
 
+// Pass B for one row: the accumulator's increment and w - delta * sigma, from pass A's delta.
 template <typename T>
-void row_update(T* w, const T* g, T* acc, int64_t d, const T sigma, const Hyper<T>& h) {
+void row_update(T* w, const T* g, T* acc, const T* delta, int64_t d, const T sigma,
+                const Hyper<T>& h) {
   using V = Vectorized<T>;
   constexpr int64_t L = V::size();
-  const V lr(h.lr), eps(h.eps), one(T(1)), s(sigma);
+  const V s(sigma), zero(T(0));
   int64_t i = 0;
   for (; i + L <= d; i += L) {
     const V gv = V::loadu(g + i);
-    V a = V::loadu(acc + i);
-    if (h.standard) a = at::vec::fmadd(gv, gv, a);
-    const V p = one / (a + eps).sqrt();
-    const V delta = (gv * lr) * p;
-    if (h.standard) {
-      a.store(acc + i);
-    } else if (h.clip_acc) {
+    const V a = V::loadu(acc + i);
+    if (h.clip_acc) {
       const V sg = gv * s;
       at::vec::fmadd(sg, sg, a).store(acc + i);
-    } else {
+    } else {  // standard: the g^2 added before the step; otherwise after it, unclipped
       at::vec::fmadd(gv, gv, a).store(acc + i);
     }
-    at::vec::fmadd(V(T(0)) - delta, s, V::loadu(w + i)).store(w + i);
+    at::vec::fmadd(zero - V::loadu(delta + i), s, V::loadu(w + i)).store(w + i);
   }
-  for (; i < d; ++i) update_one(w + i, g[i], acc + i, sigma, h);
+  for (; i < d; ++i) {
+    if (h.clip_acc) {
+      const T sg = g[i] * sigma;
+      acc[i] = std::fma(sg, sg, acc[i]);
+    } else {
+      acc[i] = std::fma(g[i], g[i], acc[i]);
+    }
+    w[i] = std::fma(-delta[i], sigma, w[i]);
+  }
+}
+
+// The touched rows are scattered over tables far larger than the caches: without a prefetch each
+// row's first load waits for memory while the long sqrt/div chain of the previous row holds
+// the out-of-order window. Ask for the rows PREFETCH_AHEAD slots ahead, every cache line.
+constexpr int64_t PREFETCH_AHEAD = 4;
+
+template <typename T, int RW>
+inline void prefetch_row(const T* row, int64_t d) {
+  const char* p = reinterpret_cast<const char*>(row);
+  const int64_t bytes = d * static_cast<int64_t>(sizeof(T));
+  for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(p + off, RW, 3);
 }
 
 template <typename T>
@@ -133,6 +141,10 @@ at::Tensor step_impl(at::Tensor& w, at::Tensor& acc, const at::Tensor& ids, cons
   std::vector<int64_t> next(nnz, -1), last;
   rows.reserve(nnz);
   for (int64_t j = 0; j < nnz; ++j) {
+    if (j + 16 < nnz) {  // the slot array is scattered too: fetch ahead (a bad id is harmless)
+      const int64_t ahead = idp[j + 16];
+      if (ahead >= 0 && ahead < n_table) __builtin_prefetch(slot + ahead, 0, 3);
+    }
     const int64_t id = idp[j];
     if (id < 0 || id >= n_table) {
       for (const int64_t r : rows) slot[r] = -1;  // leave the slot array as it was given
@@ -160,8 +172,10 @@ at::Tensor step_impl(at::Tensor& w, at::Tensor& acc, const at::Tensor& ids, cons
   int64_t n_dup = 0;
   for (int64_t s = 0; s < n_rows; ++s)
     if (count[s] > 1) dup[s] = n_dup++;
-  if (scratch.numel() < n_dup * d) scratch.resize_({n_dup * d});
+  // scratch: the duplicate rows' sums, then every touched row's delta (pass A -> pass B).
+  if (scratch.numel() < (n_dup + n_rows) * d) scratch.resize_({(n_dup + n_rows) * d});
   T* sp = scratch.data_ptr<T>();
+  T* dp = sp + n_dup * d;
 
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(d, 1));
   const int n_threads = at::get_num_threads();
@@ -170,6 +184,10 @@ at::Tensor step_impl(at::Tensor& w, at::Tensor& acc, const at::Tensor& ids, cons
     const int t = std::min(at::get_thread_num(), n_threads);
     T m = mins[t];
     for (int64_t s = begin; s < end; ++s) {
+      if (s + PREFETCH_AHEAD < end) {
+        prefetch_row<T, 0>(wp + rows[s + PREFETCH_AHEAD] * d, d);
+        prefetch_row<T, 0>(ap + rows[s + PREFETCH_AHEAD] * d, d);
+      }
       const T* g = vp + first[s] * d;
       if (dup[s] >= 0) {
         T* sum = sp + dup[s] * d;
@@ -180,7 +198,7 @@ at::Tensor step_impl(at::Tensor& w, at::Tensor& acc, const at::Tensor& ids, cons
         }
         g = sum;
       }
-      m = row_ratio_min(wp + rows[s] * d, g, ap + rows[s] * d, d, h, m);
+      m = row_delta_min(wp + rows[s] * d, g, ap + rows[s] * d, dp + s * d, d, h, m);
     }
     mins[t] = m;
   });
@@ -189,8 +207,12 @@ at::Tensor step_impl(at::Tensor& w, at::Tensor& acc, const at::Tensor& ids, cons
 
   at::parallel_for(0, n_rows, grain, [&](int64_t begin, int64_t end) {
     for (int64_t s = begin; s < end; ++s) {
+      if (s + PREFETCH_AHEAD < end) {
+        prefetch_row<T, 1>(wp + rows[s + PREFETCH_AHEAD] * d, d);
+        prefetch_row<T, 1>(ap + rows[s + PREFETCH_AHEAD] * d, d);
+      }
       const T* g = dup[s] >= 0 ? sp + dup[s] * d : vp + first[s] * d;
-      row_update(wp + rows[s] * d, g, ap + rows[s] * d, d, sigma, h);
+      row_update(wp + rows[s] * d, g, ap + rows[s] * d, dp + s * d, d, sigma, h);
     }
   });
   return at::scalar_tensor(sigma, w.options());
