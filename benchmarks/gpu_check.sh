@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The CUDA paths, checked in one go when a GPU is at hand (at most about 5 minutes on one GPU):
-#   1. the tests that need a CUDA GPU (skipped elsewhere), run here;
+#   1. the tests that need a CUDA GPU (skipped elsewhere), run here: the divergence monitor's
+#      device reads, and the sparse (embedding) step's Triton kernels against the exact CPU step;
 #   2. ClippyAdagrad's default (compiled) step on the GPU against the exact per-tensor step on
 #      the CPU, on the same parameters and gradients: the largest relative difference;
 #   3. the optimizer benchmark on the GPU: Clippy's default path against torch's fused AdaGrad
@@ -31,7 +32,7 @@ echo "gpu_check on $gpu; logs in $out"
 
 # 1. CUDA tests
 if timeout 150 python -m pytest -q -m "slow or not slow" -rs tests/test_divergence_device.py \
-    >"$out/tests.log" 2>&1; then
+    tests/test_sparse_kernel.py -k "cuda or gpu or device" >"$out/tests.log" 2>&1; then
     row "CUDA tests" "passed" "$(tail -n 1 "$out/tests.log")"
 else
     row "CUDA tests" "FAILED" "see tests.log: $(tail -n 1 "$out/tests.log")"

@@ -272,3 +272,99 @@ def test_disabled_by_environment(monkeypatch):
         assert out["kernel"][3].implementation()["sparse_paths"] == ["kernel"]
         for a, b in zip(out["kernel"][:3], out["fallback"][:3], strict=True):
             torch.testing.assert_close(a, b, rtol=2e-6, atol=1e-8)
+
+
+# ----------------------------------------------------------------------------- CUDA (Triton)
+
+TRITON_CHECK = r"""
+import numpy as np, torch
+from clippy_reference import reference_step
+from mtl_clippy.optim import _sparse_triton as T
+
+rng = np.random.default_rng(0)
+for dtype, npd in ((torch.float32, np.float32), (torch.float64, np.float64)):
+    for clip_acc, standard, acc_rel in ((False, False, 0.0), (True, False, 0.0), (False, True, 0.03)):
+        for n, d in ((5, 1), (50, 7), (300, 130)):
+            w0 = rng.normal(size=(n, d)).astype(npd)
+            w0[rng.random((n, d)) < 0.2] = 0  # zero weights: zero bounds with abs = 0
+            a0 = np.full((n, d), 0.1, npd)
+            ids = np.unique(rng.integers(0, n, n // 2 + 1))
+            g_rows = (rng.normal(size=(len(ids), d)) * 0.3).astype(npd)
+            g_rows[0, 0] = 1e4  # an outlier: sigma far below 1
+            w, acc = torch.tensor(w0), torch.tensor(a0)
+            for abs_t in (1e-3, 0.0):
+                hyper = torch.tensor([0.5, 1e-7, 0.1, acc_rel, abs_t, 1.0], dtype=dtype)
+                w, acc = torch.tensor(w0), torch.tensor(a0)
+                sigma = T.sparse_step(
+                    w, acc, torch.tensor(ids), torch.tensor(g_rows),
+                    torch.empty(g_rows.size, dtype=dtype), hyper,
+                    has_acc_rel=acc_rel != 0, clip_acc=clip_acc, standard=standard,
+                )
+                g = np.zeros_like(w0)
+                g[ids] = g_rows
+                rw, ra, rs = reference_step(
+                    w0, g, a0, lr=0.5, eps=1e-7, rel=0.1, acc_rel=acc_rel, abs_t=abs_t, wd=0.0,
+                    clip_acc=clip_acc, standard=standard,
+                )
+                tol = 1e-12 if dtype == torch.float64 else 2e-5
+                for got, want in ((w, rw), (acc, ra), (sigma, rs)):
+                    np.testing.assert_allclose(
+                        got.numpy(), want, rtol=tol, atol=tol * max(np.abs(want).max(), 1e-300)
+                    )
+print("triton kernels match the reference")
+"""
+
+
+def test_triton_kernels_match_the_reference_in_the_interpreter(tmp_path):
+    """The CUDA kernels, run on CPU tensors by Triton's interpreter (where Triton is
+    installed; the CUDA test below runs them compiled)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("triton")
+    tests = Path(__file__).resolve().parent
+    env = {
+        **os.environ,
+        "TRITON_INTERPRET": "1",
+        "PYTHONPATH": os.pathsep.join([str(tests), os.environ.get("PYTHONPATH", "")]),
+    }
+    out = subprocess.run(
+        [sys.executable, "-c", TRITON_CHECK], env=env, capture_output=True, text=True,
+        timeout=600,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "match the reference" in out.stdout
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cuda_sparse_step_equals_the_exact_cpu_step(dtype):
+    """nn.Embedding(sparse=True) on the GPU (Triton kernels where Triton is installed, else the
+    eager path) against the same embedding on the CPU in float64, over several steps."""
+    torch.manual_seed(0)
+    cpu = nn.Embedding(5000, 48, sparse=True, dtype=torch.float64)
+    gpu = nn.Embedding(5000, 48, sparse=True, device="cuda", dtype=dtype)
+    with torch.no_grad():
+        gpu.weight.copy_(cpu.weight)
+    kw = dict(lr=0.5, variable_relative_threshold=0.5, absolute_threshold=1e-2)
+    opt_c, opt_g = ClippyAdagrad(cpu.parameters(), **kw), ClippyAdagrad(gpu.parameters(), **kw)
+    for step in range(5):
+        ids = torch.randint(0, 5000, (4096,))
+        ids[:500] = 7  # a heavy row
+        scale = 100.0 if step == 2 else 1.0
+        (cpu(ids).sum() * scale).backward()
+        (gpu(ids.cuda()).sum() * scale).backward()
+        opt_c.step()
+        opt_g.step()
+        opt_c.zero_grad()
+        opt_g.zero_grad()
+    ref = cpu.weight.detach()
+    got = gpu.weight.detach().double().cpu()
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    assert float((got - ref).abs().max() / ref.abs().max()) < tol
+    import importlib.util
+
+    want = "triton" if importlib.util.find_spec("triton") else "eager"
+    assert opt_g.implementation()["sparse_paths"] == [want]

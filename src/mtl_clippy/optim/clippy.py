@@ -23,6 +23,7 @@ docstring states the contract. None of them synchronises the host with the devic
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import math
 import os
 import shutil
@@ -971,8 +972,61 @@ def _sparse_clippy_adagrad(
                 lr, hp.eps, hp.rel, hp.acc_rel, hp.abs_t, hp.clip_acc, hp.standard,
             )  # fmt: skip
         record["fallback"] = record["fallback"] or _sparse_kernel.failure()
+    elif _triton_applies(p, acc, grad):
+        record["sparse_paths"].add("triton")
+        return _sparse_triton_step(p, grad, acc, lr=lr, hp=hp, workspace=workspace)
     record["sparse_paths"].add("eager")
     return _sparse_eager(p, grad, acc, lr=lr, hp=hp, workspace=workspace)
+
+
+def _triton_applies(p: Tensor, acc: Tensor, grad: Tensor) -> bool:
+    """Whether the Triton kernels handle this tensor: CUDA, float32/float64, contiguous, and
+    Triton installed (``MTL_CLIPPY_DISABLE_SPARSE_KERNEL=1`` turns them off too)."""
+    if os.environ.get("MTL_CLIPPY_DISABLE_SPARSE_KERNEL", "") not in ("", "0"):
+        return False
+    return (
+        p.device.type == "cuda"
+        and p.dtype in (torch.float32, torch.float64)
+        and grad.dtype == p.dtype
+        and acc.dtype == p.dtype
+        and p.dim() >= 1
+        and p.is_contiguous()
+        and acc.is_contiguous()
+        and _has_triton()
+    )
+
+
+_TRITON: list[bool] = []  # found once per process
+
+
+def _has_triton() -> bool:
+    if not _TRITON:
+        _TRITON.append(importlib.util.find_spec("triton") is not None)
+    return _TRITON[0]
+
+
+def _sparse_triton_step(
+    p: Tensor, grad: Tensor, acc: Tensor, *, lr: float, hp: _Hyper, workspace: ClippyWorkspace
+) -> Tensor:
+    """The rows summed by torch (``_summed_rows``), then ``_sparse_triton``'s two kernels."""
+    from mtl_clippy.optim import _sparse_triton
+
+    summed = _summed_rows(p, grad, workspace)
+    if summed is None:
+        return torch.ones((), dtype=p.dtype, device=p.device)
+    rows, buf, shape = summed
+    n = rows.numel() * math.prod(shape[1:])
+    # The hyperparameters as a device tensor, rebuilt only when they change (lr: fill_).
+    key = ("sparse_hyper", p.device, p.dtype, hp)
+    hyper = workspace.buffers.get(key)
+    if hyper is None:
+        values = [lr, hp.eps, hp.rel, hp.acc_rel, hp.abs_t, 1.0]
+        hyper = workspace.buffers[key] = torch.tensor(values, dtype=p.dtype, device=p.device)
+    hyper[0].fill_(lr)
+    return _sparse_triton.sparse_step(
+        p, acc, rows, buf[2, :n], buf[3, :n], hyper,
+        has_acc_rel=hp.acc_rel != 0.0, clip_acc=hp.clip_acc, standard=hp.standard,
+    )  # fmt: skip
 
 
 def _check_rows(ids: Tensor, rows: int) -> None:
@@ -1002,18 +1056,17 @@ def _kernel_applies(p: Tensor, acc: Tensor, grad: Tensor) -> bool:
     )
 
 
-def _sparse_eager(
-    p: Tensor, grad: Tensor, acc: Tensor, *, lr: float, hp: _Hyper, workspace: ClippyWorkspace
-) -> Tensor:
-    """Update only the rows present in a row-sparse COO gradient; returns sigma.
+def _summed_rows(
+    p: Tensor, grad: Tensor, workspace: ClippyWorkspace
+) -> tuple[Tensor, Tensor, tuple[int, ...]] | None:
+    """The distinct rows of a row-sparse gradient (sorted) and their summed values.
 
-    Duplicate rows are summed (``torch.unique`` + ``index_add_``, cheaper than ``coalesce``),
-    the touched rows of the parameter and the accumulator are gathered into reusable buffers,
-    sigma is the minimum over those rows, and the parameter and accumulator *increments* are
-    added back with ``index_add_`` (faster on CPU than ``index_copy_``, and the same numbers:
-    ``w + (-(sigma * delta))`` is ``w - sigma * delta`` exactly). The row count is
-    data-dependent, so on a GPU ``torch.unique`` waits for the device once, as ``coalesce``
-    does in torch's own sparse Adagrad.
+    Returns ``(rows, buf, shape)``: ``buf`` holds six reusable rows of at least
+    ``len(rows) * width`` elements, the summed gradient in ``buf[2]`` (shaped ``shape``, the
+    touched rows' shape), the others free for the caller; None when nothing is touched.
+    Duplicates are summed with ``torch.unique`` + ``index_add_`` (cheaper than ``coalesce``).
+    The row count is data-dependent, so on a GPU ``torch.unique`` waits for the device once,
+    as ``coalesce`` does in torch's own sparse Adagrad.
     """
     row_shape = tuple(p.shape[1:])
     width = math.prod(row_shape)
@@ -1024,18 +1077,40 @@ def _sparse_eager(
         rows, inverse = torch.unique(idx, sorted=True, return_inverse=True)
     n_rows = rows.numel()
     if n_rows == 0 or width == 0:
-        return torch.ones((), dtype=p.dtype, device=p.device)
+        return None
     n = n_rows * width
-    # Reusable buffers (rows of one allocation): gathered w, acc, summed g, 3 scratch.
     shape = (n_rows, *row_shape)
+    # Reusable buffers (rows of one allocation): the eager path's gathered w, acc, summed g and
+    # 3 scratch; the Triton path's summed g and updates.
     buf = workspace.scratch("sparse", 6, n, p)
-    w_rows, a_rows, g_rows, pb, db, bb = (buf[i, :n].view(shape) for i in range(6))
+    g_rows = buf[2, :n].view(shape)
     if grad.is_coalesced():  # rows and values already paired, rows distinct
         g_rows.copy_(vals.reshape(shape))
     elif n_rows != idx.numel():  # duplicates: sum them into their (sorted) rows
         g_rows.zero_().index_add_(0, inverse, vals)
     else:  # distinct but in any order: each value goes to its row's slot, not in id order
         g_rows.index_copy_(0, inverse, vals.reshape(shape))
+    return rows, buf, shape
+
+
+def _sparse_eager(
+    p: Tensor, grad: Tensor, acc: Tensor, *, lr: float, hp: _Hyper, workspace: ClippyWorkspace
+) -> Tensor:
+    """Update only the rows present in a row-sparse COO gradient, with torch operations;
+    returns sigma.
+
+    Duplicate rows are summed (``_summed_rows``), the touched rows of the parameter and the
+    accumulator are gathered into reusable buffers, sigma is the minimum over those rows, and
+    the parameter and accumulator *increments* are added back with ``index_add_`` (faster on
+    CPU than ``index_copy_``, and the same numbers: ``w + (-(sigma * delta))`` is
+    ``w - sigma * delta`` exactly).
+    """
+    summed = _summed_rows(p, grad, workspace)
+    if summed is None:
+        return torch.ones((), dtype=p.dtype, device=p.device)
+    rows, buf, shape = summed
+    n = rows.numel() * math.prod(shape[1:])
+    w_rows, a_rows, g_rows, pb, db, bb = (buf[i, :n].view(shape) for i in range(6))
     torch.index_select(p, 0, rows, out=w_rows)
     torch.index_select(acc, 0, rows, out=a_rows)
     # The operations of _single_tensor_clippy_adagrad, on the touched rows.
