@@ -6,7 +6,9 @@
 //
 // Work: one sequential pass over the ids (each distinct row gets a slot; `slots` is an int32
 // array of at least the table's row count, all -1 on entry and on exit), then two parallel
-// passes over the distinct rows: (A) sum duplicates and reduce sigma, (B) update the rows.
+// passes over the distinct rows: (A) sum duplicates, compute each delta, write the accumulator
+// (acc + g^2 needs no sigma) and reduce sigma; (B) w - delta * sigma on the same rows (and the
+// accumulator there only under clip_accumulator_update, whose increment needs sigma).
 // No temporaries proportional to the table; the duplicate sums go to `scratch`, grown only when
 // too small. The arithmetic is the dense eager step's, operation for operation:
 // 1 / sqrt(acc + eps), (g * lr) * p, |w| * rel + abs [+ p * acc_rel], bound / |delta|, with a
@@ -39,11 +41,12 @@ struct Hyper {
 // 0/0, NaN and inf/inf never count), so only those take the division: sigma is the same as the
 // dense step's min(1, min_i bound_i / |delta_i|), bit for bit.
 template <typename T>
-inline T element_delta_min(T w, T g, T a, T* delta_out, const Hyper<T>& h, T m) {
+inline T element_delta_min(T w, T g, T a, T* acc_out, T* delta_out, const Hyper<T>& h, T m) {
   if (h.standard) a = std::fma(g, g, a);
   const T p = T(1) / std::sqrt(a + h.eps);
   const T delta = (g * h.lr) * p;
   *delta_out = delta;
+  if (!h.clip_acc) *acc_out = h.standard ? a : std::fma(g, g, a);  // needs no sigma
   T bound = std::abs(w) * h.rel + h.abs_t;
   if (h.has_acc_rel) bound = std::fma(p, h.acc_rel, bound);
   const T ad = std::abs(delta);
@@ -51,8 +54,7 @@ inline T element_delta_min(T w, T g, T a, T* delta_out, const Hyper<T>& h, T m) 
 }
 
 template <typename T>
-T row_delta_min(const T* w, const T* g, const T* acc, T* dout, int64_t d, const Hyper<T>& h,
-                T m) {
+T row_delta_min(const T* w, const T* g, T* acc, T* dout, int64_t d, const Hyper<T>& h, T m) {
   using V = Vectorized<T>;
   constexpr int64_t L = V::size();
   const V lr(h.lr), eps(h.eps), rel(h.rel), acc_rel(h.acc_rel), abs_t(h.abs_t), one(T(1));
@@ -65,6 +67,7 @@ T row_delta_min(const T* w, const T* g, const T* acc, T* dout, int64_t d, const 
     const V p = one / (a + eps).sqrt();
     const V delta = (gv * lr) * p;
     delta.store(dout + i);
+    if (!h.clip_acc) (h.standard ? a : at::vec::fmadd(gv, gv, a)).store(acc + i);
     V bound = V::loadu(w + i).abs() * rel + abs_t;
     if (h.has_acc_rel) bound = at::vec::fmadd(p, acc_rel, bound);
     const V ad = delta.abs();
@@ -76,11 +79,13 @@ T row_delta_min(const T* w, const T* g, const T* acc, T* dout, int64_t d, const 
   T lanes[L];
   vm.store(lanes);
   for (int64_t k = 0; k < L; ++k) m = std::min(m, lanes[k]);
-  for (; i < d; ++i) m = element_delta_min(w[i], g[i], acc[i], dout + i, h, m);
+  for (; i < d; ++i) m = element_delta_min(w[i], g[i], acc[i], acc + i, dout + i, h, m);
   return m;
 }
 
-// Pass B for one row: the accumulator's increment and w - delta * sigma, from pass A's delta.
+// Pass B for one row: w - delta * sigma from pass A's delta and, with clip_accumulator_update,
+// the accumulator's increment (sigma * g)^2 (otherwise pass A has written the accumulator:
+// acc + g^2 needs no sigma).
 template <typename T>
 void row_update(T* w, const T* g, T* acc, const T* delta, int64_t d, const T sigma,
                 const Hyper<T>& h) {
@@ -89,13 +94,9 @@ void row_update(T* w, const T* g, T* acc, const T* delta, int64_t d, const T sig
   const V s(sigma), zero(T(0));
   int64_t i = 0;
   for (; i + L <= d; i += L) {
-    const V gv = V::loadu(g + i);
-    const V a = V::loadu(acc + i);
     if (h.clip_acc) {
-      const V sg = gv * s;
-      at::vec::fmadd(sg, sg, a).store(acc + i);
-    } else {  // standard: the g^2 added before the step; otherwise after it, unclipped
-      at::vec::fmadd(gv, gv, a).store(acc + i);
+      const V sg = V::loadu(g + i) * s;
+      at::vec::fmadd(sg, sg, V::loadu(acc + i)).store(acc + i);
     }
     at::vec::fmadd(zero - V::loadu(delta + i), s, V::loadu(w + i)).store(w + i);
   }
@@ -103,8 +104,6 @@ void row_update(T* w, const T* g, T* acc, const T* delta, int64_t d, const T sig
     if (h.clip_acc) {
       const T sg = g[i] * sigma;
       acc[i] = std::fma(sg, sg, acc[i]);
-    } else {
-      acc[i] = std::fma(g[i], g[i], acc[i]);
     }
     w[i] = std::fma(-delta[i], sigma, w[i]);
   }
@@ -186,7 +185,7 @@ at::Tensor step_impl(at::Tensor& w, at::Tensor& acc, const at::Tensor& ids, cons
     for (int64_t s = begin; s < end; ++s) {
       if (s + PREFETCH_AHEAD < end) {
         prefetch_row<T, 0>(wp + rows[s + PREFETCH_AHEAD] * d, d);
-        prefetch_row<T, 0>(ap + rows[s + PREFETCH_AHEAD] * d, d);
+        prefetch_row<T, 1>(ap + rows[s + PREFETCH_AHEAD] * d, d);
       }
       const T* g = vp + first[s] * d;
       if (dup[s] >= 0) {
@@ -209,7 +208,7 @@ at::Tensor step_impl(at::Tensor& w, at::Tensor& acc, const at::Tensor& ids, cons
     for (int64_t s = begin; s < end; ++s) {
       if (s + PREFETCH_AHEAD < end) {
         prefetch_row<T, 1>(wp + rows[s + PREFETCH_AHEAD] * d, d);
-        prefetch_row<T, 1>(ap + rows[s + PREFETCH_AHEAD] * d, d);
+        if (h.clip_acc) prefetch_row<T, 1>(ap + rows[s + PREFETCH_AHEAD] * d, d);
       }
       const T* g = dup[s] >= 0 ? sp + dup[s] * d : vp + first[s] * d;
       row_update(wp + rows[s] * d, g, ap + rows[s] * d, dp + s * d, d, sigma, h);
