@@ -10,8 +10,10 @@ and every id pattern on the default path (the kernel, where it builds).
 
 from __future__ import annotations
 
+import os
 import shutil
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -105,6 +107,7 @@ def test_kernel_equals_reference_and_eager_path(case, monkeypatch):
     opt_k = make_opt([w_k], case["opts"], case["lr"])
     opt_e = make_opt([w_e], case["opts"], case["lr"])
     ref_w, ref_a = w0.copy(), np.full(shape, INIT_ACC, dtype=np_dtype)
+    touched = False
     for kind in case["kinds"]:
         ids = draw_ids(rng, kind, case["rows"], int(rng.integers(1, 2 * case["rows"] + 2)))
         vals = random_values(rng, (len(ids), *case["row_shape"]), np_dtype)
@@ -130,8 +133,10 @@ def test_kernel_equals_reference_and_eager_path(case, monkeypatch):
         assert_close(
             opt_k.state[w_k]["sum"], opt_e.state[w_e]["sum"].double().numpy(), dtype, what
         )
-    assert opt_k.implementation()["sparse_paths"] == ["kernel"]
-    assert opt_e.implementation()["sparse_paths"] == ["eager"]
+        touched = touched or len(ids) > 0
+    # nothing is recorded for steps that touch no row
+    assert opt_k.implementation()["sparse_paths"] == (["kernel"] if touched else [])
+    assert opt_e.implementation()["sparse_paths"] == (["eager"] if touched else [])
 
 
 def table_case(rows=20_000, dim=64, n=12_000, seed=0, dtype=torch.float32):
@@ -241,10 +246,11 @@ def kernel_and_fallback_run(monkeypatch, **env):
     return out
 
 
-def test_no_compiler_falls_back_with_the_same_numbers(monkeypatch, fresh_kernel_state):
-    """No C++ compiler (CXX names none): one warning, the eager path, the reason recorded,
-    and the same numbers as the kernel gives (or as the reference, where it cannot build)."""
+def test_no_compiler_falls_back_with_the_same_numbers(monkeypatch, fresh_kernel_state, tmp_path):
+    """No C++ compiler (CXX names none) and no earlier build: one warning, the eager path, the
+    reason recorded, and the same numbers as the kernel gives."""
     monkeypatch.setenv("CXX", "no-such-compiler-mtl-clippy")
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
     with pytest.warns(RuntimeWarning, match="could not be built here .*no C\\+\\+ compiler"):
         w, acc, sigma, opt = step_table(*table_case(rows=3000, dim=40, n=2000, seed=3), 2)
     used = opt.implementation()
@@ -254,13 +260,51 @@ def test_no_compiler_falls_back_with_the_same_numbers(monkeypatch, fresh_kernel_
         warnings.simplefilter("error", RuntimeWarning)  # warned once per process, not per step
         step_table(*table_case(rows=30, dim=4, n=20), 1)
     monkeypatch.delenv("CXX")
+    monkeypatch.delenv("TORCH_EXTENSIONS_DIR")
     monkeypatch.setattr(_sparse_kernel, "_state", {"tried": False, "op": None, "failure": None})
     if _sparse_kernel.sparse_step() is None:
         return
     kw, kacc, ksigma, _ = step_table(*table_case(rows=3000, dim=40, n=2000, seed=3), 2)
-    torch.testing.assert_close(w, kw, rtol=2e-6, atol=1e-8)
-    torch.testing.assert_close(acc, kacc, rtol=2e-6, atol=1e-8)
-    torch.testing.assert_close(sigma, ksigma, rtol=0, atol=0)
+    for got, want in ((w, kw), (acc, kacc), (sigma, ksigma)):  # the same arithmetic: exact
+        assert torch.equal(got, want)
+
+
+def _built_library() -> "Path":
+    from torch.utils import cpp_extension
+
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root())
+    found = sorted(root.glob("mtl_clippy_sparse_*/mtl_clippy_sparse_*.so"), key=os.path.getmtime)
+    if not found:
+        pytest.skip("no build of the sparse kernel on this machine")
+    return found[-1]
+
+
+def test_an_earlier_build_loads_without_a_compiler(monkeypatch):
+    """A node without a compiler loads the build made earlier (here: by the tests above)."""
+    kernel_or_skip()
+    monkeypatch.setattr(_sparse_kernel, "_state", {"tried": False, "op": None, "failure": None})
+    monkeypatch.setenv("CXX", "no-such-compiler-mtl-clippy")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        assert _sparse_kernel.sparse_step() is not None
+
+
+def test_a_truncated_build_is_never_loaded(monkeypatch, tmp_path):
+    """A library cut short (a full disk, a killed build) does not match its recorded digest:
+    it is removed, and without a compiler the eager path takes over with a warning; the
+    process survives (loading it could kill it)."""
+    kernel_or_skip()
+    library = _built_library()
+    copy = tmp_path / library.parent.name
+    shutil.copytree(library.parent, copy)
+    cut = copy / library.name
+    cut.write_bytes(cut.read_bytes()[:5000])
+    monkeypatch.setattr(_sparse_kernel, "_state", {"tried": False, "op": None, "failure": None})
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    monkeypatch.setenv("CXX", "no-such-compiler-mtl-clippy")
+    with pytest.warns(RuntimeWarning, match="no C\\+\\+ compiler"):
+        assert _sparse_kernel.sparse_step() is None
+    assert not cut.exists()
 
 
 def test_disabled_by_environment(monkeypatch):
@@ -271,7 +315,7 @@ def test_disabled_by_environment(monkeypatch):
     if _sparse_kernel.sparse_step() is not None:
         assert out["kernel"][3].implementation()["sparse_paths"] == ["kernel"]
         for a, b in zip(out["kernel"][:3], out["fallback"][:3], strict=True):
-            torch.testing.assert_close(a, b, rtol=2e-6, atol=1e-8)
+            assert torch.equal(a, b)  # the same operations and roundings
 
 
 # ----------------------------------------------------------------------------- CUDA (Triton)
@@ -311,6 +355,40 @@ for dtype, npd in ((torch.float32, np.float32), (torch.float64, np.float64)):
                     np.testing.assert_allclose(
                         got.numpy(), want, rtol=tol, atol=tol * max(np.abs(want).max(), 1e-300)
                     )
+
+# An infinite accumulator element: p = 0, delta = 0, nothing moves (no NaN from 0 * inf).
+for dtype in (torch.float32, torch.float64):
+    w = torch.tensor([[1.0, 2.0]], dtype=dtype)
+    acc = torch.tensor([[float("inf"), 1.0]], dtype=dtype)
+    hyper = torch.tensor([0.1, 1e-7, 0.1, 0.0, 1e-7, 1.0], dtype=dtype)
+    T.sparse_step(
+        w, acc, torch.tensor([0]), torch.tensor([[0.5, 0.5]], dtype=dtype),
+        torch.empty(2, dtype=dtype), hyper, has_acc_rel=False, clip_acc=False, standard=False,
+    )
+    assert w[0, 0] == 1.0 and torch.isfinite(w).all(), w
+
+# Rows outside the table are masked in the kernels: nothing outside it is written ...
+big = torch.zeros(40, 4)
+view = big[:10]
+hyper = torch.tensor([0.1, 1e-7, 0.1, 0.0, 1e-2, 1.0])
+T.sparse_step(
+    view, torch.full((10, 4), 0.1), torch.tensor([1, 12]), torch.ones(2, 4), torch.empty(8),
+    hyper, has_acc_rel=False, clip_acc=False, standard=False,
+)
+assert bool((big[10:] == 0).all()), "a row outside the table was written"
+# ... and the optimizer's Triton step refuses them (on a GPU: a device-side assertion).
+from mtl_clippy.optim import clippy as C
+for bad in (12, -3):
+    g = torch.sparse_coo_tensor(torch.tensor([[1, bad]]), torch.ones(2, 4), (10, 4))
+    try:
+        C._sparse_triton_step(
+            torch.zeros(10, 4), g, torch.full((10, 4), 0.1), lr=0.1,
+            hp=C._Hyper(1e-7, 0.1, 0.0, 1e-2, 0.0, False, False), workspace=C.ClippyWorkspace(),
+        )
+    except RuntimeError as exc:
+        assert "row index" in str(exc), exc
+    else:
+        raise AssertionError(f"row {bad} outside a 10-row table was accepted")
 print("triton kernels match the reference")
 """
 
@@ -368,3 +446,119 @@ def test_cuda_sparse_step_equals_the_exact_cpu_step(dtype):
 
     want = "triton" if importlib.util.find_spec("triton") else "eager"
     assert opt_g.implementation()["sparse_paths"] == [want]
+
+
+def test_the_kernel_tells_autograd_it_wrote():
+    """An in-place write, as autograd sees one: a graph that saved the weight before the step
+    refuses to backpropagate through it afterwards (as with the eager path)."""
+    kernel_or_skip()
+    emb = nn.Embedding(10, 4, sparse=True)
+    opt = ClippyAdagrad(emb.parameters(), lr=0.1)
+    y = (emb.weight**2).sum()
+    emb(torch.tensor([1, 2, 2])).sum().backward()
+    before = emb.weight._version
+    opt.step()
+    assert opt.implementation()["sparse_paths"] == ["kernel"]
+    assert emb.weight._version > before
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.backward()
+
+
+def test_the_functional_step_refuses_a_leaf_that_requires_grad():
+    from mtl_clippy.optim import clippy_adagrad
+
+    kernel_or_skip()
+    w = nn.Parameter(torch.randn(10, 4))
+    g = torch.sparse_coo_tensor(torch.tensor([[1, 2]]), torch.ones(2, 4), (10, 4))
+    with pytest.raises(RuntimeError, match="in-place operation"):
+        clippy_adagrad([w], [g], [torch.full((10, 4), 0.1)], lr=0.1)
+    with torch.no_grad():
+        clippy_adagrad([w], [g], [torch.full((10, 4), 0.1)], lr=0.1)
+
+
+def test_a_dirty_row_map_changes_nothing():
+    """The kernel's row map holds stale entries only after misuse (a crash mid-step, threads
+    sharing a workspace); a slot counts only where it points back at its id, so garbage in
+    it changes no number."""
+    kernel_or_skip()
+    w0, grad = table_case(rows=3000, dim=40, n=2000, seed=5)
+    clean = step_table(w0, grad, 2)
+    w = nn.Parameter(w0.clone())
+    opt = ClippyAdagrad([w], lr=0.3, variable_relative_threshold=0.5)
+    for _ in range(2):
+        w.grad = grad
+        if opt._workspaces:
+            slots = opt._workspaces[0].row_slots(3000)
+            slots.copy_(torch.randint(-5, 2000, slots.shape, dtype=torch.int32))
+        opt.step()
+    assert torch.equal(w.detach(), clean[0]) and torch.equal(opt.state[w]["sum"], clean[1])
+
+
+def test_scratch_follows_the_batches_not_the_table():
+    """One unusual step touching a whole table twice; the next, ordinary steps do not keep a
+    scratch of the table's size."""
+    kernel_or_skip()
+    rows, dim = 20_000, 16
+    w = nn.Parameter(torch.randn(rows, dim))
+    opt = ClippyAdagrad([w], lr=0.1)
+    everything = torch.arange(rows).repeat(2)
+    w.grad = torch.sparse_coo_tensor(everything[None], torch.ones(2 * rows, dim), (rows, dim))
+    opt.step()
+    small = torch.tensor([3, 3, 9])
+    w.grad = torch.sparse_coo_tensor(small[None], torch.ones(3, dim), (rows, dim))
+    opt.step()
+    scratch = opt._workspaces[0].buffers[("sparse_sums", torch.float32)]
+    assert scratch.numel() <= 4 * 3 * dim + 2**16
+
+
+def test_an_older_record_without_sparse_paths_still_works():
+    """clippy_adagrad's record as documented before sparse_paths existed."""
+    from mtl_clippy.optim import clippy_adagrad
+
+    w = torch.randn(10, 4)
+    g = torch.sparse_coo_tensor(torch.tensor([[1, 2]]), torch.ones(2, 4), (10, 4))
+    record = {"dense": set(), "sparse": False, "fallback": None}
+    clippy_adagrad([w], [g], [torch.full((10, 4), 0.1)], lr=0.1, record=record)
+    assert record["sparse"] is True and record["sparse_paths"]
+
+
+def test_a_refused_step_leaves_the_whole_group_unchanged():
+    """A bad row in the second table of a group: the first table, both accumulators and the
+    step counters are as before the step."""
+    a, b = nn.Parameter(torch.randn(10, 4)), nn.Parameter(torch.randn(5, 4))
+    opt = ClippyAdagrad([a, b], lr=0.1)
+    before = [t.detach().clone() for t in (a, b)]
+    a.grad = torch.sparse_coo_tensor(torch.tensor([[1, 2]]), torch.ones(2, 4), (10, 4))
+    b.grad = torch.sparse_coo_tensor(torch.tensor([[7]]), torch.ones(1, 4), (5, 4))
+    with pytest.raises(RuntimeError, match="row index 7 is outside the parameter's 5 rows"):
+        opt.step()
+    assert torch.equal(a.detach(), before[0]) and torch.equal(b.detach(), before[1])
+    for t in (a, b):
+        assert float(opt.state[t]["step"]) == 0.0
+        assert bool((opt.state[t]["sum"] == opt.defaults["initial_accumulator_value"]).all())
+
+
+@pytest.mark.parametrize("shape", [(0, 4), (10, 0)])
+@pytest.mark.parametrize("wd", [0.0, 0.01])
+def test_rows_outside_an_empty_table_are_refused(shape, wd):
+    w = nn.Parameter(torch.randn(*shape))
+    opt = ClippyAdagrad([w], lr=0.1, weight_decay=wd)
+    w.grad = torch.sparse_coo_tensor(torch.tensor([[50]]), torch.ones(1, shape[1]), shape)
+    with pytest.raises(RuntimeError, match="outside the parameter's"):
+        opt.step()
+
+
+def test_signed_zeros_as_the_dense_step():
+    """-0.0 weights with zero gradients keep their sign, as in the dense step (vector lanes
+    and the scalar tail alike)."""
+    kernel_or_skip()
+    for width in (3, 16, 35):
+        w0 = torch.full((6, width), -0.0)
+        grad = torch.sparse_coo_tensor(torch.tensor([[1, 4]]), torch.zeros(2, width), (6, width))
+        sparse, dense = nn.Parameter(w0.clone()), nn.Parameter(w0.clone())
+        dense_path = {"foreach": False, "fused": False}
+        for p, g, kw in ((sparse, grad, {}), (dense, grad.to_dense(), dense_path)):
+            opt = ClippyAdagrad([p], lr=0.1, **kw)
+            p.grad = g
+            opt.step()
+        assert torch.equal(torch.signbit(sparse.detach()), torch.signbit(dense.detach()))

@@ -1,12 +1,15 @@
 """The CPU kernel of Clippy's sparse (row) step: C++, compiled on first use and cached.
 
 ``sparse_step()`` returns the operator, or None where it cannot be had: no C++ compiler or no
-``ninja`` on the machine, a build that fails, a CPU build of torch without the headers, or the
-environment variable ``MTL_CLIPPY_DISABLE_SPARSE_KERNEL=1``. The optimizer then takes its
-eager sparse path (the same numbers, slower) and ``implementation()`` says why
-(``fallback``). The build takes about half a minute, once per machine type and source version:
-torch's ``cpp_extension`` keeps it under ``$TORCH_EXTENSIONS_DIR`` (by default
-``~/.cache/torch_extensions``), behind a file lock, so parallel sweep jobs build it once.
+``ninja`` on the machine (and no build from earlier), a build that fails, a CPU build of torch
+without the headers, or the environment variable ``MTL_CLIPPY_DISABLE_SPARSE_KERNEL=1``. The
+optimizer then takes its eager sparse path (the same arithmetic, slower) and
+``implementation()`` says why (``fallback``). The build takes about half a minute, once per
+machine type and source version: torch's ``cpp_extension`` keeps it under
+``$TORCH_EXTENSIONS_DIR`` (by default ``~/.cache/torch_extensions``), behind a file lock, so
+parallel sweep jobs build it once. A digest written after each build guards against loading a
+library that was cut short (it is built again); a machine without a compiler loads a build
+made earlier on one with a compiler.
 
 The build is specialised to the instruction set torch itself dispatches to on this CPU
 (``torch.backends.cpu.get_cpu_capability()``: AVX512, AVX2 or none), and that is part of the
@@ -70,21 +73,56 @@ def failure() -> str:
 
 
 def _build() -> Callable[..., torch.Tensor]:
-    compiler = os.environ.get("CXX", "c++")
-    if shutil.which(compiler) is None:
-        raise RuntimeError(f"no C++ compiler ({compiler!r} is not on PATH; set CXX)")
     from torch.utils import cpp_extension
 
-    cpp_extension.verify_ninja_availability()  # raises RuntimeError naming ninja
     isa = torch.backends.cpu.get_cpu_capability()
     flags = _FLAGS + _ISA_FLAGS.get(isa, [])
     digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(flags).encode()).hexdigest()[:10]
     name = f"mtl_clippy_sparse_{isa.lower()}_{digest}"
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root()
+    build_dir = Path(root) / name
+    library = build_dir / f"{name}.so"
+    stamp = build_dir / f"{name}.so.sha256"
+    if library.exists() and not _intact(library, stamp):
+        # A build cut short (a full disk, a killed job) looks up to date to ninja, and loading
+        # a truncated library can kill the process: build it again.
+        library.unlink()
+    compiler = os.environ.get("CXX", "c++")
+    if shutil.which(compiler) is None:
+        if library.exists():  # built before, on a node with a compiler: use it
+            torch.ops.load_library(str(library))
+            return torch.ops.mtl_clippy_sparse.sparse_step
+        raise RuntimeError(f"no C++ compiler ({compiler!r} is not on PATH; set CXX)")
+    cpp_extension.verify_ninja_availability()  # raises RuntimeError naming ninja
+    build_dir.mkdir(parents=True, exist_ok=True)
     cpp_extension.load(
-        name=name, sources=[str(SOURCE)], extra_cflags=flags, is_python_module=False,
-        verbose=False,
+        name=name, sources=[str(SOURCE)], extra_cflags=flags, build_directory=str(build_dir),
+        is_python_module=False, verbose=False,
     )  # fmt: skip
+    if not _intact(library, stamp):
+        _write_stamp(library, stamp)
     return torch.ops.mtl_clippy_sparse.sparse_step
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _intact(library: Path, stamp: Path) -> bool:
+    """Whether ``library`` is the file whose digest ``stamp`` recorded after its build."""
+    try:
+        return stamp.read_text().strip() == _digest(library)
+    except OSError:
+        return False
+
+
+def _write_stamp(library: Path, stamp: Path) -> None:
+    tmp = stamp.with_name(f"{stamp.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(_digest(library) + "\n")
+        os.replace(tmp, stamp)
+    except OSError:  # a read-only cache still works; the next process checks again
+        tmp.unlink(missing_ok=True)
 
 
 def _first_line(exc: BaseException) -> str:

@@ -29,7 +29,7 @@ MAX_BLOCK_COLS = 128
 
 @triton.jit
 def _delta_and_block_min(
-    w_ptr, acc_ptr, g_ptr, rows_ptr, delta_ptr, mins_ptr, hyper_ptr, n_rows, width,
+    w_ptr, acc_ptr, g_ptr, rows_ptr, delta_ptr, mins_ptr, hyper_ptr, n_rows, n_table, width,
     HAS_ACC_REL: tl.constexpr, STANDARD: tl.constexpr, IS_F64: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
@@ -37,6 +37,7 @@ def _delta_and_block_min(
     r = pid * BLOCK_R + tl.arange(0, BLOCK_R)
     r_ok = r < n_rows
     row = tl.load(rows_ptr + r, mask=r_ok, other=0)
+    r_ok = r_ok & (row >= 0) & (row < n_table)  # never outside the table (the caller asserts)
     lr = tl.load(hyper_ptr + 0)
     eps = tl.load(hyper_ptr + 1)
     rel = tl.load(hyper_ptr + 2)
@@ -57,7 +58,7 @@ def _delta_and_block_min(
         if IS_F64:  # float64 sqrt and division are correctly rounded as written
             p = one / tl.sqrt(a + eps)
         else:
-            p = tl.div_rn(one + 0 * a, tl.sqrt_rn(a + eps))
+            p = tl.div_rn(tl.zeros_like(a) + one, tl.sqrt_rn(a + eps))
         delta = (g * lr) * p
         tl.store(delta_ptr + at_rows, delta, mask=ok)
         bound = tl.abs(w) * rel + abs_t
@@ -76,13 +77,14 @@ def _delta_and_block_min(
 
 @triton.jit
 def _apply(
-    w_ptr, acc_ptr, g_ptr, rows_ptr, delta_ptr, sigma_ptr, n_rows, width,
+    w_ptr, acc_ptr, g_ptr, rows_ptr, delta_ptr, sigma_ptr, n_rows, n_table, width,
     CLIP_ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
     r = pid * BLOCK_R + tl.arange(0, BLOCK_R)
     r_ok = r < n_rows
     row = tl.load(rows_ptr + r, mask=r_ok, other=0)
+    r_ok = r_ok & (row >= 0) & (row < n_table)  # never outside the table (the caller asserts)
     sigma = tl.load(sigma_ptr)
     for c0 in range(0, width, BLOCK_C):
         c = c0 + tl.arange(0, BLOCK_C)
@@ -100,6 +102,23 @@ def _apply(
             a = tl.fma(g, g, a)
         tl.store(acc_ptr + at_table, a, mask=ok)
         tl.store(w_ptr + at_table, tl.fma(-delta, sigma, w), mask=ok)
+
+
+def compile_errors() -> tuple[type[BaseException], ...]:
+    """Triton's exceptions for a kernel that cannot be compiled or launched here."""
+    found: list[type[BaseException]] = []
+    for module, name in (
+        ("triton.compiler.errors", "CompilationError"),
+        ("triton.runtime.errors", "OutOfResources"),
+        ("triton.runtime.autotuner", "OutOfResources"),
+    ):
+        try:
+            cls = getattr(__import__(module, fromlist=[name]), name)
+        except (ImportError, AttributeError):
+            continue
+        if isinstance(cls, type) and issubclass(cls, BaseException):
+            found.append(cls)
+    return tuple(found) or (RuntimeError,)
 
 
 def sparse_step(
@@ -126,13 +145,13 @@ def sparse_step(
     grid = (triton.cdiv(n_rows, BLOCK_ROWS),)
     mins = torch.empty(grid[0], dtype=p.dtype, device=p.device)
     _delta_and_block_min[grid](
-        p, acc, g_rows, rows, delta, mins, hyper, n_rows, width,
+        p, acc, g_rows, rows, delta, mins, hyper, n_rows, p.shape[0], width,
         HAS_ACC_REL=has_acc_rel, STANDARD=standard, IS_F64=p.dtype == torch.float64,
         BLOCK_R=BLOCK_ROWS, BLOCK_C=block_c,
     )  # fmt: skip
     sigma = torch.amin(mins).clamp_(max=1.0)
     _apply[grid](
-        p, acc, g_rows, rows, delta, sigma, n_rows, width,
+        p, acc, g_rows, rows, delta, sigma, n_rows, p.shape[0], width,
         CLIP_ACC=clip_acc, BLOCK_R=BLOCK_ROWS, BLOCK_C=block_c,
     )  # fmt: skip
     return sigma

@@ -387,6 +387,9 @@ class ClippyWorkspace:
     keep their compiled steps (signatures that failed to compile count towards the bound too).
     Everything lives and dies with the workspace, however many
     optimizers a process creates (a sweep runs its jobs in one process).
+
+    A workspace is not thread-safe: its buffers are reused by every call, so two threads
+    stepping at once need a workspace each (as two optimizers have).
     """
 
     #: The most signatures one workspace compiles (as many as the earlier process-wide cache).
@@ -396,6 +399,8 @@ class ClippyWorkspace:
         self.buffers: dict[tuple, Tensor] = {}
         self.compiled: dict[tuple, Callable[..., list[Tensor]]] = {}
         self.compile_failures: dict[tuple, str] = {}
+        #: why the sparse step's Triton kernels could not run here (then: the eager path)
+        self.triton_failure: str | None = None
 
     def row_slots(self, rows: int) -> Tensor:
         """The sparse kernel's row -> slot map: int32, at least ``rows`` long, all -1 between
@@ -405,13 +410,17 @@ class ClippyWorkspace:
             slots = self.buffers[("row_slots",)] = torch.full((rows,), -1, dtype=torch.int32)
         return slots
 
-    def sparse_sums(self, like: Tensor) -> Tensor:
-        """The sparse kernel's buffer for the summed gradients of rows hit more than once
-        (1-D; the kernel grows it when a step needs more)."""
+    def sparse_sums(self, like: Tensor, nnz: int, width: int) -> Tensor:
+        """The sparse kernel's scratch for ``nnz`` ids of ``width`` values: the summed
+        gradients of rows hit more than once, then every touched row's update: together at
+        most the gradient's values (k rows hit twice or more take at least 2k ids). Sized
+        with a quarter's headroom, and made afresh when four times too large, so that it
+        follows the batches' size and never that of a table one unusual step touched whole."""
+        need = nnz * width
         key = ("sparse_sums", like.dtype)
         buf = self.buffers.get(key)
-        if buf is None:
-            buf = self.buffers[key] = torch.empty(0, dtype=like.dtype)
+        if buf is None or buf.numel() < need or buf.numel() > 4 * need + 2**16:
+            buf = self.buffers[key] = torch.empty(need + need // 4, dtype=like.dtype)
         return buf
 
     def scratch(self, kind: str, rows: int, numel: int, like: Tensor) -> Tensor:
@@ -484,6 +493,11 @@ def clippy_adagrad(
         bool(clip_accumulator_update),
         bool(use_standard_accumulator_update),
     )
+    # Every sparse gradient's shape and (on the CPU) row indices are checked before anything
+    # is written, so that a refused step leaves the whole group as it was.
+    for w, g in zip(params, grads, strict=True):
+        if g.is_sparse:
+            _check_sparse(w, g)
     if state_steps:
         torch._foreach_add_(state_steps, 1.0)
 
@@ -949,33 +963,40 @@ def _sparse_clippy_adagrad(
     (sum duplicates and reduce sigma; update), nothing allocated in proportion to the table.
     Elsewhere, or where the kernel cannot be built, the eager path below: the same numbers.
     """
-    if grad.sparse_dim() != 1:
-        raise ValueError(
-            "ClippyAdagrad: sparse gradients must be row-sparse (COO with one sparse dimension, "
-            f"as nn.Embedding(sparse=True) produces); got {grad.sparse_dim()} sparse dimensions"
-        )
     if hp.wd != 0.0:  # decoupled decay applies to the whole tensor, as in the dense case
-        if p.device.type == "cpu":  # a bad row index must fail before anything is written
-            _check_rows(grad._indices()[0], p.shape[0])
         p.add_(p, alpha=-(hp.wd * lr))
+    paths = record.setdefault("sparse_paths", set())
     if _kernel_applies(p, acc, grad):
         op = _sparse_kernel.sparse_step()
         if op is not None:
-            record["sparse_paths"].add("kernel")
+            if torch.is_grad_enabled() and (p.requires_grad or acc.requires_grad):
+                raise RuntimeError(  # what torch's in-place operations say in this case
+                    "ClippyAdagrad: a leaf Variable that requires grad is being used in an "
+                    "in-place operation (step the optimizer under torch.no_grad())"
+                )
             ids, vals = grad._indices()[0], grad._values()
             nnz = ids.numel()
             if nnz == 0 or p.numel() == 0:
                 return torch.ones((), dtype=p.dtype, device=p.device)
-            return op(
-                p, acc, ids.contiguous(), vals.contiguous().view(nnz, -1),
-                workspace.row_slots(p.shape[0]), workspace.sparse_sums(p),
+            width = p.numel() // p.shape[0]
+            sigma = op(
+                p, acc, ids.contiguous(), vals.contiguous().view(nnz, width),
+                workspace.row_slots(p.shape[0]), workspace.sparse_sums(p, nnz, width),
                 lr, hp.eps, hp.rel, hp.acc_rel, hp.abs_t, hp.clip_acc, hp.standard,
             )  # fmt: skip
+            # The kernel writes through raw pointers: tell autograd, as an in-place op would.
+            torch.autograd.graph.increment_version([p, acc])
+            paths.add("kernel")
+            return sigma
         record["fallback"] = record["fallback"] or _sparse_kernel.failure()
-    elif _triton_applies(p, acc, grad):
-        record["sparse_paths"].add("triton")
-        return _sparse_triton_step(p, grad, acc, lr=lr, hp=hp, workspace=workspace)
-    record["sparse_paths"].add("eager")
+    elif _triton_applies(p, acc, grad) and workspace.triton_failure is None:
+        sigma = _sparse_triton_step(p, grad, acc, lr=lr, hp=hp, workspace=workspace)
+        if sigma is not None:
+            paths.add("triton")
+            return sigma
+        record["fallback"] = record["fallback"] or workspace.triton_failure
+    if grad._nnz() > 0:  # as for the kernels: a step that touches no row records nothing
+        paths.add("eager")
     return _sparse_eager(p, grad, acc, lr=lr, hp=hp, workspace=workspace)
 
 
@@ -1007,15 +1028,29 @@ def _has_triton() -> bool:
 
 def _sparse_triton_step(
     p: Tensor, grad: Tensor, acc: Tensor, *, lr: float, hp: _Hyper, workspace: ClippyWorkspace
-) -> Tensor:
-    """The rows summed by torch (``_summed_rows``), then ``_sparse_triton``'s two kernels."""
-    from mtl_clippy.optim import _sparse_triton
+) -> Tensor | None:
+    """The rows summed by torch (``_summed_rows``), then ``_sparse_triton``'s two kernels.
 
+    Returns None, with the reason in ``workspace.triton_failure`` and nothing written, when
+    the kernels cannot be compiled here (the caller takes the eager path from then on).
+    """
+    try:
+        from mtl_clippy.optim import _sparse_triton
+    except Exception as exc:  # a broken Triton install: the eager path
+        workspace.triton_failure = f"sparse Triton kernels unavailable: {_first_line(exc)}"
+        return None
     summed = _summed_rows(p, grad, workspace)
     if summed is None:
         return torch.ones((), dtype=p.dtype, device=p.device)
     rows, buf, shape = summed
     n = rows.numel() * math.prod(shape[1:])
+    # A row outside the table fails on the device (no wait for the host here); the kernels
+    # also mask such rows, so that nothing outside the table is ever touched.
+    torch._assert_async(rows[0] >= 0, "ClippyAdagrad: a sparse gradient row index is negative")
+    torch._assert_async(
+        rows[-1] < p.shape[0],
+        "ClippyAdagrad: a sparse gradient row index is outside the parameter's rows",
+    )
     # The hyperparameters as a device tensor, rebuilt only when they change (lr: fill_).
     key = ("sparse_hyper", p.device, p.dtype, hp)
     hyper = workspace.buffers.get(key)
@@ -1023,17 +1058,37 @@ def _sparse_triton_step(
         values = [lr, hp.eps, hp.rel, hp.acc_rel, hp.abs_t, 1.0]
         hyper = workspace.buffers[key] = torch.tensor(values, dtype=p.dtype, device=p.device)
     hyper[0].fill_(lr)
-    return _sparse_triton.sparse_step(
-        p, acc, rows, buf[2, :n], buf[3, :n], hyper,
-        has_acc_rel=hp.acc_rel != 0.0, clip_acc=hp.clip_acc, standard=hp.standard,
-    )  # fmt: skip
+    try:
+        return _sparse_triton.sparse_step(
+            p, acc, rows, buf[2, :n], buf[3, :n], hyper,
+            has_acc_rel=hp.acc_rel != 0.0, clip_acc=hp.clip_acc, standard=hp.standard,
+        )  # fmt: skip
+    except _sparse_triton.compile_errors() as exc:  # raised before any kernel ran
+        workspace.triton_failure = f"sparse Triton kernels failed to compile: {_first_line(exc)}"
+        warnings.warn(
+            f"ClippyAdagrad: the sparse step's Triton kernels could not be compiled on "
+            f"{p.device} ({workspace.triton_failure}); sparse gradients there take the eager "
+            "path: the same arithmetic, more slowly. optimizer.implementation() records the "
+            "fallback (metrics.json: optimizer_path).",
+            RuntimeWarning,
+            stacklevel=5,
+        )
+        return None
 
 
-def _check_rows(ids: Tensor, rows: int) -> None:
-    """Refuse row indices outside ``[0, rows)`` (the kernel checks them too, before it writes;
-    this is for the weight decay, which writes the whole table first)."""
-    if ids.numel() == 0:
+def _check_sparse(p: Tensor, grad: Tensor) -> None:
+    """Refuse a sparse gradient that is not row-sparse or, on the CPU, that names a row
+    outside the parameter (a hand-built one: nn.Embedding's are always in range). On a GPU
+    the row check would wait for the device; there the kernels check on the device."""
+    if grad.sparse_dim() != 1:
+        raise ValueError(
+            "ClippyAdagrad: sparse gradients must be row-sparse (COO with one sparse dimension, "
+            f"as nn.Embedding(sparse=True) produces); got {grad.sparse_dim()} sparse dimensions"
+        )
+    ids = grad._indices()[0]
+    if p.device.type != "cpu" or ids.numel() == 0:
         return
+    rows = p.shape[0] if p.dim() else 0
     lo, hi = (int(v) for v in torch.aminmax(ids))
     if lo < 0 or hi >= rows:
         bad = lo if lo < 0 else hi
@@ -1100,10 +1155,9 @@ def _sparse_eager(
     returns sigma.
 
     Duplicate rows are summed (``_summed_rows``), the touched rows of the parameter and the
-    accumulator are gathered into reusable buffers, sigma is the minimum over those rows, and
-    the parameter and accumulator *increments* are added back with ``index_add_`` (faster on
-    CPU than ``index_copy_``, and the same numbers: ``w + (-(sigma * delta))`` is
-    ``w - sigma * delta`` exactly).
+    accumulator are gathered into reusable buffers, stepped with the per-tensor dense path's
+    operations (``addcmul_``: the same roundings, so the same numbers as the dense step and
+    the kernels), and copied back with ``index_copy_``.
     """
     summed = _summed_rows(p, grad, workspace)
     if summed is None:
@@ -1119,10 +1173,10 @@ def _sparse_eager(
     sigma = _delta_and_sigma(w_rows, g_rows, a_rows, lr, hp, pb, db, bb)
     if hp.clip_acc:
         torch.mul(g_rows, sigma, out=pb)
-        pb.mul_(pb)  # (sigma * g)^2
-    else:
-        torch.mul(g_rows, g_rows, out=pb)  # g^2 (added before the step if standard)
-    acc.index_add_(0, rows, pb)
-    db.mul_(sigma).neg_()  # -(sigma * delta)
-    p.index_add_(0, rows, db)
+        a_rows.addcmul_(pb, pb)
+    elif not hp.standard:
+        a_rows.addcmul_(g_rows, g_rows)
+    acc.index_copy_(0, rows, a_rows)
+    w_rows.addcmul_(db, sigma, value=-1.0)
+    p.index_copy_(0, rows, w_rows)
     return sigma

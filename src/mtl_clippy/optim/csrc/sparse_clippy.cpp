@@ -5,7 +5,8 @@
 // (0/0 counts as 1), and only the touched rows of the weight and the accumulator change.
 //
 // Work: one sequential pass over the ids (each distinct row gets a slot; `slots` is an int32
-// array of at least the table's row count, all -1 on entry and on exit), then two parallel
+// array of at least the table's row count, reset to -1 on exit; stale entries are harmless, a
+// slot counts only where it points back at its id), then two parallel
 // passes over the distinct rows: (A) sum duplicates, compute each delta, write the accumulator
 // (acc + g^2 needs no sigma) and reduce sigma; (B) w - delta * sigma on the same rows (and the
 // accumulator there only under clip_accumulator_update, whose increment needs sigma).
@@ -91,14 +92,14 @@ void row_update(T* w, const T* g, T* acc, const T* delta, int64_t d, const T sig
                 const Hyper<T>& h) {
   using V = Vectorized<T>;
   constexpr int64_t L = V::size();
-  const V s(sigma), zero(T(0));
+  const V s(sigma);
   int64_t i = 0;
   for (; i + L <= d; i += L) {
     if (h.clip_acc) {
       const V sg = V::loadu(g + i) * s;
       at::vec::fmadd(sg, sg, V::loadu(acc + i)).store(acc + i);
     }
-    at::vec::fmadd(zero - V::loadu(delta + i), s, V::loadu(w + i)).store(w + i);
+    at::vec::fmadd(V::loadu(delta + i).neg(), s, V::loadu(w + i)).store(w + i);
   }
   for (; i < d; ++i) {
     if (h.clip_acc) {
@@ -151,7 +152,9 @@ at::Tensor step_impl(at::Tensor& w, at::Tensor& acc, const at::Tensor& ids, cons
                   " is outside the parameter's ", n_table, " rows");
     }
     const int32_t s = slot[id];
-    if (s < 0) {
+    // A sparse-set lookup: a slot counts only if it points back at this id, so a slot array
+    // left dirty (by anything) can never send us outside this call's rows.
+    if (s < 0 || s >= static_cast<int64_t>(rows.size()) || rows[s] != id) {
       slot[id] = static_cast<int32_t>(rows.size());
       rows.push_back(id);
       first.push_back(j);
