@@ -232,14 +232,14 @@ def test_a_late_data_module_maps_the_encoded_ids_without_encoding(tmp_path, monk
 _DIES_MID_WRITE = textwrap.dedent(
     """
     import os, sys
-    import numpy as np
+    from mtl_clippy.data import reader
     from mtl_clippy.data.reader import read_split
 
-    save = np.save
-    def save_then_die(*args, **kwargs):
-        save(*args, **kwargs)
-        os._exit(3)  # killed after writing the first array of the cache
-    np.save = save_then_die
+    write = reader._NpyWriter.write  # the parsing threads write the cache block by block
+    def write_then_die(*args, **kwargs):
+        write(*args, **kwargs)
+        os._exit(3)  # killed after writing the first block of rows of the cache
+    reader._NpyWriter.write = write_then_die
     read_split(sys.argv[1], cache_dir=sys.argv[2])
     """
 )

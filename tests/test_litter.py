@@ -164,19 +164,21 @@ def test_a_leftover_of_another_pid_namespace_goes_at_once(tmp_path):
 
 _WRITER = textwrap.dedent(
     """
-    import os, sys
-    import numpy as np
+    import os, sys, threading
+    from mtl_clippy.data import reader
     from mtl_clippy.data.reader import read_split
 
-    save = np.save
-    def save_then_stop(*args, **kwargs):
-        save(*args, **kwargs)
-        np.save = save  # the first array only
+    write = reader._NpyWriter.write  # the parsing threads write the cache block by block
+    first = threading.Lock()
+    def write_then_stop(*args, **kwargs):
+        write(*args, **kwargs)
+        if not first.acquire(blocking=False):
+            return  # the first block only
         print("writing", flush=True)
         if sys.argv[3] == "die":
-            os._exit(3)  # killed after writing the first array of the cache
+            os._exit(3)  # killed after writing the first block of rows of the cache
         sys.stdin.readline()  # a slow writer: goes on when told
-    np.save = save_then_stop
+    reader._NpyWriter.write = write_then_stop
     read_split(sys.argv[1], cache_dir=sys.argv[2])
     """
 )

@@ -8,7 +8,9 @@ column-to-row transposition costs no strided main-memory traffic.
 
 The first read stores the arrays as ``.npy`` files plus a ``cache.json`` (schema version,
 source size, modification time, inode and status-change time, row count); later reads
-memory-map them. Processes that
+memory-map them. The parsing threads write each validated block of rows straight into the
+cache's files (no array of the whole file is built in memory, no copy or pass over the arrays
+follows the parse) while a thread flushes them to disk. Processes that
 read an uncached file together parse it once: the first takes the cache's lock and writes it
 (under a temporary name, renamed when complete), the others wait and map its copy
 (``cache.py``). An interrupted or failed read never leaves a partial cache, a complete cache
@@ -30,11 +32,13 @@ column without its name and an unnamed last column are errors that say so, with 
 from __future__ import annotations
 
 import codecs
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import re
+import threading
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
@@ -109,7 +113,7 @@ def read_split(
     *,
     cache: bool = True,
     cache_dir: str | os.PathLike[str] | None = None,
-    block_size: int = 1 << 25,
+    block_size: int = 1 << 23,
 ) -> AliExpressSplit:
     """Read one processed split, validating it, through the ``.npy`` cache.
 
@@ -118,8 +122,11 @@ def read_split(
         cache: use and write the cache. Without it every call parses the CSV.
         cache_dir: folder holding caches; default ``<folder of path>/.mtl_clippy_cache``.
             If it cannot be written, the read still succeeds (with a warning).
-        block_size: bytes per range parsed by one thread (ranges are parsed in parallel);
-            memory beyond the final arrays is a few ranges per thread.
+        block_size: the most bytes per range parsed by one thread (ranges are parsed in
+            parallel; a file of a few ranges is cut into at least 8 per thread so that the
+            threads finish together); memory beyond the final arrays is a few ranges per
+            thread (and the final arrays are memory-mapped from the cache when it is
+            written).
 
     Raises:
         DataError: the file is missing, unreadable, not CSV text, empty or malformed (the
@@ -146,13 +153,17 @@ def read_split(
             cached = _load_cache(folder, stat)
             if cached is not None:
                 return AliExpressSplit(*cached, source=path, from_cache=True)
+            try:
+                changed = _parse_into_cache(folder, path, stat, block_size, held)
+            except _SourceReadError as err:
+                raise err.error from None
+            if changed is not None:  # parsed, not cached: the source changed meanwhile
+                return AliExpressSplit(*changed, source=path, from_cache=False)
+            written = _load_cache(folder, stat)
+            if written is not None:  # mapped: processes share it in the page cache
+                return AliExpressSplit(*written, source=path, from_cache=False, cached=True)
+            # The cache could not be written (the warning said why): parse into memory.
             categorical, numerical, labels = _parse(path, block_size)
-            if source_identity(path.stat()) != source_identity(stat):
-                log.warning("%s changed while it was read; not caching it", path)
-            elif _write_cache(folder, path, stat, (categorical, numerical, labels), held):
-                written = _load_cache(folder, stat)
-                if written is not None:  # mapped: processes share it in the page cache
-                    return AliExpressSplit(*written, source=path, from_cache=False, cached=True)
     except OSError as err:  # permission denied, I/O error, ...: the user's to fix
         raise DataError(
             path,
@@ -222,65 +233,256 @@ def save_arrays_atomic(
         )
 
 
-def _write_cache(
-    folder: Path, source: Path, stat: os.stat_result, arrays: tuple[np.ndarray, ...], held: bool
-) -> bool:
-    """The parse cache of ``source``: its arrays plus what identifies the source. Called under
-    the cache's lock after finding no current cache: a stale or damaged one is replaced."""
+class _SourceReadError(Exception):
+    """An ``OSError`` reading the source while the cache is written: carried through
+    ``cache.publish`` (which would take an ``OSError`` for a cache it cannot write)."""
+
+    def __init__(self, error: OSError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+class _SourceChanged(Exception):
+    """The source changed while it was parsed into the cache: not published."""
+
+    def __init__(self, arrays: tuple[np.ndarray, ...]) -> None:
+        super().__init__("changed")
+        self.arrays = arrays
+
+
+def _parse_into_cache(
+    folder: Path, source: Path, stat: os.stat_result, block_size: int, held: bool
+) -> tuple[np.ndarray, ...] | None:
+    """Parse ``source`` straight into its cache (the parse cache of ``source``: its arrays
+    plus what identifies the source). Called under the cache's lock after finding no current
+    cache: a stale or damaged one is replaced.
+
+    The worker threads write each validated block of rows into the ``.npy`` files of a
+    temporary folder as they parse (``_NpyWriter``): no copy of the arrays is made in
+    memory and no pass over them follows the parse. The folder is flushed to disk and renamed
+    into place only once every row is written and valid (``cache.publish``); bad input, a
+    kill or a failed write leaves no cache. Returns None once published or when the cache
+    could not be written (``publish`` warned; the caller then parses into memory), or the
+    arrays read back into memory when the source changed while it was parsed (not cached).
+    """
     meta = {
         "schema_version": CACHE_SCHEMA_VERSION,
         "source": str(source.resolve()),
         **dict(zip(_IDENTITY_KEYS, source_identity(stat), strict=True)),
-        "rows": int(arrays[0].shape[0]),
     }
-    fill = cache_mod.array_filler(dict(zip(_ARRAYS, arrays, strict=True)), meta)
-    return cache_mod.publish(folder, fill, held=held)
+
+    def fill(tmp: Path) -> None:
+        writer = _NpyWriter(tmp)  # an OSError here: a cache folder that cannot be written
+        try:
+            try:
+                rows = _parse(source, block_size, writer)
+            except _CacheWriteError as err:
+                raise err.error from None  # publish: a warning, no cache
+            except OSError as err:  # reading the source: the user's to fix
+                raise _SourceReadError(err) from None
+            writer.finish(rows)
+        finally:
+            writer.close()
+        try:
+            now = source.stat()
+        except OSError as err:
+            raise _SourceReadError(err) from None
+        if source_identity(now) != source_identity(stat):
+            log.warning("%s changed while it was read; not caching it", source)
+            raise _SourceChanged(tuple(np.load(tmp / f"{name}.npy") for name in _ARRAYS))
+        (tmp / "cache.json").write_text(json.dumps({**meta, "rows": rows}, indent=2))
+
+    try:
+        cache_mod.publish(folder, fill, held=held)
+    except _SourceChanged as changed:
+        return changed.arrays
+    return None
+
+
+class _CacheWriteError(Exception):
+    """An ``OSError`` writing the cache's files from a worker thread (full disk, I/O error),
+    told apart from one reading the source."""
+
+    def __init__(self, error: OSError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+#: Bytes of the ``.npy`` header the cache's files are written with (format 1.0): what
+#: ``np.save`` writes for these shapes, and room for any row count below 10**18.
+_NPY_HEADER = 128
+_DTYPES = (np.dtype(np.int64), np.dtype(np.float32), np.dtype(np.float32))
+_WIDTHS = (N_CATEGORICAL, N_NUMERICAL, _N_LABELS)
+
+
+def npy_header(dtype: np.dtype, shape: tuple[int, ...], size: int = _NPY_HEADER) -> bytes:
+    """The ``.npy`` (format 1.0) header of a C-ordered array, padded to ``size`` bytes as
+    ``np.save`` pads it (spaces, then a newline): the same bytes ``np.save`` writes when its
+    header has that size."""
+    descr = np.lib.format.dtype_to_descr(np.dtype(dtype))
+    dims = tuple(int(n) for n in shape)
+    text = f"{{'descr': {descr!r}, 'fortran_order': False, 'shape': {dims!r}, }}"
+    body = text.encode("latin1")
+    room = size - 10  # magic (6), version (2), header length (2)
+    if len(body) + 1 > room:
+        raise ValueError(f"a .npy header for shape {shape} does not fit in {size} bytes")
+    return (
+        b"\x93NUMPY\x01\x00"
+        + room.to_bytes(2, "little")
+        + body
+        + b" " * (room - len(body) - 1)
+        + b"\n"
+    )
+
+
+_fdatasync = getattr(os, "fdatasync", os.fsync)  # macOS has no fdatasync
+
+
+class _NpyWriter:
+    """The cache's ``.npy`` files in a temporary folder, written row block by row block, in
+    any order, from the parsing threads (``os.pwrite`` at the block's offset releases the
+    GIL); the headers, which hold the row count, are written by :meth:`finish`."""
+
+    def __init__(self, folder: Path) -> None:
+        self.fds: list[int] = []
+        self._flusher: threading.Thread | None = None
+        try:
+            for name in _ARRAYS:
+                self.fds.append(
+                    os.open(folder / f"{name}.npy", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+                )
+        except OSError:
+            self.close()
+            raise
+        # Writes the rows to disk while the file is parsed (the flush before the rename then
+        # has little left to do): a thread that waits for the disk, not for the CPU.
+        self._written = threading.Event()
+        self._done = False
+        self._flusher = threading.Thread(target=self._flush_written, daemon=True)
+        self._flusher.start()
+
+    def _flush_written(self) -> None:
+        while True:
+            self._written.wait()
+            self._written.clear()
+            if self._done:
+                return
+            for fd in list(self.fds):
+                with contextlib.suppress(OSError):  # a head start: publish flushes them all
+                    _fdatasync(fd)
+
+    def range_written(self) -> None:
+        """A range's rows are written: start flushing them (and any before) to disk."""
+        self._written.set()
+
+    def write(self, first_row: int, blocks: tuple[np.ndarray, ...]) -> None:
+        """Write rows ``first_row ..`` of each array; raises :class:`_CacheWriteError`."""
+        try:
+            for fd, block, dtype, width in zip(self.fds, blocks, _DTYPES, _WIDTHS, strict=True):
+                data = memoryview(
+                    np.ascontiguousarray(block, dtype=dtype).reshape(-1).view(np.uint8)
+                )
+                offset = _NPY_HEADER + first_row * width * dtype.itemsize
+                while len(data):  # a short write: the rest again
+                    done = os.pwrite(fd, data, offset)
+                    data, offset = data[done:], offset + done
+        except OSError as err:
+            raise _CacheWriteError(err) from None
+
+    def finish(self, rows: int) -> None:
+        """Write the headers (``rows`` rows) and cut each file to its exact length."""
+        for fd, dtype, width in zip(self.fds, _DTYPES, _WIDTHS, strict=True):
+            os.pwrite(fd, npy_header(dtype, (rows, width)), 0)
+            os.ftruncate(fd, _NPY_HEADER + rows * width * dtype.itemsize)
+
+    def close(self) -> None:
+        if self._flusher is not None:
+            self._done = True
+            self._written.set()
+            self._flusher.join()
+            self._flusher = None
+        for fd in self.fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self.fds = []
 
 
 # ----------------------------------------------------------------------------- parsing
 
 
-def _parse(path: Path, range_bytes: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Read the file once, in ranges of whole lines parsed by threads into shared arrays.
+def _parse(
+    path: Path, range_bytes: int, out: _NpyWriter | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray] | int:
+    """Read the file once, in ranges of whole lines parsed by threads, validated.
 
-    The main thread reads a range (about ``range_bytes``, cut at a line end) and counts its
-    lines with ``bytes.count``, which fixes the range's first row; a worker thread parses it
-    with pyarrow (which releases the GIL), copies it block by block into its rows
-    (``RecordBatch.to_tensor``: a row-major copy in C++, no strided Python copies) and
-    validates those blocks. The arrays are allocated once, sized from the first range's
-    bytes per row (5 % margin; grown in the rare case the estimate is short), and at most two
-    ranges per thread are in flight, so peak memory is the final arrays plus a few ranges and
-    their parsed tables: never the whole parsed table, never a float64 copy.
+    The main thread reads a range (about ``range_bytes``, cut at a line end) into one of a few
+    reused buffers and counts its lines (NumPy, a pass at memory speed), which fixes the
+    range's first row; a worker thread parses it with pyarrow (which releases the GIL), turns
+    it block by block into rows (``RecordBatch.to_tensor``: a row-major copy in C++, no
+    strided Python copies) and validates those blocks. Ranges are at most an eighth of the
+    file per thread, so that the threads finish together on a file of a few ranges.
+
+    Without ``out`` the rows are copied into arrays allocated once, sized from the first
+    range's bytes per row (5 % margin; grown in the rare case the estimate is short), and
+    returned. With ``out`` (the cache being written) each validated block is written to the
+    cache's files instead, and the number of rows is returned: no array of the whole file is
+    made in memory at all. At most two ranges per thread are in flight, so peak memory is
+    (the final arrays plus) a few ranges and their parsed tables: never the whole parsed
+    table, never a float64 copy.
     """
     _check_header(path)
     size = _content_end(path, path.stat().st_size)  # trailing empty lines are not rows
     workers = max(1, os.cpu_count() or 1)
+    # Ranges small enough that the threads share the file evenly (and few bytes are held),
+    # large enough that the per-range costs stay small.
+    range_bytes = max(1, min(range_bytes, max(_MIN_RANGE, size // (8 * workers))))
     arrays: tuple[np.ndarray, ...] | None = None
     futures: list[Future[None]] = []
+    lent: dict[Future[None], bytearray] = {}  # buffers in use by their range's worker
+    free: list[bytearray] = []
+    scratch = np.empty(_COUNT_PIECE, dtype=bool)
     row = 0
     with open(path, "rb") as f, ThreadPoolExecutor(workers) as pool:
         pos = len(f.readline())
         length = range_bytes
         while pos < size:
-            data = f.read(min(length, size - pos))
-            if pos + len(data) >= size:  # the last range: a final line may lack its newline
-                cut = len(data)
-                rows = data.count(b"\n") + (not data.endswith(b"\n"))
+            for fut in [fut for fut in lent if fut.done()]:
+                free.append(lent.pop(fut))
+            want = min(length, size - pos)
+            buf = next((b for b in free if len(b) >= want), None)
+            if buf is None:
+                buf = bytearray(max(want, range_bytes))
             else:
-                cut = data.rfind(b"\n") + 1
+                free.remove(buf)
+            got = _read_into(f, buf, want)
+            if got < want:  # the file was cut short while it was read
+                want = got
+                size = pos + got
+            if pos + want >= size:  # the last range: a final line may lack its newline
+                cut = want
+                rows = _count_lines(buf, cut, scratch) + (want > 0 and buf[want - 1] != 10)
+            else:
+                cut = buf.rfind(b"\n", 0, want) + 1
                 if cut == 0:  # one line longer than the range: read it again, longer
+                    free.append(buf)
                     f.seek(pos)
                     length *= 2
                     continue
-                rows = data.count(b"\n", 0, cut)
+                rows = _count_lines(buf, cut, scratch)
                 f.seek(pos + cut)
-            if arrays is None:
-                arrays = _allocate(int(rows * (size - pos) / cut * 1.05) + 16)
-            elif row + rows > len(arrays[0]):
-                wait(futures)  # every writer done: the arrays can be replaced safely
-                arrays = _grow(arrays, row, 2 * (row + rows))
-            chunk = memoryview(data)[:cut]
-            futures.append(pool.submit(_parse_range, path, chunk, row, rows, arrays))
+            if cut == 0:
+                free.append(buf)
+                break
+            if out is None:
+                if arrays is None:
+                    arrays = _allocate(int(rows * (size - pos) / cut * 1.05) + 16)
+                elif row + rows > len(arrays[0]):
+                    wait(futures)  # every writer done: the arrays can be replaced safely
+                    arrays = _grow(arrays, row, 2 * (row + rows))
+            chunk = memoryview(buf)[:cut]
+            fut = pool.submit(_parse_range, path, chunk, row, rows, arrays, out)
+            futures.append(fut)
+            lent[fut] = buf
             pos += cut
             row += rows
             length = range_bytes
@@ -292,9 +494,43 @@ def _parse(path: Path, range_bytes: int) -> tuple[np.ndarray, np.ndarray, np.nda
         wait(futures)
     for fut in futures:  # in file order: the first error raised is the earliest
         fut.result()
-    if row == 0 or arrays is None:
+    if row == 0:
         raise DataError(path, "the file has a header but no data rows", line=2)
+    if out is not None:
+        return row
+    assert arrays is not None
     return tuple(a[:row] for a in arrays)  # type: ignore[return-value]
+
+
+#: The smallest range a thread parses (a range is cut down to an eighth of the file per thread).
+_MIN_RANGE = 1 << 21
+#: Bytes of a range compared with the newline byte at a time when its lines are counted.
+_COUNT_PIECE = 1 << 18
+
+
+def _read_into(f: Any, buf: bytearray, want: int) -> int:
+    """Fill ``buf[:want]`` from ``f``; the bytes read (fewer only at the end of the file)."""
+    view = memoryview(buf)
+    got = 0
+    while got < want:
+        n = f.readinto(view[got:want])
+        if not n:
+            break
+        got += n
+    return got
+
+
+def _count_lines(buf: bytearray, end: int, scratch: np.ndarray) -> int:
+    """The newline bytes in ``buf[:end]``: compared in pieces into ``scratch`` (reused, so
+    the count allocates nothing), several times faster than ``bytes.count``."""
+    data = np.frombuffer(buf, dtype=np.uint8, count=end)
+    lines = 0
+    for start in range(0, end, len(scratch)):
+        piece = data[start : start + len(scratch)]
+        mask = scratch[: len(piece)]
+        np.equal(piece, 10, out=mask)
+        lines += int(np.count_nonzero(mask))
+    return lines
 
 
 def _allocate(rows: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -351,10 +587,15 @@ def _content_end(path: Path, size: int, chunk: int = 1 << 16) -> int:
 
 
 def _parse_range(
-    path: Path, chunk: memoryview, first_row: int, rows: int, arrays: tuple[np.ndarray, ...]
+    path: Path,
+    chunk: memoryview,
+    first_row: int,
+    rows: int,
+    arrays: tuple[np.ndarray, ...] | None,
+    out: _NpyWriter | None = None,
 ) -> None:
-    """Parse one range of whole lines into rows ``first_row ..`` of ``arrays``, validated."""
-    categorical, numerical, labels = arrays
+    """Parse one range of whole lines into rows ``first_row ..`` of ``arrays``, validated, or
+    with ``out``, validate its blocks and write them to the cache's files."""
     read_options = pacsv.ReadOptions(
         column_names=list(COLUMNS), block_size=_PARSE_BLOCK, use_threads=False
     )
@@ -375,11 +616,20 @@ def _parse_range(
     row = first_row
     for batch in table.to_batches():
         end = row + batch.num_rows
-        categorical[row:end] = np.asarray(batch.select(_CAT_IDX).to_tensor())
-        numerical[row:end] = np.asarray(batch.select(_NUM_IDX).to_tensor())
-        labels[row:end] = np.asarray(batch.select(_LAB_IDX).to_tensor())
-        _validate_block(path, row, categorical[row:end], numerical[row:end], labels[row:end])
+        blocks = tuple(
+            np.asarray(batch.select(idx).to_tensor()) for idx in (_CAT_IDX, _NUM_IDX, _LAB_IDX)
+        )
+        if out is not None:
+            _validate_block(path, row, *blocks)
+            out.write(row, blocks)
+        else:
+            assert arrays is not None
+            for array, block in zip(arrays, blocks, strict=True):
+                array[row:end] = block
+            _validate_block(path, row, *(array[row:end] for array in arrays))
         row = end
+    if out is not None:
+        out.range_written()
 
 
 _PARSE_BLOCK = 1 << 20  # pyarrow's block: a cache-friendly unit of parsing and of copying
