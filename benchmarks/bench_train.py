@@ -20,7 +20,8 @@ layout, cached under ``--cache-dir``), one epoch per variant at batch 2048, 2 th
 
 The same architecture (our ``SharedBottom``) and the same rows for all. The variants run in
 turn, ``--repeats`` rounds after one untimed round (one-time costs: thread pools, oneDNN
-kernels), and each figure is the median over the rounds. Two rates:
+kernels); each rate is the median over the rounds, each ratio the median of the ratios
+within a round (the load of a shared machine drifts between rounds). Two rates:
 
 * training samples/s: the training batches only (data loading included, the evaluation
   excluded), what ``metrics.json`` reports as ``samples_per_s``;
@@ -134,16 +135,23 @@ def main() -> None:
                 f"AUC {out['auc'][0]:.4f} / {out['auc'][1]:.4f}",
                 flush=True,
             )
+    base = results["peer"]
     med = {
         name: {
             "train": statistics.median(o["samples_per_s"] for o in rs),
             "epoch": statistics.median(args.rows / o["epoch_s"] for o in rs),
+            # the ratio within each round (the machine's load drifts between rounds), median
+            "train_x": statistics.median(
+                o["samples_per_s"] / b["samples_per_s"] for o, b in zip(rs, base, strict=True)
+            ),
+            "epoch_x": statistics.median(
+                b["epoch_s"] / o["epoch_s"] for o, b in zip(rs, base, strict=True)
+            ),
             "auc": [statistics.median(o["auc"][k] for o in rs) for k in range(2)],
             "precision": rs[0].get("precision", "32-true (plain loop)"),
         }
         for name, rs in results.items()
     }
-    base = med["peer"]
     print(
         "\n| pipeline | precision | training samples/s | vs peer model | epoch samples/s "
         "(test eval included) | vs peer model | test AUC click | test AUC conversion |"
@@ -151,9 +159,8 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|")
     for name, m in med.items():
         print(
-            f"| {name} | {m['precision']} | {m['train']:,.0f} | {m['train'] / base['train']:.2f}x "
-            f"| {m['epoch']:,.0f} | {m['epoch'] / base['epoch']:.2f}x | {m['auc'][0]:.4f} "
-            f"| {m['auc'][1]:.4f} |"
+            f"| {name} | {m['precision']} | {m['train']:,.0f} | {m['train_x']:.2f}x "
+            f"| {m['epoch']:,.0f} | {m['epoch_x']:.2f}x | {m['auc'][0]:.4f} | {m['auc'][1]:.4f} |"
         )
     print(
         "\nRatios: our pipeline (train.py's, built from the configs) against our model of the "
