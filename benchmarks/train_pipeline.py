@@ -145,7 +145,7 @@ def ours_overrides(rows: int, test_rows: int, cache_dir: str, precision: str, ep
     ]  # fmt: skip
 
 
-def build_ours(overrides: list[str], extra_callbacks: list[Any] = (), **trainer_kw: Any):
+def build_ours(overrides: list[str], extra_callbacks: list[Any] = ()):
     """Data module, module and trainer exactly as ``train.py`` builds them from ``overrides``;
     the data module's test split is its validation split (evaluated every epoch)."""
     cfg = config(overrides)
@@ -156,8 +156,6 @@ def build_ours(overrides: list[str], extra_callbacks: list[Any] = (), **trainer_
     loggers = instantiate_loggers(cfg.get("logger"), None)
     callbacks, _ = build_callbacks(cfg, [throughput, clock, *extra_callbacks], {}, bool(loggers))
     precision = runtime.precision_of(cfg.trainer)
-    for key, value in trainer_kw.items():
-        cfg.trainer[key] = value
     trainer = build_trainer(cfg, callbacks, loggers, precision, [AtomicCheckpointIO()])
     config_checks.check_batches(cfg, dm, trainer.world_size)
     return dm, module, trainer, throughput, clock, precision
