@@ -78,6 +78,28 @@ def test_adam_seed_is_adam_at_lr_0_1(optims):
     assert optims["adam"]["lr"] == 0.001
 
 
+def test_adam_is_fused_and_steps_as_torchs_default_adam(optims):
+    """optim=adam is torch's fused Adam (one kernel per step, not ten passes), whose update is
+    the default implementation's to within float32 rounding."""
+    assert optims["adam"]["fused"] is True
+    torch.manual_seed(0)
+    start = [torch.randn(64, 16), torch.randn(16)]
+    ours = [p.clone().requires_grad_() for p in start]
+    default = [p.clone().requires_grad_() for p in start]
+    make = hydra.utils.instantiate(optims["adam"], _convert_="all")
+    opt_ours = make(ours)
+    opt_default = torch.optim.Adam(default, lr=optims["adam"]["lr"])
+    assert opt_ours.defaults["fused"] is True
+    for _ in range(20):
+        grads = [torch.randn_like(p) for p in start]
+        for p, q, g in zip(ours, default, grads, strict=True):
+            p.grad, q.grad = g.clone(), g.clone()
+        opt_ours.step()
+        opt_default.step()
+    for p, q in zip(ours, default, strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("optim", ["clippy_seed", "adam_seed"])
 def test_the_config_check_and_the_optimizer_accept_the_seed_settings(optim):
     """An accumulator starting at 0 is a valid setting: the check before every run passes,

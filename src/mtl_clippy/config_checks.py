@@ -314,6 +314,8 @@ RULES: dict[str, Rule] = {
     "optim.use_standard_accumulator_update": flag(),
     "optim.weight_decay": number(0),
     "optim.eps": number(0),
+    # torch's fused implementation (configs/optim/adam.yaml); null: torch's default
+    "optim.fused": flag(null=True),
     # LAMB (configs/optim/lamb.yaml, pytorch-optimizer's Lamb)
     "optim.weight_decouple": flag(),
     "optim.adam_debias": flag(),
