@@ -333,3 +333,24 @@ def test_test_split_metrics(fitted, data):
     } <= set(result)
     assert result["test/auc_click"] > 0.7
     assert "test/auc_mean" in result
+
+
+@pytest.mark.parametrize("clip", [None, 1.0])
+def test_fused_adam_trains_with_and_without_gradient_clipping(data, tmp_path, clip):
+    """optim=adam is torch's fused Adam, which Lightning cannot clip: with
+    trainer.gradient_clip_val set (grad_clip=norm) the run takes the unfused kernel, says so
+    once, and trains; without clipping it keeps the fused one."""
+    fused = OmegaConf.create(
+        {"_target_": "torch.optim.Adam", "_partial_": True, "lr": 1e-3, "fused": True}
+    )
+    model = module(data, optimizer=fused)
+    loader = DataLoader(TensorDataset(*data.train), batch_size=256)
+    t = trainer(tmp_path, max_steps=3, gradient_clip_val=clip, limit_val_batches=0)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        t.fit(model, loader)
+    opt = t.optimizers[0]
+    assert opt.defaults["fused"] is (clip is None)
+    said = [w for w in seen if "cannot be combined with gradient clipping" in str(w.message)]
+    assert len(said) == (0 if clip is None else 1)
+    assert t.global_step == 3

@@ -600,6 +600,19 @@ class MultiTaskModule(pl.LightningModule):
         optimizer = optimizer_with_groups(
             _instantiate_partial(cfg), self, self.hparams.get("param_groups")
         )
+        if getattr(optimizer, "_step_supports_amp_scaling", False) and self._clips_gradients():
+            # torch's fused optimizers (optim=adam's fused: true) unscale gradients inside their
+            # step, so Lightning refuses to clip their gradients: take the unfused kernel.
+            rank_zero_warn(
+                f"{type(optimizer).__name__}(fused=True) cannot be combined with gradient "
+                "clipping (trainer.gradient_clip_val, as grad_clip=norm sets); this run uses "
+                "its unfused implementation: the same update, more slowly",
+                category=UserWarning,
+            )
+            cfg = {**dict(cfg), "fused": False}
+            optimizer = optimizer_with_groups(
+                _instantiate_partial(cfg), self, self.hparams.get("param_groups")
+            )
         if has_sparse_embeddings(self.backbone) and not _supports_sparse(optimizer):
             raise ValueError(
                 f"The backbone was built with sparse_embeddings=true (model config "
@@ -610,6 +623,11 @@ class MultiTaskModule(pl.LightningModule):
                 f"{', '.join(p.rsplit('.', 1)[-1] for p in SPARSE_CAPABLE_OPTIMIZERS)}."
             )
         return optimizer
+
+    def _clips_gradients(self) -> bool:
+        """Whether the attached trainer clips gradients (Lightning's gradient_clip_val)."""
+        trainer = getattr(self, "_trainer", None)
+        return bool(trainer is not None and getattr(trainer, "gradient_clip_val", None))
 
     def build_scheduler(
         self, optimizer: torch.optim.Optimizer, total_steps: int | None = None
