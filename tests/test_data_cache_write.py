@@ -262,3 +262,77 @@ def test_a_source_that_cannot_be_read_mid_file_is_a_data_error_not_a_cache_warni
     )
     assert "could not write the cache" not in caplog.text
     assert _nothing_written(cache)
+
+
+# ----------------------------------------------------------------------------- odd systems
+
+
+def test_short_writes_are_continued(tmp_path, lines, monkeypatch):
+    """A file system that writes a third of what it is given at a time (network and FUSE file
+    systems may): every byte still lands, headers included, and the cache reads back."""
+    path = _file(tmp_path, lines, 3000)
+    real = reader_module.os.pwrite
+    monkeypatch.setattr(
+        reader_module.os, "pwrite", lambda fd, d, o: real(fd, bytes(d[: max(1, len(d) // 3)]), o)
+    )
+    cache = tmp_path / "cache"
+    first = read_split(path, cache_dir=cache, block_size=1 << 14)
+    monkeypatch.setattr(reader_module.os, "pwrite", real)
+    again = read_split(path, cache_dir=cache)
+    assert first.cached and again.from_cache
+    for split in (first, again):
+        _assert_arrays(split, _pandas(path))
+
+
+def test_without_pwrite_the_cache_is_written_by_seek_and_write(tmp_path, lines, monkeypatch):
+    """Where os.pwrite does not exist (Windows), the same cache, byte for byte."""
+    path = _file(tmp_path, lines, 3000)
+    monkeypatch.delattr(reader_module.os, "pwrite")
+    cache = tmp_path / "cache"
+    first = read_split(path, cache_dir=cache, block_size=1 << 14)
+    again = read_split(path, cache_dir=cache)
+    assert first.cached and again.from_cache
+    for split in (first, again):
+        _assert_arrays(split, _pandas(path))
+
+
+def test_a_lost_write_seen_by_the_background_flush_is_not_published(
+    tmp_path, lines, monkeypatch, caplog
+):
+    """An I/O error reported to the background flush (Linux reports it once per handle):
+    the read warns, returns the right arrays and publishes no cache."""
+    path = _file(tmp_path, lines, 3000)
+    real = reader_module._fdatasync
+    seen = []
+
+    def fdatasync(fd):
+        if not seen:
+            seen.append(fd)
+            raise OSError(errno.EIO, "Input/output error")
+        return real(fd)
+
+    monkeypatch.setattr(reader_module, "_fdatasync", fdatasync)
+    cache = tmp_path / "cache"
+    with caplog.at_level(logging.WARNING, logger="mtl_clippy.data.cache"):
+        split = read_split(path, cache_dir=cache, block_size=1 << 14)
+    assert seen and "Input/output error" in caplog.text
+    assert not split.cached
+    _assert_arrays(split, _pandas(path))
+    assert _nothing_written(cache)
+
+
+def test_a_cache_with_an_unreadable_header_is_read_again(tmp_path, lines):
+    """A damaged .npy header (by hand, a crash of another tool): the source is parsed again
+    and the cache replaced, never a crash."""
+    path = _file(tmp_path, lines, 500)
+    cache = tmp_path / "cache"
+    read_split(path, cache_dir=cache)
+    (npy,) = cache.glob("*/numerical.npy")
+    data = bytearray(npy.read_bytes())
+    data[10:40] = b"{'descr': '<f4', 'fortran_ord"[:30]  # a header cut mid-literal
+    data[40:60] = b"(" * 20
+    npy.write_bytes(bytes(data))
+    split = read_split(path, cache_dir=cache)
+    assert not split.from_cache
+    _assert_arrays(split, _pandas(path))
+    assert read_split(path, cache_dir=cache).from_cache

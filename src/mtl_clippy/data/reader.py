@@ -205,7 +205,8 @@ def _load_cache(folder: Path, stat: os.stat_result) -> tuple[np.ndarray, ...] | 
             log.info("cache %s is stale; re-reading the source", folder)
             return None
         arrays = tuple(np.load(folder / f"{name}.npy", mmap_mode="r") for name in _ARRAYS)
-    except (OSError, ValueError):
+    except Exception:  # noqa: BLE001: any cache that cannot be read is no cache (re-read)
+        log.info("cache %s cannot be read; re-reading the source", folder)
         return None
     rows = meta.get("rows")
     if any(a.shape[0] != rows for a in arrays):
@@ -336,6 +337,23 @@ def npy_header(dtype: np.dtype, shape: tuple[int, ...], size: int = _NPY_HEADER)
 
 
 _fdatasync = getattr(os, "fdatasync", os.fsync)  # macOS has no fdatasync
+_SEEK_LOCK = threading.Lock()  # where os.pwrite is missing (Windows): seek and write, locked
+
+
+def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
+    """All of ``data`` at ``offset`` of ``fd``: short writes (network file systems, a nearly
+    full disk) are continued; without ``os.pwrite``, a locked seek and write."""
+    data = memoryview(data)
+    while len(data):
+        if hasattr(os, "pwrite"):
+            done = os.pwrite(fd, data, offset)
+        else:
+            with _SEEK_LOCK:
+                os.lseek(fd, offset, os.SEEK_SET)
+                done = os.write(fd, data)
+        if done <= 0:
+            raise OSError(f"no bytes written at offset {offset}")
+        data, offset = data[done:], offset + done
 
 
 class _NpyWriter:
@@ -358,6 +376,7 @@ class _NpyWriter:
         # has little left to do): a thread that waits for the disk, not for the CPU.
         self._written = threading.Event()
         self._done = False
+        self.flush_error: OSError | None = None
         self._flusher = threading.Thread(target=self._flush_written, daemon=True)
         self._flusher.start()
 
@@ -368,8 +387,13 @@ class _NpyWriter:
             if self._done:
                 return
             for fd in list(self.fds):
-                with contextlib.suppress(OSError):  # a head start: publish flushes them all
+                try:  # a head start on the flush before the rename
                     _fdatasync(fd)
+                except OSError as err:
+                    # Linux reports a lost write once per file handle: keep it for finish(),
+                    # since a flush through a new handle would not see it again.
+                    if self.flush_error is None:
+                        self.flush_error = err
 
     def range_written(self) -> None:
         """A range's rows are written: start flushing them (and any before) to disk."""
@@ -382,25 +406,32 @@ class _NpyWriter:
                 data = memoryview(
                     np.ascontiguousarray(block, dtype=dtype).reshape(-1).view(np.uint8)
                 )
-                offset = _NPY_HEADER + first_row * width * dtype.itemsize
-                while len(data):  # a short write: the rest again
-                    done = os.pwrite(fd, data, offset)
-                    data, offset = data[done:], offset + done
+                _pwrite_all(fd, data, _NPY_HEADER + first_row * width * dtype.itemsize)
         except OSError as err:
             raise _CacheWriteError(err) from None
 
     def finish(self, rows: int) -> None:
-        """Write the headers (``rows`` rows) and cut each file to its exact length."""
+        """Write the headers (``rows`` rows), cut each file to its exact length and flush it
+        through the handle that wrote it, so that any lost write raises ``OSError`` here (the
+        cache is then not published)."""
         for fd, dtype, width in zip(self.fds, _DTYPES, _WIDTHS, strict=True):
-            os.pwrite(fd, npy_header(dtype, (rows, width)), 0)
+            _pwrite_all(fd, npy_header(dtype, (rows, width)), 0)
             os.ftruncate(fd, _NPY_HEADER + rows * width * dtype.itemsize)
+        self._stop_flusher()
+        if self.flush_error is not None:
+            raise self.flush_error
+        for fd in self.fds:
+            _fdatasync(fd)
 
-    def close(self) -> None:
+    def _stop_flusher(self) -> None:
         if self._flusher is not None:
             self._done = True
             self._written.set()
             self._flusher.join()
             self._flusher = None
+
+    def close(self) -> None:
+        self._stop_flusher()
         for fd in self.fds:
             with contextlib.suppress(OSError):
                 os.close(fd)
