@@ -14,10 +14,15 @@ tensors of one device and dtype:
   needs a reduction first), specialised to the tensors' shapes. Fastest on CPUs with a C++
   compiler. Only a compilation failure makes it give way to an eager path (with a warning);
   ``ClippyAdagrad.implementation()`` records what ran;
-* ``_sparse_clippy_adagrad``: row-sparse (embedding) gradients, touching only their rows.
+* ``_sparse_clippy_adagrad``: row-sparse (embedding) gradients, touching only their rows:
+  a C++ kernel on the CPU (``_sparse_kernel``, compiled on first use), Triton kernels on CUDA
+  (``_sparse_triton``), and torch operations elsewhere or where those cannot be built, all
+  with the dense step's arithmetic.
 
 Every path obtains the clipping factor from one helper, :func:`_clipping_factor`, whose
-docstring states the contract. None of them synchronises the host with the device.
+docstring states the contract. None of them synchronises the host with the device, except
+the sparse path on a GPU, whose ``torch.unique`` of the ids waits for it once per step (as
+``coalesce`` does in torch's own sparse Adagrad).
 """
 
 from __future__ import annotations
@@ -467,6 +472,7 @@ def clippy_adagrad(
     ``fused=True`` without a workspace compiles its step afresh on every call (seconds each);
     a caller that wants the compiled path must keep a workspace and pass it.
     ``record``: if given, a dict ``{"dense": set, "sparse": bool, "fallback": str | None}``
+    (``"sparse_paths": set`` is added where missing)
     updated with the paths that ran (as ``ClippyAdagrad.implementation()`` reports them).
     """
     if clip_accumulator_update and use_standard_accumulator_update:
