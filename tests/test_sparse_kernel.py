@@ -47,10 +47,12 @@ def kernel_or_skip():
     return op
 
 
-@pytest.fixture
-def fresh_kernel_state(monkeypatch):
-    """A process in which the kernel has not been tried yet (restored afterwards)."""
+def forget_the_kernel(monkeypatch) -> None:
+    """As in a process that has not tried the kernel yet and has not loaded it (restored at
+    the test's end). Loading it a second time in one process would abort it: after this,
+    only paths that cannot load it (no compiler, a damaged build) may be exercised."""
     monkeypatch.setattr(_sparse_kernel, "_state", {"tried": False, "op": None, "failure": None})
+    monkeypatch.setattr(_sparse_kernel, "_registered", lambda: None)
 
 
 @pytest.mark.skipif(not HAS_TOOLS, reason="no C++ compiler or ninja on this machine")
@@ -246,27 +248,25 @@ def kernel_and_fallback_run(monkeypatch, **env):
     return out
 
 
-def test_no_compiler_falls_back_with_the_same_numbers(monkeypatch, fresh_kernel_state, tmp_path):
+def test_no_compiler_falls_back_with_the_same_numbers(monkeypatch, tmp_path):
     """No C++ compiler (CXX names none) and no earlier build: one warning, the eager path, the
-    reason recorded, and the same numbers as the kernel gives."""
+    reason recorded, and exactly the numbers the kernel gives (the same roundings)."""
+    case = table_case(rows=3000, dim=40, n=2000, seed=3)
+    with_kernel = step_table(*case, 2) if _sparse_kernel.sparse_step() is not None else None
+    forget_the_kernel(monkeypatch)
     monkeypatch.setenv("CXX", "no-such-compiler-mtl-clippy")
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
     with pytest.warns(RuntimeWarning, match="could not be built here .*no C\\+\\+ compiler"):
-        w, acc, sigma, opt = step_table(*table_case(rows=3000, dim=40, n=2000, seed=3), 2)
+        w, acc, sigma, opt = step_table(*case, 2)
     used = opt.implementation()
     assert used["sparse_paths"] == ["eager"]
     assert used["fallback"].startswith("sparse kernel not built: RuntimeError: no C++ compiler")
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)  # warned once per process, not per step
         step_table(*table_case(rows=30, dim=4, n=20), 1)
-    monkeypatch.delenv("CXX")
-    monkeypatch.delenv("TORCH_EXTENSIONS_DIR")
-    monkeypatch.setattr(_sparse_kernel, "_state", {"tried": False, "op": None, "failure": None})
-    if _sparse_kernel.sparse_step() is None:
-        return
-    kw, kacc, ksigma, _ = step_table(*table_case(rows=3000, dim=40, n=2000, seed=3), 2)
-    for got, want in ((w, kw), (acc, kacc), (sigma, ksigma)):  # the same arithmetic: exact
-        assert torch.equal(got, want)
+    if with_kernel is not None:
+        for got, want in zip((w, acc, sigma), with_kernel[:3], strict=True):
+            assert torch.equal(got, want)
 
 
 def _built_library() -> "Path":
@@ -279,14 +279,21 @@ def _built_library() -> "Path":
     return found[-1]
 
 
-def test_an_earlier_build_loads_without_a_compiler(monkeypatch):
-    """A node without a compiler loads the build made earlier (here: by the tests above)."""
+def test_an_earlier_build_loads_without_a_compiler():
+    """A node without a compiler loads the build made earlier (here: by the tests above), in a
+    fresh process (this one has loaded it already), without a warning."""
+    import subprocess
+    import sys
+
     kernel_or_skip()
-    monkeypatch.setattr(_sparse_kernel, "_state", {"tried": False, "op": None, "failure": None})
-    monkeypatch.setenv("CXX", "no-such-compiler-mtl-clippy")
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", RuntimeWarning)
-        assert _sparse_kernel.sparse_step() is not None
+    code = (
+        "import warnings; warnings.simplefilter('error', RuntimeWarning)\n"
+        "from mtl_clippy.optim import _sparse_kernel as k\n"
+        "assert k.sparse_step() is not None, k.failure()\n"
+    )
+    env = {**os.environ, "CXX": "no-such-compiler-mtl-clippy"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
 
 
 def test_a_truncated_build_is_never_loaded(monkeypatch, tmp_path):
@@ -299,7 +306,7 @@ def test_a_truncated_build_is_never_loaded(monkeypatch, tmp_path):
     shutil.copytree(library.parent, copy)
     cut = copy / library.name
     cut.write_bytes(cut.read_bytes()[:5000])
-    monkeypatch.setattr(_sparse_kernel, "_state", {"tried": False, "op": None, "failure": None})
+    forget_the_kernel(monkeypatch)
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
     monkeypatch.setenv("CXX", "no-such-compiler-mtl-clippy")
     with pytest.warns(RuntimeWarning, match="no C\\+\\+ compiler"):

@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import sys
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -38,7 +39,11 @@ _ISA_FLAGS: dict[str, list[str]] = {
     "AVX2": ["-mavx2", "-mfma", "-DCPU_CAPABILITY_AVX2"],
 }  # fmt: skip
 #: Contraction off: no multiply-add fused differently from the eager path's operations.
-_FLAGS = ["-O3", "-ffp-contract=off", "-fno-math-errno"]
+#: OpenMP: ATen's parallel_for is a header whose pragmas need it (without it the kernel runs
+#: on one thread); the library it links is the libgomp.so.1 torch has already loaded. GCC on
+#: Linux; elsewhere the kernel is built without it and runs on one thread.
+_OPENMP = ["-fopenmp"] if sys.platform.startswith("linux") else []
+_FLAGS = ["-O3", "-ffp-contract=off", "-fno-math-errno", *_OPENMP]
 
 _DISABLE_VAR = "MTL_CLIPPY_DISABLE_SPARSE_KERNEL"
 _state: dict[str, object] = {"tried": False, "op": None, "failure": None}
@@ -72,8 +77,23 @@ def failure() -> str:
     return f"sparse kernel not built: {_state['failure']}"
 
 
+def _registered() -> Callable[..., torch.Tensor] | None:
+    """The operator, if a library of this process has registered it already (loading a second
+    copy would abort the process: one registration per namespace)."""
+    try:
+        op = torch.ops.mtl_clippy_sparse.sparse_step
+        op.default  # noqa: B018 (raises where the operator does not exist)
+    except (AttributeError, RuntimeError):
+        return None
+    return op
+
+
 def _build() -> Callable[..., torch.Tensor]:
     from torch.utils import cpp_extension
+
+    known = _registered()
+    if known is not None:
+        return known
 
     isa = torch.backends.cpu.get_cpu_capability()
     flags = _FLAGS + _ISA_FLAGS.get(isa, [])
@@ -96,8 +116,8 @@ def _build() -> Callable[..., torch.Tensor]:
     cpp_extension.verify_ninja_availability()  # raises RuntimeError naming ninja
     build_dir.mkdir(parents=True, exist_ok=True)
     cpp_extension.load(
-        name=name, sources=[str(SOURCE)], extra_cflags=flags, build_directory=str(build_dir),
-        is_python_module=False, verbose=False,
+        name=name, sources=[str(SOURCE)], extra_cflags=flags, extra_ldflags=_OPENMP,
+        build_directory=str(build_dir), is_python_module=False, verbose=False,
     )  # fmt: skip
     if not _intact(library, stamp):
         _write_stamp(library, stamp)

@@ -4,7 +4,7 @@
 // row. Duplicate ids are summed, sigma is the minimum of bound / |delta| over the touched rows
 // (0/0 counts as 1), and only the touched rows of the weight and the accumulator change.
 //
-// Work: one sequential pass over the ids (each distinct row gets a slot; `slots` is an int32
+// Work: sequential passes over the ids (each distinct row gets a slot; `slots` is an int32
 // array of at least the table's row count, reset to -1 on exit; stale entries are harmless, a
 // slot counts only where it points back at its id), then two parallel
 // passes over the distinct rows: (A) sum duplicates, compute each delta, write the accumulator
@@ -113,7 +113,7 @@ void row_update(T* w, const T* g, T* acc, const T* delta, int64_t d, const T sig
 // The touched rows are scattered over tables far larger than the caches: without a prefetch each
 // row's first load waits for memory while the long sqrt/div chain of the previous row holds
 // the out-of-order window. Ask for the rows PREFETCH_AHEAD slots ahead, every cache line.
-constexpr int64_t PREFETCH_AHEAD = 4;
+constexpr int64_t PREFETCH_AHEAD = 8;
 
 template <typename T, int RW>
 inline void prefetch_row(const T* row, int64_t d) {
@@ -134,12 +134,12 @@ at::Tensor step_impl(at::Tensor& w, at::Tensor& acc, const at::Tensor& ids, cons
   const int64_t* idp = ids.data_ptr<int64_t>();
   int32_t* slot = slots.data_ptr<int32_t>();
 
-  // Sequential pass over the ids: slot of each distinct row, its first occurrence, and a chain
-  // through the later ones (in order of appearance).
-  std::vector<int64_t> rows, first;
-  std::vector<int32_t> count;
-  std::vector<int64_t> next(nnz, -1), last;
-  rows.reserve(nnz);
+  // Sequential pass over the ids: the slot of each distinct row (in order of first
+  // appearance) and of each id, and each row's number of ids.
+  std::vector<int64_t> rows, count;
+  std::vector<int32_t> slot_of(nnz);
+  rows.reserve(std::min<int64_t>(nnz, n_table));
+  count.reserve(std::min<int64_t>(nnz, n_table));
   for (int64_t j = 0; j < nnz; ++j) {
     if (j + 16 < nnz) {  // the slot array is scattered too: fetch ahead (a bad id is harmless)
       const int64_t ahead = idp[j + 16];
@@ -151,23 +151,27 @@ at::Tensor step_impl(at::Tensor& w, at::Tensor& acc, const at::Tensor& ids, cons
       TORCH_CHECK(false, "ClippyAdagrad: sparse gradient row index ", id,
                   " is outside the parameter's ", n_table, " rows");
     }
-    const int32_t s = slot[id];
+    int32_t s = slot[id];
     // A sparse-set lookup: a slot counts only if it points back at this id, so a slot array
     // left dirty (by anything) can never send us outside this call's rows.
     if (s < 0 || s >= static_cast<int64_t>(rows.size()) || rows[s] != id) {
-      slot[id] = static_cast<int32_t>(rows.size());
+      s = static_cast<int32_t>(rows.size());
+      slot[id] = s;
       rows.push_back(id);
-      first.push_back(j);
-      last.push_back(j);
-      count.push_back(1);
-    } else {
-      next[last[s]] = j;
-      last[s] = j;
-      count[s] += 1;
+      count.push_back(0);
     }
+    count[s] += 1;
+    slot_of[j] = s;
   }
   for (const int64_t r : rows) slot[r] = -1;
   const int64_t n_rows = static_cast<int64_t>(rows.size());
+
+  // Each row's ids listed together, in order of appearance: order[start[s] .. start[s + 1]).
+  // Known in advance, their gradient rows can be fetched ahead (a chain could not be).
+  std::vector<int64_t> start(n_rows + 1, 0);
+  for (int64_t s = 0; s < n_rows; ++s) start[s + 1] = start[s] + count[s];
+  std::vector<int64_t> order(nnz), cursor(start.begin(), start.end() - 1);
+  for (int64_t j = 0; j < nnz; ++j) order[cursor[slot_of[j]]++] = j;
 
   // Rows hit more than once get their summed gradient in scratch.
   std::vector<int64_t> dup(n_rows, -1);
@@ -179,30 +183,49 @@ at::Tensor step_impl(at::Tensor& w, at::Tensor& acc, const at::Tensor& ids, cons
   T* sp = scratch.data_ptr<T>();
   T* dp = sp + n_dup * d;
 
+  // Pass A in one piece per thread, cut so that each piece has the same work: a row costs its
+  // ids (the sums) plus about two for its own arithmetic. Frequent ids come first in order of
+  // appearance, so equal numbers of rows would leave one thread with most of the sums.
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(d, 1));
-  const int n_threads = at::get_num_threads();
-  std::vector<T> mins(static_cast<size_t>(n_threads) + 1, T(1));
-  at::parallel_for(0, n_rows, grain, [&](int64_t begin, int64_t end) {
-    const int t = std::min(at::get_thread_num(), n_threads);
-    T m = mins[t];
-    for (int64_t s = begin; s < end; ++s) {
-      if (s + PREFETCH_AHEAD < end) {
-        prefetch_row<T, 0>(wp + rows[s + PREFETCH_AHEAD] * d, d);
-        prefetch_row<T, 1>(ap + rows[s + PREFETCH_AHEAD] * d, d);
-      }
-      const T* g = vp + first[s] * d;
-      if (dup[s] >= 0) {
-        T* sum = sp + dup[s] * d;
-        std::copy(g, g + d, sum);
-        for (int64_t j = next[first[s]]; j >= 0; j = next[j]) {
-          const T* v = vp + j * d;
-          for (int64_t i = 0; i < d; ++i) sum[i] = sum[i] + v[i];
-        }
-        g = sum;
-      }
-      m = row_delta_min(wp + rows[s] * d, g, ap + rows[s] * d, dp + s * d, d, h, m);
+  const int64_t pieces = n_rows < grain ? 1 : std::max(1, at::get_num_threads());
+  std::vector<int64_t> cut(pieces + 1, n_rows);
+  cut[0] = 0;
+  {
+    const int64_t total = nnz + 2 * n_rows;
+    int64_t done = 0, k = 1;
+    for (int64_t s = 0; s < n_rows && k < pieces; ++s) {
+      done += count[s] + 2;
+      while (k < pieces && done * pieces >= total * k) cut[k++] = s + 1;
     }
-    mins[t] = m;
+  }
+  std::vector<T> mins(static_cast<size_t>(pieces), T(1));
+  at::parallel_for(0, pieces, 1, [&](int64_t first_piece, int64_t end_piece) {
+    for (int64_t piece = first_piece; piece < end_piece; ++piece) {
+      const int64_t begin = cut[piece], end = cut[piece + 1];
+      T m = T(1);
+      for (int64_t s = begin; s < end; ++s) {
+        if (s + PREFETCH_AHEAD < end) {
+          const int64_t ahead = s + PREFETCH_AHEAD;
+          prefetch_row<T, 0>(wp + rows[ahead] * d, d);
+          prefetch_row<T, 1>(ap + rows[ahead] * d, d);
+          prefetch_row<T, 0>(vp + order[start[ahead]] * d, d);
+        }
+        const int64_t* occ = order.data() + start[s];
+        const T* g = vp + occ[0] * d;
+        if (dup[s] >= 0) {
+          T* sum = sp + dup[s] * d;
+          std::copy(g, g + d, sum);
+          for (int64_t k = 1; k < count[s]; ++k) {
+            if (k + 4 < count[s]) prefetch_row<T, 0>(vp + occ[k + 4] * d, d);
+            const T* v = vp + occ[k] * d;
+            for (int64_t i = 0; i < d; ++i) sum[i] = sum[i] + v[i];
+          }
+          g = sum;
+        }
+        m = row_delta_min(wp + rows[s] * d, g, ap + rows[s] * d, dp + s * d, d, h, m);
+      }
+      mins[piece] = m;
+    }
   });
   T sigma = T(1);
   for (const T m : mins) sigma = std::min(sigma, m);
@@ -213,7 +236,7 @@ at::Tensor step_impl(at::Tensor& w, at::Tensor& acc, const at::Tensor& ids, cons
         prefetch_row<T, 1>(wp + rows[s + PREFETCH_AHEAD] * d, d);
         if (h.clip_acc) prefetch_row<T, 1>(ap + rows[s + PREFETCH_AHEAD] * d, d);
       }
-      const T* g = dup[s] >= 0 ? sp + dup[s] * d : vp + first[s] * d;
+      const T* g = dup[s] >= 0 ? sp + dup[s] * d : vp + order[start[s]] * d;
       row_update(wp + rows[s] * d, g, ap + rows[s] * d, dp + s * d, d, sigma, h);
     }
   });
