@@ -22,8 +22,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from clippy_reference import reference_step
-from mtl_clippy.optim import ClippyAdagrad
-from mtl_clippy.optim import _sparse_kernel
+from mtl_clippy.optim import ClippyAdagrad, _sparse_kernel
 from mtl_clippy.optim import clippy as impl
 
 EPS = 1e-7
@@ -545,10 +544,15 @@ def test_implementation_reports_paths_per_group():
     why = None if kernel else _sparse_kernel.failure()
     assert used["dense"] == ["foreach"] and used["sparse"] is True and used["fallback"] == why
     assert used["groups"][0] == {
-        "dense": ["foreach"], "sparse": False, "sparse_paths": [], "fallback": None
+        "dense": ["foreach"],
+        "sparse": False,
+        "sparse_paths": [],
+        "fallback": None,
     }
     assert used["groups"][1] == {
-        "dense": [], "sparse": True, "sparse_paths": ["kernel" if kernel else "eager"],
+        "dense": [],
+        "sparse": True,
+        "sparse_paths": ["kernel" if kernel else "eager"],
         "fallback": why,
     }
 

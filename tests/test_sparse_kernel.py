@@ -22,12 +22,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from mtl_clippy.optim import ClippyAdagrad
-from mtl_clippy.optim import _sparse_kernel
+from mtl_clippy.optim import ClippyAdagrad, _sparse_kernel
 from test_clippy_properties import (
     INIT_ACC,
     NP_DTYPE,
-    TOL,
     assert_close,
     make_opt,
     options,
@@ -114,7 +112,9 @@ def test_kernel_equals_reference_and_eager_path(case, monkeypatch):
         ids = draw_ids(rng, kind, case["rows"], int(rng.integers(1, 2 * case["rows"] + 2)))
         vals = random_values(rng, (len(ids), *case["row_shape"]), np_dtype)
         grad = torch.sparse_coo_tensor(
-            torch.tensor(ids, dtype=torch.long).reshape(1, -1), torch.tensor(vals), shape,
+            torch.tensor(ids, dtype=torch.long).reshape(1, -1),
+            torch.tensor(vals),
+            shape,
             check_invariants=False,
         )
         if case["coalesce"]:
@@ -132,9 +132,7 @@ def test_kernel_equals_reference_and_eager_path(case, monkeypatch):
         assert_close(opt_k.state[w_k]["sum"], ref_a, dtype, f"accumulator, {what}")
         assert_close(opt_k.state[w_k]["clipping_factor"], sigma, dtype, f"sigma, {what}")
         assert_close(w_k, w_e.detach().double().numpy(), dtype, f"kernel vs eager, {what}")
-        assert_close(
-            opt_k.state[w_k]["sum"], opt_e.state[w_e]["sum"].double().numpy(), dtype, what
-        )
+        assert_close(opt_k.state[w_k]["sum"], opt_e.state[w_e]["sum"].double().numpy(), dtype, what)
         touched = touched or len(ids) > 0
     # nothing is recorded for steps that touch no row
     assert opt_k.implementation()["sparse_paths"] == (["kernel"] if touched else [])
@@ -269,7 +267,7 @@ def test_no_compiler_falls_back_with_the_same_numbers(monkeypatch, tmp_path):
             assert torch.equal(got, want)
 
 
-def _built_library() -> "Path":
+def _built_library() -> Path:
     from torch.utils import cpp_extension
 
     root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root())

@@ -28,16 +28,33 @@ MAX_BLOCK_COLS = 128
 
 
 @triton.jit
+def _block_rows(rows_ptr, pid, n_rows, n_table, BLOCK_R: tl.constexpr):
+    """This program's slots ``r``, their table rows, and which of them to touch: slots past
+    the end and rows outside the table never are (the caller asserts on the latter)."""
+    r = pid * BLOCK_R + tl.arange(0, BLOCK_R)
+    r_ok = r < n_rows
+    row = tl.load(rows_ptr + r, mask=r_ok, other=0)
+    return r, row, r_ok & (row >= 0) & (row < n_table)
+
+
+@triton.jit
+def _tile(r, row, r_ok, c0, width, BLOCK_C: tl.constexpr):
+    """Columns ``c0 ..`` of the block: the mask, offsets in the table and in the row buffers."""
+    c = c0 + tl.arange(0, BLOCK_C)
+    ok = r_ok[:, None] & (c[None, :] < width)
+    at_table = row[:, None].to(tl.int64) * width + c[None, :]
+    at_rows = r[:, None].to(tl.int64) * width + c[None, :]
+    return ok, at_table, at_rows
+
+
+@triton.jit
 def _delta_and_block_min(
     w_ptr, acc_ptr, g_ptr, rows_ptr, delta_ptr, mins_ptr, hyper_ptr, n_rows, n_table, width,
     HAS_ACC_REL: tl.constexpr, STANDARD: tl.constexpr, IS_F64: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
-    r = pid * BLOCK_R + tl.arange(0, BLOCK_R)
-    r_ok = r < n_rows
-    row = tl.load(rows_ptr + r, mask=r_ok, other=0)
-    r_ok = r_ok & (row >= 0) & (row < n_table)  # never outside the table (the caller asserts)
+    r, row, r_ok = _block_rows(rows_ptr, pid, n_rows, n_table, BLOCK_R)
     lr = tl.load(hyper_ptr + 0)
     eps = tl.load(hyper_ptr + 1)
     rel = tl.load(hyper_ptr + 2)
@@ -46,10 +63,7 @@ def _delta_and_block_min(
     one = tl.load(hyper_ptr + 5)
     running = tl.full((BLOCK_R, BLOCK_C), 1.0, tl.float32).to(lr.dtype)
     for c0 in range(0, width, BLOCK_C):
-        c = c0 + tl.arange(0, BLOCK_C)
-        ok = r_ok[:, None] & (c[None, :] < width)
-        at_table = row[:, None].to(tl.int64) * width + c[None, :]
-        at_rows = r[:, None].to(tl.int64) * width + c[None, :]
+        ok, at_table, at_rows = _tile(r, row, r_ok, c0, width, BLOCK_C)
         w = tl.load(w_ptr + at_table, mask=ok, other=0.0)
         a = tl.load(acc_ptr + at_table, mask=ok, other=0.0)
         g = tl.load(g_ptr + at_rows, mask=ok, other=0.0)
@@ -81,16 +95,10 @@ def _apply(
     CLIP_ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
-    r = pid * BLOCK_R + tl.arange(0, BLOCK_R)
-    r_ok = r < n_rows
-    row = tl.load(rows_ptr + r, mask=r_ok, other=0)
-    r_ok = r_ok & (row >= 0) & (row < n_table)  # never outside the table (the caller asserts)
+    r, row, r_ok = _block_rows(rows_ptr, pid, n_rows, n_table, BLOCK_R)
     sigma = tl.load(sigma_ptr)
     for c0 in range(0, width, BLOCK_C):
-        c = c0 + tl.arange(0, BLOCK_C)
-        ok = r_ok[:, None] & (c[None, :] < width)
-        at_table = row[:, None].to(tl.int64) * width + c[None, :]
-        at_rows = r[:, None].to(tl.int64) * width + c[None, :]
+        ok, at_table, at_rows = _tile(r, row, r_ok, c0, width, BLOCK_C)
         w = tl.load(w_ptr + at_table, mask=ok, other=0.0)
         a = tl.load(acc_ptr + at_table, mask=ok, other=0.0)
         g = tl.load(g_ptr + at_rows, mask=ok, other=0.0)

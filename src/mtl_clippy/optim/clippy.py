@@ -1011,16 +1011,7 @@ def _triton_applies(p: Tensor, acc: Tensor, grad: Tensor) -> bool:
     Triton installed (``MTL_CLIPPY_DISABLE_SPARSE_KERNEL=1`` turns them off too)."""
     if os.environ.get("MTL_CLIPPY_DISABLE_SPARSE_KERNEL", "") not in ("", "0"):
         return False
-    return (
-        p.device.type == "cuda"
-        and p.dtype in (torch.float32, torch.float64)
-        and grad.dtype == p.dtype
-        and acc.dtype == p.dtype
-        and p.dim() >= 1
-        and p.is_contiguous()
-        and acc.is_contiguous()
-        and _has_triton()
-    )
+    return _kernel_layout(p, acc, grad, "cuda") and _has_triton()
 
 
 _TRITON: list[bool] = []  # found once per process
@@ -1099,15 +1090,20 @@ def _check_sparse(p: Tensor, grad: Tensor) -> None:
     if lo < 0 or hi >= rows:
         bad = lo if lo < 0 else hi
         raise RuntimeError(
-            f"ClippyAdagrad: sparse gradient row index {bad} is outside the parameter's "
-            f"{rows} rows"
+            f"ClippyAdagrad: sparse gradient row index {bad} is outside the parameter's {rows} rows"
         )
 
 
 def _kernel_applies(p: Tensor, acc: Tensor, grad: Tensor) -> bool:
     """Whether the C++ kernel handles this tensor: CPU, float32/float64, contiguous."""
+    return _kernel_layout(p, acc, grad, "cpu")
+
+
+def _kernel_layout(p: Tensor, acc: Tensor, grad: Tensor, device_type: str) -> bool:
+    """What both sparse kernels need: a float32/float64 table on ``device_type``, contiguous,
+    with its accumulator and gradient of the same dtype."""
     return (
-        p.device.type == "cpu"
+        p.device.type == device_type
         and p.dtype in (torch.float32, torch.float64)
         and grad.dtype == p.dtype
         and acc.dtype == p.dtype
