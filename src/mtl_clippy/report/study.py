@@ -26,6 +26,8 @@ from typing import Any
 
 import pandas as pd
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.patches import Patch
 
 from mtl_clippy.data.schema import TASKS
 from mtl_clippy.report.sweep import collect_results, split_variant
@@ -402,6 +404,11 @@ def plot_test_metric(
     s = s.reset_index(drop=True)
     colours = colours or optimizer_colours(s["optim"])
     varying = _varying(s, cols) or ["model", "optim"]
+    # a setting that only follows the optimizer (each optimizer's own default lr) is said once,
+    # in the optimizer's legend entry, not under every bar
+    rest = [c for c in varying if c not in ("model", "optim")]
+    by_optim = [c for c in rest if c not in _within(s, rest, ["optim"])]
+    ticks = [c for c in varying if c not in by_optim]
     name = "AUC" if metric == "auc" else "log loss"
     # bars of one model side by side, a gap between models
     x, pos = [], 0.0
@@ -413,7 +420,7 @@ def plot_test_metric(
     fig, axes = _subplots(
         1, len(TASKS), figsize=(max(7.0, 0.62 * len(s) * len(TASKS) + 2.0), 5.2), squeeze=False
     )
-    bayes_drawn = False
+    bayes_drawn = errorbars = False
     for ax, task in zip(axes[0], TASKS, strict=True):
         means = pd.to_numeric(s[f"test_{metric}_{task}_mean"], errors="coerce")
         stds = pd.to_numeric(s[f"test_{metric}_{task}_std"], errors="coerce")
@@ -431,7 +438,8 @@ def plot_test_metric(
                     [x[i]], [means[i]], yerr=[stds[i]], fmt="none", ecolor="black",
                     capsize=4, lw=1.2, label=f"std: {label}",
                 )  # fmt: skip
-            tick = "\n".join(_part(c, values[c]) for c in varying)
+                errorbars = True
+            tick = "\n".join(_part(c, values[c]) for c in ticks)
             labels.append(tick + ("\nno completed run" if ns[i] == 0 else f"\n{_seeds(ns[i])}"))
         ax.set_xticks(x, labels, fontsize=_FONT)
         top = (means + stds.fillna(0)).max()
@@ -454,7 +462,7 @@ def plot_test_metric(
             high = max(top, finite_bayes.max() if len(finite_bayes) else top)
             high = min(1.0, high + 0.08 * (high - low)) if high == high else 1.0
             ax.set_ylim(low, high)
-            ax.set_ylabel("test AUC (bars from 0.5 = chance)")
+            ax.set_ylabel("test AUC\n(bars from 0.5 = chance)")
         else:
             ref = min(bottom, finite_bayes.min()) if len(finite_bayes) else bottom
             high = max(top, finite_bayes.max()) if len(finite_bayes) else top
@@ -462,26 +470,29 @@ def plot_test_metric(
                 span = (high - ref) or 0.1 * abs(high) or 0.01
                 low = max(0.0, ref - 0.25 * span)
                 ax.set_ylim(low, high + 0.1 * span)
-                cut = f" (axis from {low:.4g}, not 0)" if low > 0 else ""
+                cut = f"\n(axis from {low:.4g}, not 0)" if low > 0 else ""
             else:
                 cut = ""
-            ax.set_ylabel(f"test log loss, lower is better{cut}")
+            ax.set_ylabel(f"test log loss{cut}")
         ax.set_title(title, fontsize=10)
         ax.grid(axis="y", alpha=0.3)
-    from matplotlib.lines import Line2D
-    from matplotlib.patches import Patch
-
-    handles = [Patch(color=colours[o], label=o) for o in sorted(s["optim"].astype(str).unique())]
-    handles.append(
-        Line2D([], [], color="black", marker="_", ms=10, ls="none", label="± 1 std over seeds")
-    )
+    handles = []
+    for o, g in s.groupby(s["optim"].astype(str), sort=True):
+        own = ", ".join(_part(c, g[c].iloc[0]) for c in by_optim)
+        handles.append(Patch(color=colours[o], label=f"{o} ({own})" if own else o))
+    if errorbars:
+        handles.append(
+            Line2D([], [], color="black", marker="_", ms=10, ls="none", label="± 1 std over seeds")
+        )
     if bayes_drawn:
         handles.append(
             Line2D(
                 [], [], color="black", ls="--", label="Bayes: best achievable (true probabilities)"
             )
         )
-    fig.legend(handles=handles, loc="outside lower center", ncols=len(handles), fontsize=_FONT)
+    fig.legend(
+        handles=handles, loc="outside lower center", ncols=min(5, len(handles)), fontsize=_FONT
+    )
     _title(
         fig,
         f"Test {name} per task: mean over the completed seeds of each setting",
@@ -541,15 +552,16 @@ def plot_stability(
     ax.axhline(0.5, color="grey", lw=0.8, ls="--")
     ax.set(xlabel="learning rate (log scale)", ylabel="mean test AUC over tasks (0.5 = chance)")
     ax.set_title(
-        "points: mean over seeds (bars: ± 1 std where 2 or more); x at the bottom: diverged "
-        "or failed;\nrings: a task collapsed to AUC 0.5; dashed: chance",
+        "points: mean over seeds (± 1 std where 2 or more); dashed: chance;\n"
+        "x at the bottom: diverged or failed; rings: a task collapsed to AUC 0.5",
         fontsize=_FONT,
     )
     fig.legend(
         title=" · ".join(_name(c) for c in (varying or ["optim"])),
         fontsize=_FONT,
         title_fontsize=_FONT,
-        loc="outside right upper",
+        loc="outside lower center",
+        ncols=4,
     )
     ax.grid(alpha=0.3, which="both")
     _title(fig, "Final test AUC by learning rate", _common(d, curve_cols, varying))
