@@ -4,12 +4,16 @@
 sweep folder::
 
     report/report.md            the table and the figures below, with a short legend
-    report/results_by_seed.csv  model x optimizer x lr: mean and std over seeds
-    report/loss_curves.png      training loss of every run
-    report/test_auc.png         test AUC per task (mean +- std over seeds)
-    report/test_logloss.png     test log loss per task
+    report/results_by_seed.csv  per setting: mean, std and count of seeds, the data's Bayes values
+    report/loss_curves.png      training loss of every run: a panel per model, a colour per optimizer
+    report/test_auc.png         test AUC per task and setting (mean +- std over seeds), Bayes line
+    report/test_logloss.png     test log loss per task and setting, Bayes line
     report/stability.png        learning rate vs final mean test AUC per optimizer, diverged runs marked
-    report/clipping.png         Clippy's clipping factor over training (runs that logged it)
+    report/clipping.png         Clippy's clipping factor over training per setting (runs that logged it)
+
+A *setting* is what makes runs differ but the seed: model, optimizer, lr and every override
+whose value differs between the runs. Each curve or bar is one setting, averaged over its own
+seeds only; each optimizer has one colour (``OPTIMIZER_COLOURS``) in every figure.
 
 Everything is read from the runs' ``metrics.json`` and TensorBoard event files, so a report
 can be rebuilt at any time from the folders alone.
