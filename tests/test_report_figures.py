@@ -34,9 +34,7 @@ RUNS = [
 ]
 
 
-def _write_run(
-    root: Path, job, model, optim, lr, seed, auc, status, extra, clip, bayes=BAYES
-) -> None:
+def _write_run(root: Path, job, model, optim, lr, seed, auc, status, extra, clip) -> None:
     run = root / job
     run.mkdir(parents=True)
     test = None if auc is None else {
@@ -46,7 +44,7 @@ def _write_run(
     metrics = {
         "status": status, "model": model, "optim": optim, "lr": lr, "seed": seed,
         "overrides": [f"model={model}", f"optim={optim}", f"seed={seed}", *extra],
-        "test": test, "bayes": bayes, "best": {"val/auc_mean": auc, "epoch": 2},
+        "test": test, "bayes": BAYES, "best": {"val/auc_mean": auc, "epoch": 2},
         "epochs": 4, "steps": 20, "wall_time_s": 12.3456, "samples_per_s": 10.0,
         "divergence": {"step": 7 if status == "diverged" else None},
     }  # fmt: skip
@@ -199,21 +197,32 @@ def test_an_override_that_varies_gets_its_own_curves_and_bars(sweep, tmp_path, m
     assert "| sb | clippy | 0.1 | 1 | none | completed |" in md
 
 
-def test_real_data_without_bayes_values_gets_no_bayes_line(tmp_path, monkeypatch):
+def test_real_data_without_bayes_values_gets_no_bayes_line(tmp_path):
     """Runs on real data (metrics.json without ``bayes``): no reference line and no legend
     entry for one, the AUC axis still from chance, and every bar drawn."""
+    from mtl_clippy.report.study import plot_test_metric, summarise
+    from mtl_clippy.report.sweep import collect_results
+
     root = tmp_path / "sweep"
-    for spec in RUNS:
-        _write_run(root, *spec, bayes=None)
-    figures = _build(root, monkeypatch)
-    for name in ("test_auc.png", "test_logloss.png"):
-        fig = figures[name]
+    for job, model, optim, lr, seed, auc, status, *_ in RUNS:
+        run = root / job
+        run.mkdir(parents=True)
+        test = None if auc is None else {
+            "auc_click": auc, "auc_conversion": auc, "logloss_click": 0.1, "logloss_conversion": 0.02,
+        }  # fmt: skip
+        metrics = {"status": status, "model": model, "optim": optim, "lr": lr, "seed": seed,
+                   "test": test, "epochs": 1, "steps": 2}  # fmt: skip
+        (run / "metrics.json").write_text(json.dumps(metrics))
+    summary = summarise(collect_results(root))
+    for metric in ("auc", "logloss"):
+        fig = plot_test_metric(summary, metric, tmp_path / f"{metric}.png")
         for ax in fig.axes:
             assert not [line for line in ax.get_lines() if "Bayes" in line.get_label()]
             assert len([c for c in ax.containers if isinstance(c, BarContainer)]) == 4
             assert "Bayes" not in ax.get_title()
         assert not any("Bayes" in t.get_text() for legend in fig.legends for t in legend.texts)
-    assert figures["test_auc.png"].axes[0].get_ylim()[0] == pytest.approx(0.5)
+        if metric == "auc":
+            assert fig.axes[0].get_ylim()[0] == pytest.approx(0.5)
 
 
 def test_results_md_has_the_compared_columns_at_fixed_decimals(figures, sweep):
