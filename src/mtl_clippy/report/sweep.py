@@ -78,7 +78,8 @@ def _row(path: Path, root: Path) -> dict[str, Any]:
         row["best_monitor"], row["best_score"] = best.get("monitor"), best.get("score")
     row["best_val_auc_mean"] = best.get("val/auc_mean")
     # the tested checkpoint's epoch, counted from 1 as the run's own table does
-    row["best_epoch"] = b + 1 if isinstance(b := best.get("epoch"), int) else None
+    b = best.get("epoch")
+    row["best_epoch"] = b + 1 if isinstance(b, int) and not isinstance(b, bool) else None
     for key in ("epochs", "steps", "wall_time_s", "samples_per_s"):
         row[key] = getattr(m, key)
     row["diverged_at_step"] = m.divergence.step
