@@ -233,9 +233,12 @@ def _part(col: str, value: Any) -> str:
     """One setting as a curve or bar shows it: the model and optimizer by name, the others as
     ``key=value``."""
     if col in ("model", "optim"):
-        return str(value)
+        return "-" if value is None or value != value else str(value)  # NaN: not known
     if col == "lr":
-        return f"lr={float(value):g}"
+        try:
+            return f"lr={float(value):g}"
+        except (TypeError, ValueError):  # a run that failed before it had one
+            return f"lr={value}"
     return f"{col.removeprefix('override:')}={value}"
 
 
@@ -444,7 +447,7 @@ def plot_test_metric(
                 )  # fmt: skip
                 errorbars = True
             tick = "\n".join(_part(c, values[c]) for c in ticks)
-            labels.append(tick + ("\nno completed run" if ns[i] == 0 else f"\n{_seeds(ns[i])}"))
+            labels.append(f"{tick}\n{_seeds(ns[i])}")  # seeds completed: 0 for no bar
         ax.set_xticks(x, labels, fontsize=_FONT)
         top = (means + stds.fillna(0)).max()
         bottom = (means - stds.fillna(0)).min()

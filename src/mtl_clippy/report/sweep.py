@@ -155,6 +155,10 @@ def varying_overrides(df: pd.DataFrame) -> tuple[list[str], dict[str, str]]:
     return varying, same
 
 
+def _text(v: Any) -> str:
+    return "-" if v is None or (isinstance(v, float) and v != v) else str(v)
+
+
 def _num(v: Any, spec: str) -> str:
     try:
         x = float(v)
@@ -188,7 +192,7 @@ def results_markdown(df: pd.DataFrame) -> str:
         epochs = "-" if pd.isna(r.get("epochs")) else f"{int(r['epochs'])}"
         if pd.notna(r.get("best_epoch")):
             epochs += f" ({int(r['best_epoch'])})"
-        cells = [str(r.get("model")), str(r.get("optim")), _num(r.get("lr"), "g"),
+        cells = [_text(r.get("model")), _text(r.get("optim")), _num(r.get("lr"), "g"),
                  "-" if pd.isna(r.get("seed")) else f"{int(r['seed'])}",
                  *(extra.get(k, "(default)") for k in varying), status]  # fmt: skip
         cells += [_num(r.get(f"test_auc_{t}"), ".4f") for t in tasks]
