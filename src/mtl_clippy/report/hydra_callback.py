@@ -15,7 +15,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from mtl_clippy.report.sweep import to_markdown, write_results
+from mtl_clippy.report.sweep import results_markdown, write_results
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +50,7 @@ class SweepResultsCallback(Callback):
         failed = int((df["status"] != "completed").sum()) if n else 0
         print(f"\nsweep results ({n} jobs, {failed} not completed): {root / 'results.md'}")
         if n:
-            cols = [c for c in df.columns if c not in ("error", "job")]
-            print(to_markdown(df[cols]))
+            print(results_markdown(df))
 
 
 def _is_global_zero(config: DictConfig) -> bool:

@@ -4,12 +4,16 @@
 sweep folder::
 
     report/report.md            the table and the figures below, with a short legend
-    report/results_by_seed.csv  model x optimizer x lr: mean and std over seeds
-    report/loss_curves.png      training loss of every run
-    report/test_auc.png         test AUC per task (mean +- std over seeds)
-    report/test_logloss.png     test log loss per task
+    report/results_by_seed.csv  per setting: mean, std and count of seeds, the data's Bayes values
+    report/loss_curves.png      training loss of every run: a panel per model, a colour per optimizer
+    report/test_auc.png         test AUC per task and setting (mean +- std over seeds), Bayes line
+    report/test_logloss.png     test log loss per task and setting, Bayes line
     report/stability.png        learning rate vs final mean test AUC per optimizer, diverged runs marked
-    report/clipping.png         Clippy's clipping factor over training (runs that logged it)
+    report/clipping.png         Clippy's clipping factor over training per setting (runs that logged it)
+
+A *setting* is what makes runs differ but the seed: model, optimizer, lr and every override
+whose value differs between the runs. Each curve or bar is one setting, averaged over its own
+seeds only; each optimizer has one colour (``OPTIMIZER_COLOURS``) in every figure.
 
 Everything is read from the runs' ``metrics.json`` and TensorBoard event files, so a report
 can be rebuilt at any time from the folders alone.
@@ -20,14 +24,17 @@ from __future__ import annotations
 import logging
 import math
 import os
+import textwrap
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.patches import Patch
 
 from mtl_clippy.data.schema import TASKS
-from mtl_clippy.report.sweep import collect_results
+from mtl_clippy.report.sweep import collect_results, split_variant
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +58,7 @@ def summarise(df: pd.DataFrame) -> pd.DataFrame:
     if df.empty:
         return df
     metrics = [c for c in df.columns if c.startswith(("test_auc_", "test_logloss_"))]
+    bayes = [c for c in df.columns if c.startswith(("bayes_auc_", "bayes_logloss_"))]
     rows = []
     df = df.assign(variant=df.get("variant", pd.Series(index=df.index, dtype=object)).fillna(""))
     for key, g in df.groupby(GROUP_KEYS, dropna=False, sort=True):
@@ -63,6 +71,10 @@ def summarise(df: pd.DataFrame) -> pd.DataFrame:
             values = pd.to_numeric(ok[m], errors="coerce").dropna()
             row[f"{m}_mean"] = values.mean() if len(values) else float("nan")
             row[f"{m}_std"] = values.std(ddof=1) if len(values) > 1 else float("nan")
+            row[f"{m}_n"] = len(values)  # the seeds behind the mean
+        for b in bayes:  # the data's best achievable value (the same for every seed)
+            values = pd.to_numeric(g[b], errors="coerce").dropna()
+            row[b] = values.mean() if len(values) else float("nan")
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -171,161 +183,483 @@ def read_scalars(run_dir: Path, prefix: str) -> dict[str, list[tuple[int, float]
     }
 
 
-def _label(row: pd.Series) -> str:
-    return f"{row['model']}/{row['optim']} lr={row['lr']:g} seed={row['seed']}"
+#: One colour per optimizer, the same in every figure of every report (tab10 names); an
+#: optimizer not named here gets one of the colours left, by name.
+OPTIMIZER_COLOURS = {
+    "clippy": "C0",
+    "adam": "C1",
+    "adagrad": "C2",
+    "lamb": "C4",
+    "clippy_noclip": "C9",
+    "clippy_seed": "C5",
+    "adam_seed": "C6",
+}
+_SPARE_COLOURS = ["C3", "C7", "C8", "#393b79", "#637939", "#8c6d31", "#843c39", "#7b4173"]
+_LINESTYLES = ["-", "--", ":", "-."]
+_MARKERS = ["o", "s", "^", "D", "v", "P", "*", "X"]
+#: Tick labels, legends and notes: readable when the PNG is shown at its size.
+_FONT = 9
+
+
+def optimizer_colours(names: Any) -> dict[str, str]:
+    """The colour of each optimizer name (``OPTIMIZER_COLOURS``, then the spare ones)."""
+    spare = iter(c for c in _SPARE_COLOURS if c not in OPTIMIZER_COLOURS.values())
+    out = {}
+    for name in sorted({str(n) for n in names}):
+        out[name] = OPTIMIZER_COLOURS.get(name) or next(spare, "black")
+    return out
+
+
+def _override_col(key: str) -> str:
+    return f"override:{key}"
+
+
+def _settings(df: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
+    """``df`` with one column per override key of its runs' ``variant`` (``(default)``: not
+    set), and the columns that say what a run is apart from its seed: model, optim, lr and those."""
+    d = df.copy()
+    parsed = [split_variant(v) for v in d.get("variant", pd.Series([None] * len(d)))]
+    keys = sorted({k for p in parsed for k in p})
+    for k in keys:
+        d[_override_col(k)] = [p.get(k, "(default)") for p in parsed]
+    return d, ["model", "optim", "lr", *(_override_col(k) for k in keys)]
+
+
+def _varying(d: pd.DataFrame, cols: list[str]) -> list[str]:
+    return [c for c in cols if c in d and d[c].astype(str).nunique() > 1]
+
+
+def _part(col: str, value: Any) -> str:
+    """One setting as a curve or bar shows it: the model and optimizer by name, the others as
+    ``key=value``."""
+    if col in ("model", "optim"):
+        return "-" if value is None or value != value else str(value)  # NaN: not known
+    if col == "lr":
+        try:
+            return f"lr={float(value):g}"
+        except (TypeError, ValueError):  # a run that failed before it had one
+            return f"lr={value}"
+    return f"{col.removeprefix('override:')}={value}"
+
+
+def _name(col: str) -> str:
+    return {"optim": "optimizer", "lr": "learning rate"}.get(col, col.removeprefix("override:"))
+
+
+def _describe(values: dict[str, Any], cols: list[str]) -> str:
+    return " · ".join(_part(c, values[c]) for c in cols)
+
+
+#: Overrides that change what is logged or shown, not what a run computes: not repeated
+#: under a figure's title.
+_DISPLAY_ONLY = (
+    "override:callbacks.progress_bar.",
+    "override:callbacks.optimizer_telemetry.",
+    "override:trainer.log_every_n_steps",
+    "override:trainer.enable_",
+)
+
+
+def _common(d: pd.DataFrame, cols: list[str], varying: list[str]) -> str:
+    """What every curve or bar of a figure shares, as a line under its title."""
+    same = [
+        c
+        for c in cols
+        if c in d and c not in varying and len(d) and not c.startswith(_DISPLAY_ONLY)
+    ]
+    parts = [
+        _part(c, d[c].iloc[0]) if c not in ("model", "optim") else f"{_name(c)} {d[c].iloc[0]}"
+        for c in same
+        if str(d[c].iloc[0]) != "(default)"
+    ]
+    if not parts:
+        return ""
+    return textwrap.fill("every run: " + ", ".join(parts), 110)
+
+
+def _seeds(n: int) -> str:
+    return f"{n} seed" + ("" if n == 1 else "s")
+
+
+def _styles(values: list[tuple], styles: list[str]) -> dict[tuple, str]:
+    return {v: styles[i % len(styles)] for i, v in enumerate(sorted(set(values), key=str))}
 
 
 def _subplots(*grid: int, figsize: tuple[float, float], **kwargs: Any) -> tuple[Figure, Any]:
     """A figure and its axes, outside pyplot: no backend is chosen or switched for the
-    process (``savefig`` renders PNGs with Agg by itself) and nothing is left open."""
-    fig = Figure(figsize=figsize)
+    process (``savefig`` renders PNGs with Agg by itself) and nothing is left open. The
+    layout is constrained: titles, tick labels and a legend placed ``outside`` never
+    overlap."""
+    fig = Figure(figsize=figsize, layout="constrained")
     return fig, fig.subplots(*grid, **kwargs)
 
 
 def _save(fig: Figure, path: Path) -> None:
-    fig.tight_layout()
+    for ax in fig.axes:
+        ax.tick_params(labelsize=_FONT)
     tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.png")
     fig.savefig(tmp, dpi=110)
     os.replace(tmp, path)
 
 
-def plot_loss_curves(df: pd.DataFrame, root: Path, out: Path) -> bool:
-    fig, ax = _subplots(figsize=(8, 4.5))
-    colours: dict[str, Any] = {}
-    drawn = False
-    for _, row in df.iterrows():
-        series = read_scalars(root / row["job"], "train/loss").get("train/loss")
-        if not series:
-            continue
-        steps, values = zip(*series, strict=True)
-        colour = colours.setdefault(row["optim"], f"C{len(colours)}")
-        ax.plot(steps, values, color=colour, alpha=0.6, lw=1, label=row["optim"])
-        if row["status"] == "diverged":
-            ax.plot(steps[-1], values[-1], "x", color=colour, ms=9, mew=2)
-        drawn = True
-    if not drawn:
-        return False
-    handles, labels = ax.get_legend_handles_labels()
-    unique = dict(zip(labels, handles, strict=True))
-    ax.legend(unique.values(), unique.keys(), title="optimizer")
-    ax.set_yscale("log")
-    ax.set(
-        xlabel="training step",
-        ylabel="training loss (log scale)",
-        title="Training loss of every run (x: diverged)",
+def _title(fig: Figure, title: str, common: str) -> None:
+    fig.suptitle(title + (f"\n{common}" if common else ""), fontsize=11)
+
+
+def _within(d: pd.DataFrame, cols: list[str], by: list[str]) -> list[str]:
+    """Of ``cols``, those that vary within some group of ``by`` (Adam's default lr differs
+    from Clippy's: lr then says nothing the optimizer does not, and gets no line style)."""
+    return [c for c in cols if (d.groupby(by, dropna=False)[c].nunique(dropna=False) > 1).any()]
+
+
+def plot_loss_curves(
+    df: pd.DataFrame, root: Path, out: Path, colours: dict[str, str] | None = None
+) -> Figure | None:
+    """Training loss of every run: one panel per model, one colour per optimizer, one line
+    style per further setting that varies for one optimizer (lr, an override), one line per
+    seed. Each line's ``gid`` names its run's setting and seed."""
+    d, cols = _settings(df)
+    series = {}
+    for i, row in d.iterrows():
+        points = read_scalars(root / row["job"], "train/loss").get("train/loss")
+        if points:
+            series[i] = points
+    if not series:
+        return None
+    d = d.loc[list(series)]
+    colours = colours or optimizer_colours(d["optim"])
+    varying = _varying(d, cols)
+    rest = [c for c in varying if c not in ("model", "optim")]
+    styled = _within(d, rest, ["model", "optim"])
+    style = _styles([tuple(r) for r in d[styled].itertuples(index=False)], _LINESTYLES)
+    models = sorted(d["model"].astype(str).unique())
+    ncols = min(3, len(models))
+    nrows = math.ceil(len(models) / ncols)
+    fig, axes = _subplots(
+        nrows, ncols, figsize=(4.6 * ncols, 3.4 * nrows + 1.6), squeeze=False, sharey=True
+    )
+    axes = list(axes.flat)
+    for ax in axes[len(models) :]:
+        ax.set_visible(False)
+    legend: dict[str, Any] = {}
+    for model, ax in zip(models, axes, strict=False):
+        counts = []
+        for key, g in d.groupby(cols, sort=True, dropna=False):
+            values = dict(zip(cols, key, strict=True))
+            if str(values["model"]) != model:
+                continue
+            colour = colours[str(values["optim"])]
+            label = " · ".join(_part(c, values[c]) for c in ["optim", *rest])
+            counts.append(
+                " · ".join(_part(c, values[c]) for c in ["optim", *styled]) + f" {len(g)}"
+            )
+            for i, row in g.iterrows():
+                steps, losses = zip(*series[i], strict=True)
+                (line,) = ax.plot(
+                    steps, losses, color=colour, ls=style[tuple(values[c] for c in styled)],
+                    lw=1.2, alpha=0.8, label=label,
+                )  # fmt: skip
+                line.set_gid(f"{_describe(values, cols)} · seed={row['seed']}")
+                legend.setdefault(label, line)
+                if row["status"] == "diverged":
+                    ax.plot(steps[-1], losses[-1], "x", color=colour, ms=9, mew=2)
+        ax.set_yscale("log")
+        ax.set_title(textwrap.fill(f"model {model}; seeds: {', '.join(counts)}", 60), fontsize=10)
+        ax.set_xlabel("training step")
+        ax.grid(alpha=0.3, which="both")
+    for r in range(nrows):
+        axes[r * ncols].set_ylabel("training loss (sum over tasks, log scale)")
+    fig.legend(
+        list(legend.values()),
+        list(legend),
+        loc="outside lower center",
+        ncols=min(4, len(legend)),
+        fontsize=_FONT,
+        title=" · ".join(_name(c) for c in ["optim", *rest]) + " (colour: optimizer)",
+        title_fontsize=_FONT,
+    )
+    _title(
+        fig,
+        "Training loss of every run: one panel per model, one line per seed (x: diverged there)",
+        _common(d, cols, varying),
     )
     _save(fig, out)
-    return True
+    return fig
 
 
-def plot_test_metric(summary: pd.DataFrame, metric: str, out: Path) -> bool:
-    cols = [f"test_{metric}_{t}_mean" for t in TASKS]
-    if summary.empty or not all(c in summary for c in cols):
-        return False
-    labels = [f"{r.model}\n{r.optim}\nlr={r.lr:g}" for r in summary.itertuples()]
-    fig, axes = _subplots(1, len(TASKS), figsize=(max(6, 1.1 * len(labels) * len(TASKS)), 4.2))
-    for ax, task in zip(axes, TASKS, strict=True):
-        means = summary[f"test_{metric}_{task}_mean"]
-        stds = summary[f"test_{metric}_{task}_std"].fillna(0)
-        ax.bar(
-            range(len(labels)),
-            means,
-            yerr=stds,
-            capsize=3,
-            color=[f"C{i % 10}" for i in range(len(labels))],
+def _bayes_of(summary: pd.DataFrame, metric: str, task: str) -> pd.Series:
+    col = f"bayes_{metric}_{task}"
+    if col not in summary:
+        return pd.Series(float("nan"), index=summary.index)
+    return pd.to_numeric(summary[col], errors="coerce")
+
+
+def plot_test_metric(
+    summary: pd.DataFrame, metric: str, out: Path, colours: dict[str, str] | None = None
+) -> Figure | None:
+    """One bar per setting (model, optimizer, lr, overrides that vary) and task: the mean over
+    its completed seeds, an error bar of one standard deviation where there are two or more
+    (``1 seed`` under the bar where there is one), coloured by optimizer, with the data's
+    Bayes value (from its true probabilities) as a dashed line where the data has one. AUC from
+    0.5 (chance) up; log loss from just below the lowest value or Bayes, said on the axis.
+    Each bar's ``label`` is its setting."""
+    cols_needed = [f"test_{metric}_{t}_mean" for t in TASKS]
+    if summary.empty or not all(c in summary for c in cols_needed):
+        return None
+    s, cols = _settings(summary)
+    s = s.sort_values(cols, key=lambda c: c.astype(str) if c.dtype == object else c)
+    s = s.reset_index(drop=True)
+    colours = colours or optimizer_colours(s["optim"])
+    varying = _varying(s, cols) or ["model", "optim"]
+    # a setting that only follows the optimizer (each optimizer's own default lr) is said once,
+    # in the optimizer's legend entry, not under every bar
+    rest = [c for c in varying if c not in ("model", "optim")]
+    by_optim = [c for c in rest if c not in _within(s, rest, ["optim"])]
+    ticks = [c for c in varying if c not in by_optim]
+    name = "AUC" if metric == "auc" else "log loss"
+    # bars of one model side by side, a gap between models
+    x, pos = [], 0.0
+    for i in range(len(s)):
+        if i and s["model"].iloc[i] != s["model"].iloc[i - 1]:
+            pos += 0.6
+        x.append(pos)
+        pos += 1.0
+    fig, axes = _subplots(
+        1, len(TASKS), figsize=(max(7.0, 0.62 * len(s) * len(TASKS) + 2.0), 5.2), squeeze=False
+    )
+    bayes_drawn = errorbars = False
+    for ax, task in zip(axes[0], TASKS, strict=True):
+        means = pd.to_numeric(s[f"test_{metric}_{task}_mean"], errors="coerce")
+        stds = pd.to_numeric(s[f"test_{metric}_{task}_std"], errors="coerce")
+        ns = s.get(f"test_{metric}_{task}_n", pd.Series(0, index=s.index)).fillna(0).astype(int)
+        bayes = _bayes_of(s, metric, task)
+        labels = []
+        for i, r in s.iterrows():
+            values = {c: r[c] for c in cols}
+            label = _describe(values, cols)
+            base = 0.5 if metric == "auc" else 0.0  # AUC bars rise (or fall) from chance
+            ax.bar([x[i]], [means[i] - base], bottom=base, width=0.8,
+                   color=colours[str(r["optim"])], label=label)  # fmt: skip
+            if ns[i] >= 2 and not math.isnan(stds[i]):
+                ax.errorbar(
+                    [x[i]], [means[i]], yerr=[stds[i]], fmt="none", ecolor="black",
+                    capsize=4, lw=1.2, label=f"std: {label}",
+                )  # fmt: skip
+                errorbars = True
+            tick = "\n".join(_part(c, values[c]) for c in ticks)
+            labels.append(f"{tick}\n{_seeds(ns[i])}")  # seeds completed: 0 for no bar
+        ax.set_xticks(x, labels, fontsize=_FONT)
+        top = (means + stds.fillna(0)).max()
+        bottom = (means - stds.fillna(0)).min()
+        finite_bayes = bayes.dropna()
+        title = f"{task}: {'higher' if metric == 'auc' else 'lower'} is better"
+        if len(finite_bayes):
+            bayes_drawn = True
+            if finite_bayes.max() - finite_bayes.min() < 1e-9:  # one dataset: one line
+                b = float(finite_bayes.iloc[0])
+                ax.axhline(b, color="black", ls="--", lw=1.3, label=f"Bayes {b:.4f}")
+                title += f" (Bayes {b:.4f})"
+            else:  # runs on different data: each bar its own
+                for i in finite_bayes.index:
+                    ax.hlines(bayes[i], x[i] - 0.45, x[i] + 0.45, color="black", ls="--", lw=1.3,
+                              label=f"Bayes {bayes[i]:.4f}")  # fmt: skip
+                title += " (Bayes: dashed, per bar)"
+        if metric == "auc":
+            low = 0.5 if not bottom < 0.5 else bottom - 0.02
+            high = max(top, finite_bayes.max() if len(finite_bayes) else top)
+            high = min(1.0, high + 0.08 * (high - low)) if high == high else 1.0
+            ax.set_ylim(low, high)
+            ax.set_ylabel("test AUC\n(bars from 0.5 = chance)")
+        else:
+            ref = min(bottom, finite_bayes.min()) if len(finite_bayes) else bottom
+            high = max(top, finite_bayes.max()) if len(finite_bayes) else top
+            if ref == ref and high == high:
+                span = (high - ref) or 0.1 * abs(high) or 0.01
+                low = max(0.0, ref - 0.25 * span)
+                ax.set_ylim(low, high + 0.1 * span)
+                cut = f"\n(axis from {low:.4g}, not 0)" if low > 0 else ""
+            else:
+                cut = ""
+            ax.set_ylabel(f"test log loss{cut}")
+        ax.set_title(title, fontsize=10)
+        ax.grid(axis="y", alpha=0.3)
+    handles = []
+    for o, g in s.groupby(s["optim"].astype(str), sort=True):
+        own = ", ".join(_part(c, g[c].iloc[0]) for c in by_optim)
+        handles.append(Patch(color=colours[o], label=f"{o} ({own})" if own else o))
+    if errorbars:
+        handles.append(
+            Line2D([], [], color="black", marker="_", ms=10, ls="none", label="± 1 std over seeds")
         )
-        ax.set_xticks(range(len(labels)), labels, fontsize=7)
-        ax.set_title(f"test {'AUC' if metric == 'auc' else 'log loss'}: {task}")
-        finite = means.dropna()
-        if metric == "auc" and len(finite):
-            ax.set_ylim(max(0.0, finite.min() - 0.05), min(1.0, finite.max() + 0.03))
+    if bayes_drawn:
+        handles.append(
+            Line2D(
+                [], [], color="black", ls="--", label="Bayes: best achievable (true probabilities)"
+            )
+        )
+    fig.legend(
+        handles=handles, loc="outside lower center", ncols=min(5, len(handles)), fontsize=_FONT
+    )
+    _title(
+        fig,
+        f"Test {name} per task: mean over the completed seeds of each setting",
+        _common(s, cols, varying if len(varying) > 0 else []),
+    )
     _save(fig, out)
-    return True
+    return fig
 
 
-def plot_stability(df: pd.DataFrame, out: Path) -> bool:
-    """Learning rate vs final mean test AUC per optimizer; diverged runs drawn at the bottom."""
+def plot_stability(
+    df: pd.DataFrame, out: Path, colours: dict[str, str] | None = None
+) -> Figure | None:
+    """Learning rate vs final mean test AUC per optimizer (and model, and override that
+    varies); diverged runs drawn at the bottom, runs with a task collapsed to AUC 0.5 as rings."""
     if df.empty or df.groupby("optim")["lr"].nunique().max() < 2:
-        return False  # no optimizer was run at more than one learning rate
+        return None  # no optimizer was run at more than one learning rate
     auc_cols = [f"test_auc_{t}" for t in TASKS if f"test_auc_{t}" in df]
     if not auc_cols:
-        return False
-    d = df.copy()
+        return None
+    d, cols = _settings(df)
     d["auc_mean"] = d[auc_cols].apply(pd.to_numeric, errors="coerce").mean(axis=1)
-    fig, ax = _subplots(figsize=(7, 4.5))
+    d["is_collapsed"] = _collapsed(d)
+    colours = colours or optimizer_colours(d["optim"])
+    curve_cols = [c for c in cols if c != "lr"]
+    varying = [c for c in _varying(d, curve_cols)]
+    rest = [c for c in varying if c != "optim"]
+    styled = _within(d, rest, ["optim"])
+    style = _styles([tuple(r) for r in d[styled].itertuples(index=False)], _LINESTYLES)
+    fig, ax = _subplots(figsize=(7.5, 5.2))
     floor = d["auc_mean"].min() if d["auc_mean"].notna().any() else 0.5
     floor = min(floor, 0.5) - 0.02
-    d["series"] = d["optim"] + d.get("variant", pd.Series(index=d.index, dtype=object)).fillna(
-        ""
-    ).map(lambda v: f" ({v})" if v else "")
-    for i, (optim, g) in enumerate(d.groupby("series", sort=True)):
-        colour = f"C{i}"
+    for key, g in d.groupby(curve_cols, sort=True, dropna=False):
+        values = dict(zip(curve_cols, key, strict=True))
+        colour = colours[str(values["optim"])]
+        label = " · ".join(_part(c, values[c]) for c in (varying or ["optim"]))
         ok = (
             g[g["status"] == "completed"]
             .groupby("lr")["auc_mean"]
-            .agg(["mean", "std"])
+            .agg(["mean", "std", "count"])
             .reset_index()
         )
+        yerr = ok["std"].where(ok["count"] >= 2)  # no bar for one seed
         ax.errorbar(
-            ok["lr"],
-            ok["mean"],
-            yerr=ok["std"].fillna(0),
-            marker="o",
-            color=colour,
-            capsize=3,
-            label=optim,
-        )
+            ok["lr"], ok["mean"], yerr=yerr,
+            marker="o", color=colour, ls=style[tuple(values[c] for c in styled)], capsize=3,
+            label=label,
+        )  # fmt: skip
         bad = g[g["status"] != "completed"]
         if len(bad):
             ax.scatter(bad["lr"], [floor] * len(bad), marker="x", s=70, color=colour)
+        rings = g[(g["status"] == "completed") & g["is_collapsed"]]
+        if len(rings):
+            ax.scatter(rings["lr"], rings["auc_mean"], s=160, facecolors="none",
+                       edgecolors=colour, lw=1.5)  # fmt: skip
     ax.set_xscale("log")
     ax.axhline(floor, color="grey", lw=0.5, ls=":")
-    ax.set(
-        xlabel="learning rate",
-        ylabel="mean test AUC over tasks",
-        title="Final AUC by learning rate\n(x at the bottom: diverged; rings: a task collapsed to AUC 0.5)",
+    ax.axhline(0.5, color="grey", lw=0.8, ls="--")
+    ax.set(xlabel="learning rate (log scale)", ylabel="mean test AUC over tasks (0.5 = chance)")
+    ax.set_title(
+        "points: mean over seeds (± 1 std where 2 or more); dashed: chance;\n"
+        "x at the bottom: diverged or failed; rings: a task collapsed to AUC 0.5",
+        fontsize=_FONT,
     )
-    ax.legend(title="optimizer")
+    fig.legend(
+        title=" · ".join(_name(c) for c in (varying or ["optim"])),
+        fontsize=_FONT,
+        title_fontsize=_FONT,
+        loc="outside lower center",
+        ncols=4,
+    )
+    ax.grid(alpha=0.3, which="both")
+    _title(fig, "Final test AUC by learning rate", _common(d, curve_cols, varying))
     _save(fig, out)
-    return True
+    return fig
 
 
-def plot_clipping(df: pd.DataFrame, root: Path, out: Path) -> bool:
+def plot_clipping(
+    df: pd.DataFrame, root: Path, out: Path, colours: dict[str, str] | None = None
+) -> Figure | None:
     """Clippy's smallest clipping factor over training, one panel per parameter group, one
-    line per optimizer and learning rate (mean over seeds)."""
-    curves: dict[
-        str, dict[tuple, dict[int, list[float]]]
-    ] = {}  # group -> (optim, lr) -> step -> values
-    for _, row in df.iterrows():
-        for tag, points in read_scalars(root / row["job"], "telemetry/clip_min/").items():
-            group = tag.rsplit("/", 1)[-1]
-            kind = (str(row["optim"]), float(row["lr"]))
-            by_step = curves.setdefault(group, {}).setdefault(kind, {})
+    line per setting (model, optimizer, lr, overrides: everything but the seed), the mean over
+    that setting's seeds at each step; the legend says over how many. Each line's ``label``
+    names its setting and seeds."""
+    d, cols = _settings(df)
+    # parameter group -> setting -> step -> values; setting -> seeds that logged it
+    curves: dict[str, dict[tuple, dict[int, list[float]]]] = {}
+    seeds: dict[tuple, set] = {}
+    logged = []
+    for i, row in d.iterrows():
+        found = read_scalars(root / row["job"], "telemetry/clip_min/")
+        if not found:
+            continue
+        logged.append(i)
+        kind = tuple(row[c] for c in cols)
+        seeds.setdefault(kind, set()).add(row["seed"])
+        for tag, points in found.items():
+            by_step = curves.setdefault(tag.rsplit("/", 1)[-1], {}).setdefault(kind, {})
             for step, value in points:
                 by_step.setdefault(step, []).append(value)
     if not curves:
-        return False
+        return None
+    d = d.loc[logged]
+    colours = colours or optimizer_colours(d["optim"])
+    varying = _varying(d, cols) or ["optim"]
+    models = sorted(d["model"].astype(str).unique())
+    ls_of = {m: _LINESTYLES[i % len(_LINESTYLES)] for i, m in enumerate(models)}
+    rest = _within(d, [c for c in varying if c not in ("model", "optim")], ["model", "optim"])
+    marker = _styles([tuple(k[cols.index(c)] for c in rest) for k in seeds], _MARKERS)
     groups = sorted(curves)
+    ncols = len(groups) if len(groups) <= 4 else 3
+    nrows = math.ceil(len(groups) / ncols)
     fig, axes = _subplots(
-        1, len(groups), figsize=(4.2 * len(groups), 4), squeeze=False, sharey=True
+        nrows, ncols, figsize=(max(6.5, 3.9 * ncols), 3.2 * nrows + 2.2), squeeze=False, sharey=True
     )
-    for ax, group in zip(axes[0], groups, strict=True):
-        for i, (kind, by_step) in enumerate(sorted(curves[group].items())):
+    axes = list(axes.flat)
+    for ax in axes[len(groups) :]:
+        ax.set_visible(False)
+    for ax, group in zip(axes, groups, strict=False):
+        for kind, by_step in sorted(curves[group].items(), key=lambda kv: str(kv[0])):
+            values = dict(zip(cols, kind, strict=True))
             steps = sorted(by_step)
+            n = len(seeds[kind])
+            how = "1 seed" if n == 1 else f"mean of {n} seeds"
             ax.plot(
                 steps,
                 [sum(by_step[s]) / len(by_step[s]) for s in steps],
-                marker=".",
-                color=f"C{i % 10}",
-                label=f"{kind[0]} lr={kind[1]:g}",
+                marker=marker[tuple(values[c] for c in rest)],
+                ms=3,
+                color=colours[str(values["optim"])],
+                ls=ls_of[str(values["model"])],
+                lw=1.4,
+                label=f"{_describe(values, varying)} ({how})",
             )
-        ax.set(title=group, xlabel="training step")
+        ax.set_title(f"parameter group: {group}", fontsize=10)
+        ax.set_xlabel("training step")
         ax.set_ylim(0, 1.05)
-    axes[0][0].set_ylabel("smallest clipping factor (1 = no clipping)")
-    axes[0][-1].legend(fontsize=7, loc="lower right")
-    fig.suptitle("Clippy's clipping factor over training (mean over seeds)")
+        ax.grid(alpha=0.3)
+    for r in range(nrows):
+        axes[r * ncols].set_ylabel("smallest clipping factor\n(1 = no clipping)")
+    legend: dict[str, Any] = {}  # every setting, whichever panels it has lines in
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            legend.setdefault(label, handle)
+    labels = sorted(legend)
+    fig.legend(
+        [legend[x] for x in labels],
+        labels,
+        loc="outside lower center",
+        ncols=min(3, len(labels)),
+        fontsize=_FONT,
+        title=" · ".join(_name(c) for c in varying) + " (colour: optimizer, line style: model)",
+        title_fontsize=_FONT,
+    )
+    _title(
+        fig,
+        "Clippy's clipping factor over training: one line per setting, averaged over its seeds only",
+        _common(d, cols, varying),
+    )
     _save(fig, out)
-    return True
+    return fig
 
 
 def build_report(root: str | Path) -> Path:
@@ -335,6 +669,8 @@ def build_report(root: str | Path) -> Path:
     out.mkdir(exist_ok=True)
     df = collect_results(root)
     summary = summarise(df)
+    # one colour per optimizer, the same in every figure
+    colours = optimizer_colours(df["optim"]) if not df.empty else {}
     if not summary.empty:
         tmp = out / f".results_by_seed.csv.tmp{os.getpid()}"
         summary.to_csv(tmp, index=False)
@@ -342,23 +678,23 @@ def build_report(root: str | Path) -> Path:
     figures = {
         "loss_curves.png": (
             "Training loss",
-            plot_loss_curves(df, root, out / "loss_curves.png") if not df.empty else False,
+            plot_loss_curves(df, root, out / "loss_curves.png", colours) if not df.empty else False,
         ),
         "test_auc.png": (
             "Test AUC per task",
-            plot_test_metric(summary, "auc", out / "test_auc.png"),
+            plot_test_metric(summary, "auc", out / "test_auc.png", colours),
         ),
         "test_logloss.png": (
             "Test log loss per task",
-            plot_test_metric(summary, "logloss", out / "test_logloss.png"),
+            plot_test_metric(summary, "logloss", out / "test_logloss.png", colours),
         ),
         "stability.png": (
             "Stability across learning rates",
-            plot_stability(df, out / "stability.png"),
+            plot_stability(df, out / "stability.png", colours),
         ),
         "clipping.png": (
             "Clippy's clipping factor",
-            plot_clipping(df, root, out / "clipping.png") if not df.empty else False,
+            plot_clipping(df, root, out / "clipping.png", colours) if not df.empty else False,
         ),
     }
     n = len(df)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import warnings
 from pathlib import Path
 from typing import Any
@@ -50,8 +51,8 @@ def variant_of(overrides: list[str]) -> str | None:
     return ",".join(sorted(keep)) or None
 
 
-LAST_COLUMNS = ["best_monitor", "best_score", "best_val_auc_mean", "epochs", "steps",
-                "wall_time_s", "samples_per_s", "error"]  # fmt: skip
+LAST_COLUMNS = ["best_monitor", "best_score", "best_val_auc_mean", "best_epoch", "epochs",
+                "steps", "wall_time_s", "samples_per_s", "error"]  # fmt: skip
 
 
 def _row(path: Path, root: Path) -> dict[str, Any]:
@@ -65,8 +66,9 @@ def _row(path: Path, root: Path) -> dict[str, Any]:
     for key, value in sorted((m.test or {}).items()):
         if key.startswith(("auc_", "logloss_")):
             row[f"test_{key}"] = value
+    # the data's best achievable values (built-in data, from its true probabilities)
     for key, value in sorted((m.bayes or {}).items()):
-        if key.startswith("auc_"):
+        if key.startswith(("auc_", "logloss_")):
             row[f"bayes_{key}"] = value
     best = m.best or {}
     # The mean validation AUC of the best checkpoint's epoch, whatever chose it; a run whose
@@ -75,6 +77,9 @@ def _row(path: Path, root: Path) -> dict[str, Any]:
     if best.get("monitor") not in (None, "val/auc_mean"):
         row["best_monitor"], row["best_score"] = best.get("monitor"), best.get("score")
     row["best_val_auc_mean"] = best.get("val/auc_mean")
+    # the tested checkpoint's epoch, counted from 1 as the run's own table does
+    b = best.get("epoch")
+    row["best_epoch"] = b + 1 if isinstance(b, int) and not isinstance(b, bool) else None
     for key in ("epochs", "steps", "wall_time_s", "samples_per_s"):
         row[key] = getattr(m, key)
     row["diverged_at_step"] = m.divergence.step
@@ -110,7 +115,8 @@ def _job_sort_key(p: Path, root: Path) -> tuple:
 
 
 def to_markdown(df: pd.DataFrame) -> str:
-    """A GitHub-flavoured Markdown table (no extra dependency)."""
+    """Any table as GitHub-flavoured Markdown (no extra dependency): every column, floats to
+    4 significant figures. ``results.md`` is :func:`results_markdown`."""
     if df.empty:
         return "_no runs found_\n"
 
@@ -127,13 +133,95 @@ def to_markdown(df: pd.DataFrame) -> str:
     return "\n".join([header, sep, *body]) + "\n"
 
 
+_VARIANT_SPLIT = re.compile(r",(?=[+~]*[\w./@-]+=)")
+
+
+def split_variant(variant: Any) -> dict[str, str]:
+    """A ``variant`` cell (``"data.hard=true,model.norm=none"``) as ``{key: value}``; a comma
+    inside a value (``a=[1,2]``) stays in it."""
+    if not isinstance(variant, str) or not variant:
+        return {}
+    pairs = (o.split("=", 1) for o in _VARIANT_SPLIT.split(variant) if "=" in o)
+    return {k.lstrip("+~"): v for k, v in pairs}
+
+
+def varying_overrides(df: pd.DataFrame) -> tuple[list[str], dict[str, str]]:
+    """The override keys (beyond model, optimizer, lr and seed) whose value differs between
+    the rows of ``df``, and those that every row sets to the same value."""
+    parsed = [split_variant(v) for v in df.get("variant", pd.Series(dtype=object))]
+    keys = sorted({k for p in parsed for k in p})
+    varying = [k for k in keys if len({p.get(k) for p in parsed}) > 1]
+    same = {k: parsed[0][k] for k in keys if k not in varying}
+    return varying, same
+
+
+def _text(v: Any) -> str:
+    return "-" if v is None or (isinstance(v, float) and v != v) else str(v)
+
+
+def _num(v: Any, spec: str) -> str:
+    try:
+        x = float(v)
+    except (TypeError, ValueError):
+        return "-"
+    return "-" if x != x else format(x, spec)
+
+
+def results_markdown(df: pd.DataFrame) -> str:
+    """``results.md``: one row per job with the columns a reader compares (model, optimizer,
+    lr, seed, status, test AUC and log loss per task, best validation AUC, epochs, wall time),
+    AUC and log loss to 4 decimals; every other column is in ``results.csv``."""
+    if df.empty:
+        return "_no runs found_\n"
+    tasks = [
+        c.removeprefix("test_auc_")
+        for c in df
+        if c.startswith("test_auc_") and c != "test_auc_mean"
+    ]
+    varying, same = varying_overrides(df)
+    parsed = [split_variant(v) for v in df.get("variant", pd.Series([None] * len(df)))]
+    head = ["model", "optim", "lr", "seed", *varying, "status"]
+    head += [f"test AUC {t}" for t in tasks] + [f"test log loss {t}" for t in tasks]
+    head += ["best val AUC mean", "epochs (best)", "wall time (s)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for (_, r), extra in zip(df.iterrows(), parsed, strict=True):
+        status = str(r.get("status") or "-")
+        stability = r.get("stability")
+        if status == "completed" and stability in ("spiked", "collapsed"):
+            status += f" ({stability})"
+        epochs = "-" if pd.isna(r.get("epochs")) else f"{int(r['epochs'])}"
+        if pd.notna(r.get("best_epoch")):
+            epochs += f" ({int(r['best_epoch'])})"
+        cells = [_text(r.get("model")), _text(r.get("optim")), _num(r.get("lr"), "g"),
+                 "-" if pd.isna(r.get("seed")) else f"{int(r['seed'])}",
+                 *(extra.get(k, "(default)") for k in varying), status]  # fmt: skip
+        cells += [_num(r.get(f"test_auc_{t}"), ".4f") for t in tasks]
+        cells += [_num(r.get(f"test_logloss_{t}"), ".4f") for t in tasks]
+        cells += [
+            _num(r.get("best_val_auc_mean"), ".4f"),
+            epochs,
+            _num(r.get("wall_time_s"), ",.0f"),
+        ]
+        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    notes = [
+        "",
+        "AUC and log loss to 4 decimals; `-`: none (a diverged or failed run is not tested). "
+        "epochs (best): epochs trained (the tested checkpoint's epoch, counted from 1). "
+        "Every other column (job folder, stability, steps, samples per second, divergence "
+        "step, spikes, largest logit, Bayes values, error, ...) is in results.csv.",
+    ]
+    if same:
+        notes += ["", "Every run: " + ", ".join(f"`{k}={v}`" for k, v in same.items()) + "."]
+    return "\n".join(lines + notes) + "\n"
+
+
 def write_results(root: str | Path) -> pd.DataFrame:
     """Write ``results.csv`` and ``results.md`` at ``root`` (atomically) and return the table."""
     root = Path(root)
     df = collect_results(root)
     for name, text in (
         ("results.csv", df.to_csv(index=False)),
-        ("results.md", to_markdown(df)),
+        ("results.md", results_markdown(df)),
     ):
         tmp = root / f".{name}.tmp{os.getpid()}"
         tmp.write_text(text)
@@ -149,7 +237,7 @@ def main() -> None:
     if not root.is_dir():
         raise SystemExit(f"error: {root} is not a folder")
     df = write_results(root)
-    print(to_markdown(df))
+    print(results_markdown(df))
     print(f"wrote {root / 'results.csv'} and {root / 'results.md'}")
 
 

@@ -1,0 +1,282 @@
+"""What the sweep report's figures and results.md show: which curve and bar is which setting.
+
+Built from fabricated run folders (metrics.json and TensorBoard scalars, as a run writes
+them) of two models x two optimizers, with two seeds for one setting and one seed for the
+others. Every figure is caught as it is saved, so the checks read the drawn matplotlib
+artists (lines, bars, error bars, reference lines), not the code that drew them.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from matplotlib.colors import to_hex
+from matplotlib.container import BarContainer, ErrorbarContainer
+from matplotlib.figure import Figure
+
+from mtl_clippy.report.study import build_report
+from mtl_clippy.report.sweep import write_results
+
+BAYES = {"auc_click": 0.78, "auc_conversion": 0.9, "logloss_click": 0.1, "logloss_conversion": 0.01}
+# (job, model, optim, lr, seed, test AUC click, status, extra overrides, clipping factor)
+RUNS = [
+    ("0_a", "sb", "clippy", 0.1, 1, 0.70, "completed", [], 0.2),
+    ("1_a", "sb", "clippy", 0.1, 2, 0.72, "completed", [], 0.4),
+    ("2_a", "sb", "adam", 0.001, 1, 0.69, "completed", [], None),
+    ("3_a", "lr", "clippy", 0.1, 1, 0.66, "completed", [], 0.8),
+    ("4_a", "lr", "adam", 0.001, 1, 0.65, "completed", [], None),
+    ("5_a", "lr", "adam", 0.001, 2, None, "diverged", [], None),
+]
+
+
+def _write_run(root: Path, job, model, optim, lr, seed, auc, status, extra, clip) -> None:
+    run = root / job
+    run.mkdir(parents=True)
+    test = None if auc is None else {
+        "auc_click": auc, "auc_conversion": auc + 0.1, "auc_mean": auc + 0.05,
+        "logloss_click": 0.11 + (0.7 - auc) / 10, "logloss_conversion": 0.02,
+    }  # fmt: skip
+    metrics = {
+        "status": status, "model": model, "optim": optim, "lr": lr, "seed": seed,
+        "overrides": [f"model={model}", f"optim={optim}", f"seed={seed}", *extra],
+        "test": test, "bayes": BAYES, "best": {"val/auc_mean": auc, "epoch": 2},
+        "epochs": 4, "steps": 20, "wall_time_s": 12.3456, "samples_per_s": 10.0,
+        "divergence": {"step": 7 if status == "diverged" else None},
+    }  # fmt: skip
+    (run / "metrics.json").write_text(json.dumps(metrics))
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(str(run / "tensorboard"))
+    for step in range(0, 20, 2):
+        writer.add_scalar("train/loss", 1.0 / (step + 1), step)
+        if clip is not None:
+            writer.add_scalar("telemetry/clip_min/towers", clip, step)
+    writer.close()
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("figures") / "sweep"
+    for spec in RUNS:
+        _write_run(root, *spec)
+    return root
+
+
+def _build(root: Path, monkeypatch) -> dict[str, Figure]:
+    """Build the report of ``root``; every figure it saves, by the PNG's name."""
+    saved: dict[str, Figure] = {}
+    original = Figure.savefig
+
+    def record(fig, fname, *args, **kwargs):
+        # written to a hidden temporary name first, then moved: ".clipping.tmp123.png"
+        name = re.sub(r"^\.(.*)\.tmp\d+\.png$", r"\1.png", Path(fname).name)
+        saved[name] = fig
+        return original(fig, fname, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", record)
+    write_results(root)
+    build_report(root)
+    return saved
+
+
+@pytest.fixture(scope="module")
+def figures(sweep) -> dict[str, Figure]:
+    with pytest.MonkeyPatch.context() as mp:
+        return _build(sweep, mp)
+
+
+def _colour_of(artist) -> str:
+    get = getattr(artist, "get_facecolor", None) or artist.get_color
+    return to_hex(get())
+
+
+def test_clipping_has_one_curve_per_setting_averaged_over_its_own_seeds(figures):
+    """sb and lr with Clippy are two curves (not one "clippy lr=0.1" mean over models), each
+    averaged over its own seeds only, and the legend says over how many."""
+    fig = figures["clipping.png"]
+    (ax,) = [a for a in fig.axes if a.get_visible()]
+    curves = {line.get_label(): {round(y, 6) for y in line.get_ydata()} for line in ax.get_lines()}
+    assert curves == {"sb (mean of 2 seeds)": {0.3}, "lr (1 seed)": {0.8}}
+    # what every curve shares is said once, under the title
+    assert "optimizer clippy" in fig.get_suptitle() and "lr=0.1" in fig.get_suptitle()
+    assert "averaged over its seeds only" in fig.get_suptitle()
+
+
+def test_loss_curves_have_a_panel_per_model_and_a_colour_per_optimizer(figures):
+    fig = figures["loss_curves.png"]
+    panels = {ax.get_title().split(";")[0]: ax for ax in fig.axes if ax.get_visible()}
+    assert set(panels) == {"model lr", "model sb"}
+    runs = {
+        model: sorted(line.get_gid() for line in ax.get_lines() if line.get_gid())
+        for model, ax in panels.items()
+    }
+    assert runs == {
+        "model lr": [
+            "lr · adam · lr=0.001 · seed=1", "lr · adam · lr=0.001 · seed=2",
+            "lr · clippy · lr=0.1 · seed=1",
+        ],
+        "model sb": [
+            "sb · adam · lr=0.001 · seed=1", "sb · clippy · lr=0.1 · seed=1",
+            "sb · clippy · lr=0.1 · seed=2",
+        ],
+    }  # fmt: skip
+    colours = {
+        line.get_gid().split(" · ")[1]: _colour_of(line)
+        for ax in panels.values()
+        for line in ax.get_lines()
+        if line.get_gid()
+    }
+    assert colours == {"clippy": to_hex("C0"), "adam": to_hex("C1")}
+    assert "seeds: adam 2, clippy 1" in panels["model lr"].get_title()
+
+
+@pytest.mark.parametrize("metric", ["auc", "logloss"])
+def test_bars_are_one_per_setting_with_bayes_and_error_bars_only_for_several_seeds(figures, metric):
+    fig = figures[f"test_{metric}.png"]
+    panels = [ax for ax in fig.axes if ax.get_visible()]
+    assert len(panels) == 2  # click, conversion
+    for ax, task in zip(panels, ("click", "conversion"), strict=True):
+        bars = {c.get_label(): c.patches[0] for c in ax.containers if isinstance(c, BarContainer)}
+        assert set(bars) == {
+            "lr · adam · lr=0.001", "lr · clippy · lr=0.1",
+            "sb · adam · lr=0.001", "sb · clippy · lr=0.1",
+        }  # fmt: skip
+        # one colour per optimizer, the loss curves' colours
+        for label, bar in bars.items():
+            assert _colour_of(bar) == to_hex("C0" if "clippy" in label else "C1"), label
+        top = {k: b.get_y() + b.get_height() for k, b in bars.items()}
+        if metric == "auc":
+            want = 0.71 if task == "click" else 0.81
+            assert top["sb · clippy · lr=0.1"] == pytest.approx(want)
+            assert bars["sb · clippy · lr=0.1"].get_y() == pytest.approx(0.5)  # from chance
+            assert ax.get_ylim()[0] == pytest.approx(0.5)
+        else:
+            low = ax.get_ylim()[0]
+            assert 0 < low < BAYES[f"logloss_{task}"]  # not from 0, and Bayes is on the axis
+            assert "not 0" in ax.get_ylabel()
+        # the Bayes line at the data's value, across the panel
+        (bayes,) = [line for line in ax.get_lines() if line.get_label().startswith("Bayes")]
+        assert set(bayes.get_ydata()) == {BAYES[f"{metric}_{task}"]}
+        # an error bar only where two seeds completed; "1 seed" under the others
+        errorbars = [c.get_label() for c in ax.containers if isinstance(c, ErrorbarContainer)]
+        assert errorbars == ["std: sb · clippy · lr=0.1"]
+        ticks = [t.get_text() for t in ax.get_xticklabels()]
+        assert sum(t.endswith("\n1 seed") for t in ticks) == 3  # lr + adam: 1 of 2 completed
+        assert sum(t.endswith("\n2 seeds") for t in ticks) == 1
+        assert min(t.get_fontsize() for t in ax.get_xticklabels()) >= 9
+        assert ax.get_ylabel()
+
+
+def test_an_override_that_varies_gets_its_own_curves_and_bars(sweep, tmp_path, monkeypatch):
+    """A run with another model.norm is its own setting: its own clipping curve and bar,
+    named by the override."""
+    root = tmp_path / "sweep"
+    for spec in RUNS:
+        _write_run(root, *spec)
+    _write_run(root, "6_a", "sb", "clippy", 0.1, 1, 0.6, "completed", ["model.norm=none"], 0.6)
+    figures = _build(root, monkeypatch)
+    (ax,) = [a for a in figures["clipping.png"].axes if a.get_visible()]
+    assert {line.get_label() for line in ax.get_lines()} == {
+        "sb · model.norm=(default) (mean of 2 seeds)",
+        "lr · model.norm=(default) (1 seed)",
+        "sb · model.norm=none (1 seed)",
+    }
+    bars = [
+        c.get_label()
+        for c in figures["test_auc.png"].axes[0].containers
+        if isinstance(c, BarContainer)
+    ]
+    assert len(bars) == 5 and "sb · clippy · lr=0.1 · model.norm=none" in bars
+    md = (root / "results.md").read_text()
+    assert "| model | optim | lr | seed | model.norm | status |" in md
+    assert "| sb | clippy | 0.1 | 1 | none | completed |" in md
+
+
+def test_real_data_without_bayes_values_gets_no_bayes_line(tmp_path):
+    """Runs on real data (metrics.json without ``bayes``): no reference line and no legend
+    entry for one, the AUC axis still from chance, and every bar drawn."""
+    from mtl_clippy.report.study import plot_test_metric, summarise
+    from mtl_clippy.report.sweep import collect_results
+
+    root = tmp_path / "sweep"
+    for job, model, optim, lr, seed, auc, status, *_ in RUNS:
+        run = root / job
+        run.mkdir(parents=True)
+        test = None if auc is None else {
+            "auc_click": auc, "auc_conversion": auc, "logloss_click": 0.1, "logloss_conversion": 0.02,
+        }  # fmt: skip
+        metrics = {"status": status, "model": model, "optim": optim, "lr": lr, "seed": seed,
+                   "test": test, "epochs": 1, "steps": 2}  # fmt: skip
+        (run / "metrics.json").write_text(json.dumps(metrics))
+    summary = summarise(collect_results(root))
+    for metric in ("auc", "logloss"):
+        fig = plot_test_metric(summary, metric, tmp_path / f"{metric}.png")
+        for ax in fig.axes:
+            assert not [line for line in ax.get_lines() if "Bayes" in line.get_label()]
+            assert len([c for c in ax.containers if isinstance(c, BarContainer)]) == 4
+            assert "Bayes" not in ax.get_title()
+        assert not any("Bayes" in t.get_text() for legend in fig.legends for t in legend.texts)
+        if metric == "auc":
+            assert fig.axes[0].get_ylim()[0] == pytest.approx(0.5)
+
+
+def test_results_md_has_the_compared_columns_at_fixed_decimals(figures, sweep):
+    md = (sweep / "results.md").read_text()
+    head, _sep, *rows = [line for line in md.splitlines() if line.startswith("|")]
+    assert head == (
+        "| model | optim | lr | seed | status | test AUC click | test AUC conversion | "
+        "test log loss click | test log loss conversion | best val AUC mean | epochs (best) | "
+        "wall time (s) |"
+    )
+    assert rows[0] == (
+        "| sb | clippy | 0.1 | 1 | completed | 0.7000 | 0.8000 | 0.1100 | 0.0200 | 0.7000 | "
+        "4 (3) | 12 |"
+    )
+    assert rows[5] == "| lr | adam | 0.001 | 2 | diverged | - | - | - | - | - | 4 (3) | 12 |"
+    assert "results.csv" in md.split(rows[-1], 1)[1]  # said under the table
+    csv = (sweep / "results.csv").read_text().splitlines()[0].split(",")
+    assert {"job", "samples_per_s", "bayes_auc_click", "bayes_logloss_click"} <= set(csv)
+
+
+_unit = st.floats(0, 1, allow_nan=False)
+
+
+@settings(max_examples=40, deadline=None)
+@given(auc=_unit, loss=st.floats(0, 20, allow_nan=False), lr=st.floats(1e-6, 1e3))
+def test_every_auc_and_log_loss_cell_has_four_decimals_and_reads_back(auc, loss, lr):
+    import pandas as pd
+
+    from mtl_clippy.report.sweep import results_markdown
+
+    df = pd.DataFrame([{
+        "job": "0", "model": "sb", "optim": "adam", "lr": lr, "seed": 3, "status": "completed",
+        "test_auc_click": auc, "test_logloss_click": loss, "best_val_auc_mean": auc,
+    }])  # fmt: skip
+    row = results_markdown(df).splitlines()[2].strip("|").split("|")
+    cells = [c.strip() for c in row]
+    for cell, value in ((cells[5], auc), (cells[6], loss), (cells[7], auc)):
+        assert re.fullmatch(r"\d+\.\d{4}", cell), cell
+        assert abs(float(cell) - value) <= 0.5e-4 + 1e-12
+    assert float(cells[2]) == pytest.approx(lr, rel=1e-5)
+
+
+_key = st.from_regex(r"[a-z][a-z_]{0,6}(\.[a-z_]{1,6}){0,2}", fullmatch=True)
+_value = st.one_of(
+    st.from_regex(r"[A-Za-z0-9_.-]{1,8}", fullmatch=True),
+    st.lists(st.integers(0, 99), min_size=1, max_size=3).map(
+        lambda xs: "[" + ",".join(map(str, xs)) + "]"
+    ),
+)
+
+
+@given(st.dictionaries(_key, _value, max_size=4))
+def test_split_variant_reads_back_every_override_even_with_commas_in_values(overrides):
+    from mtl_clippy.report.sweep import split_variant
+
+    variant = ",".join(f"{k}={v}" for k, v in sorted(overrides.items()))
+    assert split_variant(variant or None) == overrides
