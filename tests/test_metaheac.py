@@ -344,3 +344,36 @@ def test_meta_training_learns_the_planted_signal(optimizer):
     print(f"MetaHeac {optimizer}: epoch losses {losses}, val AUC {aucs}")
     assert losses[-1] < losses[0], losses
     assert aucs[0] > 0.7 and aucs[1] > 0.65, aucs
+
+
+# ----------------------------------------------------------------------------- end to end
+
+
+@pytest.mark.slow
+def test_ddp_on_two_cpu_processes_trains_metaheac(tmp_path):
+    """``python train.py model=metaheac trainer=ddp trainer.devices=2`` completes (gloo on
+    CPU): the meta step's inner gradient stays on each rank, the outer one is all-reduced.
+    (Its numbers are not compared with one process: each rank cuts its own half of the
+    global batch into episodes, so the episodes differ from a single process's.)"""
+    import json
+
+    from app_helpers import DDP_COMMON, run_train
+
+    res = run_train(
+        [
+            *DDP_COMMON,
+            "trainer.max_epochs=1",
+            "model=metaheac",
+            "trainer=ddp",
+            "trainer.devices=2",
+            "data.batch_size=64",
+            f"paths.log_dir={tmp_path}/outputs",
+            f"paths.data_dir={tmp_path}/data",
+        ],
+        cwd=tmp_path,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    (run,) = (tmp_path / "outputs" / "runs").iterdir()
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["status"] == "completed" and metrics["steps"] == 2700 // 128
+    assert metrics["test"]["auc_click"] > 0.5
