@@ -38,6 +38,13 @@ SMALL_BACKBONES: dict[str, dict[str, Any]] = {
     "SingleTask": {"embed_dim": 8, "bottom_dims": [32, 16], "tower_dims": [16], "dropout": 0.1},
     "AITM": {"embed_dim": 8, "bottom_dims": [32, 16], "tower_dims": [16], "dropout": 0.1},
     "ESMM": {"embed_dim": 8, "bottom_dims": [32, 16], "tower_dims": [16], "dropout": 0.1},
+    "MetaHeac": {
+        "embed_dim": 8,
+        "n_experts": 4,
+        "expert_dims": [16],
+        "n_critics": 3,
+        "tower_dims": [16],
+    },
 }
 BACKBONES = tuple(SMALL_BACKBONES)
 

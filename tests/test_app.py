@@ -29,7 +29,18 @@ OPTIMS = sorted(p.stem for p in (CONFIGS / "optim").glob("*.yaml"))
 
 
 def test_model_and_optimizer_choices_are_the_documented_ones():
-    assert set(MODELS) >= {"sb", "ncf", "lr", "mmoe", "omoe", "ple", "single_task", "aitm", "esmm"}
+    assert set(MODELS) >= {
+        "sb",
+        "ncf",
+        "lr",
+        "mmoe",
+        "omoe",
+        "ple",
+        "single_task",
+        "aitm",
+        "esmm",
+        "metaheac",
+    }
     assert set(OPTIMS) >= {"clippy", "adagrad", "adam"}
 
 

@@ -42,6 +42,7 @@ EXPECTED = {
     "SingleTask": {"embeddings", "numerical", "bottom", "towers"},
     "AITM": {"embeddings", "numerical", "bottom", "towers"},
     "ESMM": {"embeddings", "numerical", "bottom", "towers"},
+    "MetaHeac": {"embeddings", "numerical", "bottom", "gates", "towers"},
 }
 
 CLIPPY = {

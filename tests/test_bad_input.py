@@ -324,8 +324,8 @@ def test_values_of_the_wrong_type_name_their_key(runs):
 BAD_OVERRIDES = [
     (["modle=ncf"], "override 'modle=ncf': no key or config group 'modle' (did you mean model?)"),
     (["optim.lrr=0.1"], "override 'optim.lrr=0.1': optim has no key 'lrr' (did you mean lr?)"),
-    (["model=nfc"], "model=nfc: no such option; choose from aitm, esmm, lr, mmoe, mmoe_large, ncf, omoe, ple, ple_large, sb, sb_large, sb_small, single_task (did you mean ncf?)"),
-    (["-m", "model=sb,nfc"], "model=nfc: no such option; choose from aitm, esmm, lr, mmoe, mmoe_large, ncf, omoe, ple, ple_large, sb, sb_large, sb_small, single_task (did you mean ncf?)"),
+    (["model=nfc"], "model=nfc: no such option; choose from aitm, esmm, lr, metaheac, mmoe, mmoe_large, ncf, omoe, ple, ple_large, sb, sb_large, sb_small, single_task (did you mean ncf?)"),
+    (["-m", "model=sb,nfc"], "model=nfc: no such option; choose from aitm, esmm, lr, metaheac, mmoe, mmoe_large, ncf, omoe, ple, ple_large, sb, sb_large, sb_small, single_task (did you mean ncf?)"),
     (["model=sb,ncf"], "override 'model=sb,ncf': several values: add -m to sweep over them, or write model=[sb,ncf] for a list, or quote the value for a string"),
 ]  # fmt: skip
 

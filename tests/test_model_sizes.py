@@ -212,6 +212,11 @@ _SIZES = {
     "NCF": {"mlp_dims": _widths},
     "MMoE": {"expert_dims": _widths, "n_experts": st.integers(1, 3)},
     "OMoE": {"expert_dims": _widths, "n_experts": st.integers(1, 3)},
+    "MetaHeac": {
+        "expert_dims": _widths,
+        "n_experts": st.integers(1, 3),
+        "n_critics": st.integers(1, 3),
+    },
     "PLE": {
         "expert_dims": _widths,
         "n_shared_experts": st.integers(1, 3),

@@ -230,6 +230,7 @@ def test_logistic_regression_is_linear_in_one_hot(data):
         ("SingleTask", 3_413_762),
         ("AITM", 3_259_138),
         ("ESMM", 2_995_970),
+        ("MetaHeac", 10_609_298),
     ],
 )
 def test_published_sizes_parameter_count(name, count):

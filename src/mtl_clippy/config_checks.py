@@ -298,6 +298,11 @@ RULES: dict[str, Rule] = {
     "model.n_experts": whole(1, MAX_EXPERTS),
     "model.n_shared_experts": whole(1, MAX_EXPERTS),
     "model.n_task_experts": whole(1, MAX_EXPERTS),
+    # MetaHeac (configs/model/metaheac.yaml)
+    "model.n_critics": whole(1, MAX_EXPERTS),
+    "model.inner_lr": number(0),
+    "model.episodes": whole(1),
+    "model.critic_output": one_of("mixture", "mean"),
     "model.dropout": number(0, 1, high_open=True),
     "model.sparse_embeddings": flag(),
     "model.norm": checked_by("the backbone (mtl_clippy.models.layers)", one_of(*NORMS)),

@@ -438,12 +438,25 @@ class MultiTaskModule(pl.LightningModule):
 
     # -- steps ---------------------------------------------------------------------------------
 
+    def training_loss(self, logits: Tensor, labels: Tensor) -> Tensor:
+        """The training objective: the weighted sum of the per-task BCE losses (a scalar)."""
+        return (self.task_losses(logits, labels) * self.task_weights).sum()
+
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
-        """Weighted sum of the per-task BCE losses; logs the total and each task's loss."""
+        """Weighted sum of the per-task BCE losses; logs the total and each task's loss.
+
+        The loss is taken on the backbone's ``training_outputs`` where it has them (a
+        :class:`~mtl_clippy.models.Backbone`: the forward on the batch, or MetaHeac's query
+        rows under its adapted task embeddings), else on the forward."""
         categorical, numerical, labels = batch
-        per_task = self.task_losses(self(categorical, numerical), labels)
-        loss = (per_task * self.task_weights).sum()
         n = labels.shape[0]
+        outputs = getattr(self.backbone, "training_outputs", None)
+        if callable(outputs):
+            logits, labels = outputs(categorical, numerical, labels, self.training_loss)
+        else:
+            logits = self(categorical, numerical)
+        per_task = self.task_losses(logits, labels)
+        loss = (per_task * self.task_weights).sum()
         self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=n)
         for i, task in enumerate(self.tasks):
             self.log(f"train/loss_{task}", per_task[i], on_step=True, on_epoch=False, batch_size=n)

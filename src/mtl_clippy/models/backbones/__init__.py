@@ -8,6 +8,7 @@ from mtl_clippy.models.backbones.aitm import AITM
 from mtl_clippy.models.backbones.base import ROLES, Backbone, backbone_of
 from mtl_clippy.models.backbones.esmm import ESMM, product_logit
 from mtl_clippy.models.backbones.logistic import LogisticRegression
+from mtl_clippy.models.backbones.metaheac import MetaHeac
 from mtl_clippy.models.backbones.moe import MMoE, OMoE
 from mtl_clippy.models.backbones.ncf import NCF
 from mtl_clippy.models.backbones.ple import PLE
@@ -23,6 +24,7 @@ __all__ = [
     "Backbone",
     "LogisticRegression",
     "MMoE",
+    "MetaHeac",
     "OMoE",
     "SharedBottom",
     "SingleTask",

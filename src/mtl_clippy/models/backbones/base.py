@@ -17,15 +17,16 @@ name), for the optimizer telemetry and the optimizer's parameter groups (``param
 * ``bottom``: what the tasks share or mix between the input layer and the towers: a shared
   bottom MLP, the experts of MMoE/OMoE/PLE, NCF's MLP branch, AITM's bottoms and transfer
   layers (experts are ``bottom``: hard and soft sharing are the same place in the network);
-* ``gates``: the softmax gates of the mixture-of-experts backbones;
+* ``gates``: the softmax gates of the mixture-of-experts backbones (MetaHeac's task
+  embeddings too: they only feed its gates);
 * ``towers``: the per-task networks that end in one logit (ESMM's and SingleTask's too: the
-  ``tower_dims`` part of each task's MLP).
+  ``tower_dims`` part of each task's MLP; MetaHeac's critics, shared by the tasks).
 """
 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -213,6 +214,19 @@ class Backbone(nn.Module):
     def forward(self, categorical: Tensor, numerical: Tensor) -> Tensor:
         """Return per-task logits ``[batch, n_tasks]``."""
         return self.tower_logits(self.tower_inputs(self.embedding(categorical, numerical)))
+
+    def training_outputs(
+        self,
+        categorical: Tensor,
+        numerical: Tensor,
+        labels: Tensor,
+        loss: Callable[[Tensor, Tensor], Tensor],
+    ) -> tuple[Tensor, Tensor]:
+        """What the training step's loss is taken on: ``(logits, labels)``. The forward on the
+        whole batch here; a backbone that trains differently from how it predicts (MetaHeac's
+        meta-learning step) overrides it, and may call ``loss(logits, labels)``, the module's
+        training loss (a scalar), on parts of the batch."""
+        return self(categorical, numerical), labels
 
 
 def backbone_of(module: Any) -> Backbone | None:
