@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import sys
 import time
@@ -226,9 +225,13 @@ def training_vocabularies(ckpt: Checkpoint) -> tuple[Any, Any]:
     data = run_data_config(ckpt)
     data["progress"] = False
     dm = instantiate_config(OmegaConf.create(data), "data")
-    if dm.data_dir is None:
-        dm.prepare_data()  # generated data: made again if its cache was removed
+    # what setup() logs about the OOV cells of the training data is the run's (in its log)
+    quiet = logging.getLogger("mtl_clippy.data.datamodule")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
     try:
+        if dm.data_dir is None:
+            dm.prepare_data()  # generated data: made again if its cache was removed
         dm.setup("fit")
     except DataError as err:
         raise DataError(
@@ -242,6 +245,8 @@ def training_vocabularies(ckpt: Checkpoint) -> tuple[Any, Any]:
                 + (f"; {err.hint}" if err.hint else "")
             ),
         ) from None
+    finally:
+        quiet.setLevel(level)
     theirs, ours = ckpt.vocab_sizes, list(dm.metadata.vocab_sizes)
     if theirs != ours:
         differ = [i for i, (a, b) in enumerate(zip(theirs, ours, strict=False)) if a != b]
@@ -284,13 +289,12 @@ def _encoded(split: Any, vocabularies: Any, lo: int = 0, hi: int | None = None) 
     return Rows(categorical, split.numerical[lo:hi], split.labels[lo:hi], split.source, lo, oov)
 
 
-def split_rows(data_cfg: Any, split: str, vocabularies: Any) -> tuple[Rows, Any]:
-    """The rows of ``split`` of the data ``data_cfg`` describes (a data module's config), and
-    the data module (for where its files are)."""
+def split_source(data_cfg: Any, split: str) -> tuple[Any, Path]:
+    """(the data module of the data ``data_cfg`` describes, not set up; the CSV file that
+    ``split`` reads), checked to exist before anything long is done."""
     from mtl_clippy.build import instantiate_config
-    from mtl_clippy.data.reader import read_split
 
-    node = data_cfg if isinstance(data_cfg, DictConfig) else OmegaConf.create(data_cfg)
+    node = OmegaConf.create(data_cfg) if not isinstance(data_cfg, DictConfig) else data_cfg
     node = node.copy()
     OmegaConf.set_struct(node, False)
     node.progress = False
@@ -303,36 +307,44 @@ def split_rows(data_cfg: Any, split: str, vocabularies: Any) -> tuple[Rows, Any]
         present = None
         if dm.source_dir.is_dir():
             present = ", ".join(sorted(p.name for p in dm.source_dir.iterdir())[:8]) or "nothing"
+        other = (
+            "split=val reads the end of train.csv"
+            if split == "test"
+            else "split=test reads test.csv"
+        )
         raise DataError(
             path,
             "file not found" if present is not None else "folder not found",
             hint=(
                 f"split={split} reads {name}.csv of the data folder"
                 + (f", which holds: {present}" if present is not None else "")
-                + (
-                    "; split=test reads test.csv"
-                    if split != "test"
-                    else "; split=val reads the end of train.csv"
-                )
+                + f"; {other}"
             ),
         )
+    return dm, path
+
+
+def split_rows(dm: Any, path: Path, split: str, vocabularies: Any) -> Rows:
+    """The rows of ``split`` (in the file ``path`` of the data module ``dm``), encoded with
+    ``vocabularies``: test.csv's first ``data.test_rows`` (all without a cap), or the last
+    ``data.val_fraction`` of train.csv's first ``data.train_rows``, as the data module
+    splits them."""
+    from mtl_clippy.data.reader import read_split
+
     cache_dir = dm.cache_dir / "splits" if dm.data_dir is not None else None
     read = read_split(path, cache_dir=cache_dir)
     capped = dm.data_dir is not None
     if split == "test":
-        read = read.head(dm.test_rows if capped else None)
-        return _encoded(read, vocabularies), dm
+        return _encoded(read.head(dm.test_rows if capped else None), vocabularies)
     read = read.head(dm.train_rows if capped else None)
     n = len(read)
-    n_val = round(n * dm.val_fraction)
-    if dm.val_fraction > 0:
-        n_val = max(n_val, 1)
-    if dm.val_fraction == 0 or n - n_val < 1:
+    n_val = max(round(n * dm.val_fraction), 1) if dm.val_fraction > 0 else 0
+    if n_val == 0 or n - n_val < 1:
         raise ConfigError(
             f"split=val: data.val_fraction={dm.val_fraction} leaves no validation rows in "
             f"{path} ({n} rows); use split=test or set data.val_fraction"
         )
-    return _encoded(read, vocabularies, n - n_val, n), dm
+    return _encoded(read, vocabularies, n - n_val, n)
 
 
 def loader(rows: Rows, batch_size: int) -> Any:
@@ -419,11 +431,12 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     split = _check_split(cfg.get("split", "test"))
     runtime.apply_threads(cfg.get("threads"))
     ckpt = load(cfg.get("ckpt_path"))
-    run_dm, vocabularies = training_vocabularies(ckpt)
     own = cfg.get("data") is None
     data_cfg = run_data_config(ckpt) if own else OmegaConf.to_container(cfg.data, resolve=True)
-    rows, dm = split_rows(data_cfg, split, vocabularies)
     batch_size = _batch_size(cfg, data_cfg)
+    dm, path = split_source(data_cfg, split)
+    run_dm, vocabularies = training_vocabularies(ckpt)
+    rows = split_rows(dm, path, split, vocabularies)
     module = module_of(ckpt)
     trainer = trainer_for(cfg, ckpt, out_dir)
     results = trainer.test(module, dataloaders=loader(rows, batch_size), verbose=False)
