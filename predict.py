@@ -19,8 +19,9 @@ if __name__ == "__main__":
 
     exit_on_bad_overrides(sys.argv[1:], Path(__file__).resolve().parent / "configs", "predict")
 
-# Registers the config resolvers (paths, the folder's name) before Hydra resolves them.
-from mtl_clippy import evaluate, train  # noqa: F401
+# Registers the config resolvers (paths, the folder's name) before Hydra resolves them;
+# torch and Lightning are imported once the checks of the command line have passed.
+from mtl_clippy import evaluate
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="predict")

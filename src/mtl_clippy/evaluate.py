@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import sys
 import time
@@ -439,8 +440,10 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     rows = split_rows(dm, path, split, vocabularies)
     module = module_of(ckpt)
     trainer = trainer_for(cfg, ckpt, out_dir)
-    results = trainer.test(module, dataloaders=loader(rows, batch_size), verbose=False)
-    metrics = split_metrics(results[0] if results else {}, "test")
+    # the split's own hooks: a warning names the metric as val/... or test/...
+    run_split = trainer.test if split == "test" else trainer.validate
+    results = run_split(module, dataloaders=loader(rows, batch_size), verbose=False)
+    metrics = split_metrics(results[0] if results else {}, split)
     bayes = None
     if split == "test" and own:  # the Bayes figures hold for the run's whole test split
         extra = run_dm.metadata.extra or {}
@@ -648,6 +651,11 @@ def _to_log_file(text: str) -> None:
 
 
 def register_resolvers() -> None:
+    """The resolvers of configs/eval.yaml and configs/predict.yaml: the folder's name, and
+    the launch folder of configs/paths (as ``mtl_clippy.train`` registers it, without
+    importing Lightning)."""
+    if not OmegaConf.has_resolver("mtl_clippy.cwd"):
+        OmegaConf.register_new_resolver("mtl_clippy.cwd", os.getcwd, use_cache=True)
     if not OmegaConf.has_resolver("mtl_clippy.eval_name"):
         OmegaConf.register_new_resolver("mtl_clippy.eval_name", folder_name, use_cache=True)
 
