@@ -255,6 +255,7 @@ def test_bad_input_is_one_line_naming_it(trained, tmp_path):
     alone.mkdir(parents=True)
     shutil.copy(best, alone / "best.ckpt")
     (tmp_path / "text.ckpt").write_text("not a checkpoint\n")
+    (tmp_path / "cut.ckpt").write_bytes(best.read_bytes()[:100_000])  # an interrupted copy
     only_train = tmp_path / "only_train"
     only_train.mkdir()
     shutil.copy(SAMPLE_DIR / "train.csv", only_train / "train.csv")
@@ -262,11 +263,20 @@ def test_bad_input_is_one_line_naming_it(trained, tmp_path):
     exists = tmp_path / "exists.parquet"
     exists.write_bytes(b"earlier results")
     sample = SAMPLE_DIR / "test.csv"
+    # a run whose training data no longer gives the checkpoint's vocabularies (here: the
+    # checkpoint's table of categorical_3 made one row larger than the data gives)
+    changed = tmp_path / "changed_run"
+    shutil.copytree(run, changed)
+    content = torch.load(best, weights_only=True)
+    content["hyper_parameters"]["metadata"]["vocab_sizes"][2] += 1
+    torch.save(content, changed / "checkpoints" / "best.ckpt")
+    sizes = content["hyper_parameters"]["metadata"]["vocab_sizes"]
     cases = [
         ("eval", [], ConfigError, "ckpt_path: give the checkpoint to use"),
         ("eval", ["ckpt_path=nowhere.ckpt"], ConfigError, "ckpt_path=nowhere.ckpt: no such file"),
         ("eval", [f"ckpt_path={tmp_path}"], ConfigError, "a folder, not a checkpoint file"),
         ("eval", [f"ckpt_path={tmp_path / 'text.ckpt'}"], ConfigError, "not a checkpoint file"),
+        ("eval", [f"ckpt_path={tmp_path / 'cut.ckpt'}"], ConfigError, "cannot be read (damaged"),
         (
             "eval",
             [f"ckpt_path={alone / 'best.ckpt'}"],
@@ -281,6 +291,14 @@ def test_bad_input_is_one_line_naming_it(trained, tmp_path):
             "folder, which holds: train.csv",
         ),
         ("eval", [f"ckpt_path={best}", "split=train"], ConfigError, "split: expected one of"),
+        (
+            "eval",
+            [f"ckpt_path={changed}"],
+            DataError,
+            "the training data of the checkpoint's run no longer gives the vocabularies the "
+            f"checkpoint was trained with (categorical_3: {sizes[2]} embedding rows in the "
+            f"checkpoint, {sizes[2] - 1} from the data now)",
+        ),
         (
             "predict",
             [f"ckpt_path={best}", f"input={no_click}", f"output={tmp_path / 'p.csv'}"],
@@ -307,6 +325,7 @@ def test_bad_input_is_one_line_naming_it(trained, tmp_path):
             getattr(evaluate, "evaluate" if name == "eval" else "predict")(cfg)
         assert message in str(info.value), (overrides, str(info.value))
         assert "\n" not in str(info.value)
+        print(f"error: {info.value}")  # the lines of docs/running.md#mistakes
     assert exists.read_bytes() == b"earlier results"  # refused: left as it was
     assert not (tmp_path / "p.csv").exists() and not (tmp_path / "p.txt").exists()
 

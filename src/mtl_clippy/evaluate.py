@@ -114,13 +114,24 @@ def load(value: Any) -> Checkpoint:
     from mtl_clippy.resume import UnsafeCheckpoint, load_checkpoint
 
     try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError as exc:
+        raise ConfigError(f"ckpt_path={value}: cannot read it: {exc.strerror or exc}") from None
+    if head != b"PK\x03\x04":  # torch.save's zip archive (train.py writes no other kind)
+        raise ConfigError(
+            f"ckpt_path={value}: not a checkpoint file (a checkpoint is the zip archive "
+            "torch.save writes, as <run>/checkpoints/best.ckpt)"
+        )
+    try:
         content = load_checkpoint(path)
     except UnsafeCheckpoint:
         raise
     except Exception as exc:
         reason = innermost_message(exc).rstrip(".")
         raise ConfigError(
-            f"ckpt_path={value}: not a checkpoint file (torch cannot read it: {reason})"
+            f"ckpt_path={value}: the checkpoint cannot be read (damaged, or cut short by an "
+            f"interrupted copy?): {reason}"
         ) from None
     hparams = content.get("hyper_parameters") if isinstance(content, dict) else None
     if not isinstance(hparams, dict) or not {"backbone", "metadata"} <= set(hparams):
