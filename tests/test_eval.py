@@ -23,6 +23,8 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torchmetrics.classification import BinaryAUROC
 
 from app_helpers import ROOT, only_run, read_metrics, run_train
@@ -140,6 +142,20 @@ def test_the_validation_split_gives_the_runs_validation_numbers(trained, tmp_pat
     assert record["checkpoint"]["path"] == str(ckpt.resolve())
     assert record["data"]["n_rows"] == 200 and record["data"]["rows"] == [1800, 2000]
     assert record["metrics"] == read_metrics(run)["val"]
+
+
+@settings(max_examples=30)
+@given(n=st.integers(1, 300), batch=st.integers(1, 120))
+def test_the_loader_yields_every_row_once_in_order(n, batch):
+    """Predictions are written in the batches' order: it must be the file's, for any size."""
+    cat = np.arange(n * 16, dtype=np.int32).reshape(n, 16)
+    num = np.arange(n * 63, dtype=np.float32).reshape(n, 63)
+    labels = (np.arange(n * 2).reshape(n, 2) % 2).astype(np.float32)
+    rows = evaluate.Rows(cat, num, labels, Path("x.csv"), 0, [0] * 16)
+    batches = list(evaluate.loader(rows, batch))
+    assert [len(b[0]) for b in batches[:-1]] == [batch] * (len(batches) - 1)
+    for i, array in enumerate((cat, num, labels)):
+        assert np.array_equal(torch.cat([b[i] for b in batches]).numpy(), array)
 
 
 # ----------------------------------------------------------------------------- predictions
