@@ -307,6 +307,7 @@ def test_bad_input_is_one_line_naming_it(trained, tmp_path):
             "folder, which holds: train.csv",
         ),
         ("eval", [f"ckpt_path={best}", "split=train"], ConfigError, "split: expected one of"),
+        ("eval", [f"ckpt_path={best}", "precision=17"], ConfigError, "precision=17: Precision 17"),
         (
             "eval",
             [f"ckpt_path={changed}"],

@@ -395,23 +395,32 @@ def precision_of(cfg: DictConfig, ckpt: Checkpoint) -> Any:
 
 
 def trainer_for(cfg: DictConfig, ckpt: Checkpoint, out_dir: Path) -> Any:
+    """A one-device trainer for the evaluation: no logger, callbacks or checkpoints; a value
+    of ``accelerator`` or ``precision`` it rejects is a ``ConfigError`` naming the key."""
     import lightning.pytorch as pl
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
 
-    accelerator = cfg.get("accelerator") or OmegaConf.select(
-        ckpt.run_config, "trainer.accelerator", default="auto"
-    )
-    return pl.Trainer(
-        accelerator=accelerator,
-        devices=1,
-        precision=precision_of(cfg, ckpt),
-        logger=False,
-        callbacks=[],
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        use_distributed_sampler=False,
-        default_root_dir=str(out_dir),
-    )
+    accelerator = cfg.get("accelerator") or "auto"
+    precision = precision_of(cfg, ckpt)
+    try:
+        return pl.Trainer(
+            accelerator=accelerator,
+            devices=1,
+            precision=precision,
+            logger=False,
+            callbacks=[],
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            use_distributed_sampler=False,
+            default_root_dir=str(out_dir),
+        )
+    except (ValueError, TypeError, ImportError, RuntimeError, MisconfigurationException) as exc:
+        message = innermost_message(exc)
+        key = "precision" if "precision" in message.lower() else "accelerator"
+        raise ConfigError(
+            f"{key}={accelerator if key == 'accelerator' else precision}: {message}"
+        ) from None
 
 
 def _batch_size(cfg: DictConfig, data_cfg: Any) -> int:
