@@ -111,6 +111,7 @@ def test_the_best_checkpoint_gives_exactly_the_runs_test_numbers(trained, evalua
     record = json.loads((folder / "metrics.json").read_text())
     theirs = read_metrics(run)
     assert record["metrics"] == theirs["test"]  # exactly: same weights, batches, precision
+    assert record["run_metrics"] == theirs["test"]
     assert record["precision"] == theirs["precision"]
     assert record["checkpoint"]["path"] == str((run / "checkpoints" / "best.ckpt").resolve())
     assert record["data"] | {"file": None} == {

@@ -72,6 +72,18 @@ class Checkpoint:
     def vocab_sizes(self) -> list[int]:
         return list((self.hparams.get("metadata") or {}).get("vocab_sizes") or [])
 
+    @property
+    def tested_by_run(self) -> bool:
+        """Whether this is the checkpoint the run tested (its metrics.json's
+        ``best.checkpoint``), whose numbers its ``val`` and ``test`` are."""
+        tested = (self.run_metrics.get("best") or {}).get("checkpoint")
+        if not isinstance(tested, str) or not tested:
+            return False
+        try:
+            return (self.run_dir / tested).resolve() == self.path.resolve()
+        except OSError:
+            return False
+
     def describe(self) -> dict[str, Any]:
         """What metrics.json records of the checkpoint."""
         m = self.run_metrics
@@ -486,7 +498,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         "batch_size": batch_size,
         "metrics": metrics,
         "bayes": bayes,
-        "run_metrics": (ckpt.run_metrics.get(split) if own else None),
+        "run_metrics": ckpt.run_metrics.get(split) if own and ckpt.tested_by_run else None,
         "wall_time_s": round(time.perf_counter() - t_start, 3),
         "output_dir": str(out_dir),
     }
