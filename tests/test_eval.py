@@ -385,3 +385,32 @@ def test_the_command_line_says_one_line_and_leaves_no_folder(tmp_path):
     assert res.stderr.strip().splitlines() == ["error: ckpt_path=nowhere.ckpt: no such file"]
     assert not out.exists()
     assert not (tmp_path / "predict").exists() or not any((tmp_path / "predict").iterdir())
+
+
+@pytest.mark.slow  # a second training run (the default suite has one)
+def test_a_run_on_real_rows_in_a_relative_folder_evaluates_from_anywhere(tmp_path):
+    """A run of data=aliexpress on the real sample rows, its data_dir relative to the folder
+    it started in, evaluated from another folder: the run's paths are read from where it
+    started, and its test numbers come back exactly."""
+    start = tmp_path / "project"
+    shutil.copytree(SAMPLE_DIR, start / "sample")
+    args = [
+        "data=aliexpress",
+        "data.data_dir=sample",
+        "data.batch_size=32",
+        "data.min_count=1",
+        "trainer.max_epochs=1",
+        "logger=csv",
+        "callbacks.progress_bar.refresh_rate=0",
+    ]
+    res = run_train(args, cwd=start)
+    assert res.returncode == 0, res.stderr[-3000:]
+    run = only_run(start)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    res = run_script("eval.py", [f"ckpt_path={run}", f"paths.log_dir={elsewhere}"], elsewhere)
+    assert res.returncode == 0, res.stderr[-3000:]
+    (folder,) = (elsewhere / "eval").iterdir()
+    record = json.loads((folder / "metrics.json").read_text())
+    assert record["data"]["file"] == str(start / "sample" / "test.csv")
+    assert record["metrics"] == read_metrics(run)["test"]
