@@ -377,6 +377,15 @@ def test_a_failed_write_leaves_no_file(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["p.parquet"]  # no temporary left
 
 
+def test_a_killed_writers_temporary_goes_with_the_next_write(tmp_path):
+    out = tmp_path / "p.csv"
+    (tmp_path / "p.csv.tmp999999").write_bytes(b"search_id,click_prob")  # its writer is gone
+    (tmp_path / "p.csv.tmp999999.keep").write_bytes(b"not ours")
+    evaluate.write_table(pa.table({"search_id": [1, 2]}), out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.csv", "p.csv.tmp999999.keep"]
+    assert pacsv.read_csv(out).column("search_id").to_pylist() == [1, 2]
+
+
 def test_the_command_line_says_one_line_and_leaves_no_folder(tmp_path):
     out = tmp_path / "p.parquet"
     args = ["ckpt_path=nowhere.ckpt", f"output={out}", f"paths.log_dir={tmp_path}"]

@@ -578,12 +578,19 @@ def search_ids(path: Path, rows: int) -> Any:
 
 def write_table(table: Any, path: Path) -> None:
     """``table`` to ``path`` as Parquet or CSV (by its suffix), whole or not at all."""
+    import re
+
     import pyarrow.csv as pacsv
     import pyarrow.parquet as pq
 
-    from mtl_clippy.atomic import write_atomically
+    from mtl_clippy.atomic import remove_unused_temporary, write_atomically
 
     path.parent.mkdir(parents=True, exist_ok=True)
+    # what a predict.py killed while writing this file left (<name>.tmp<pid>, no writer)
+    leftover = re.compile(re.escape(path.name) + r"\.tmp\d+")
+    for tmp in path.parent.glob(f"{path.name}.tmp*"):
+        if leftover.fullmatch(tmp.name):
+            remove_unused_temporary(tmp)
     if path.suffix.lower() == ".parquet":
         write = lambda tmp: pq.write_table(table, tmp)  # noqa: E731
     else:
