@@ -102,11 +102,14 @@ def test_critic_mixture_logit_is_the_logit_of_the_weighted_probability(c, output
     model = small(n_critics=c, critic_output=output)
     log_w = torch.log_softmax(gate, dim=-1)
     ours = model._mixture_logit(log_w, scores)
-    p = (log_w.exp() * torch.sigmoid(scores)).sum()
+    w = log_w.exp()
+    p = (w * torch.sigmoid(scores)).sum()
+    # 1 - p from the complements (sum w = 1), accurate where p is within ulps of 1
+    q = (w * torch.sigmoid(-scores)).sum()
     if output == "mean":
-        p = p / c
-    if 1e-12 < p < 1 - 1e-12:  # where the naive formula itself is accurate
-        torch.testing.assert_close(ours, torch.log(p) - torch.log1p(-p), rtol=1e-6, atol=1e-6)
+        p, q = p / c, ((c - 1) + q) / c
+    if p > 1e-300 and q > 1e-300:
+        torch.testing.assert_close(ours, torch.log(p) - torch.log(q), rtol=1e-6, atol=1e-6)
     extreme = (scores * 20).requires_grad_()
     out = model._mixture_logit(log_w, extreme)
     out.backward()
