@@ -130,7 +130,15 @@ def command_line() -> str:
 
 
 def record_start(cfg: Any, summary: Any, datamodule: Any, trainer: Any) -> None:
-    """The run's key facts, as it starts fitting: what it is, its data, where it writes."""
+    """The run's key facts, as it starts fitting: what it is, its data, where it writes.
+    (A fact that cannot be read is written as such: the log never stops a run.)"""
+    try:
+        to_file(_start_text(cfg, summary, datamodule, trainer))
+    except Exception as exc:  # the run goes on; the file says what is missing
+        to_file("run: its key facts could not be listed (%s: %s)", type(exc).__name__, exc)
+
+
+def _start_text(cfg: Any, summary: Any, datamodule: Any, trainer: Any) -> str:
     extra = getattr(getattr(datamodule, "metadata", None), "extra", {}) or {}
     rows = extra.get("rows") or {}
     source = getattr(datamodule, "source_dir", None) or extra.get("source")
@@ -141,14 +149,14 @@ def record_start(cfg: Any, summary: Any, datamodule: Any, trainer: Any) -> None:
         f"  model: {summary.model} ({_target(cfg, 'model')})",
         f"  optimizer: {summary.optim} ({_target(cfg, 'optim')}), lr {summary.lr}",
         f"  seed: {summary.seed}",
-        f"  data: {source} ({extra.get('source', '?')}): "
+        f"  data: {source}{' (generated)' if extra.get('source') == 'synthetic' else ''}: "
         + ", ".join(f"{rows[k]} {k}" for k in ("train", "val", "test") if k in rows)
         + " rows",
         f"  precision: {summary.precision}; threads: {summary.threads}; "
         f"device: {trainer.strategy.root_device}, {trainer.world_size} process(es)",
         f"  output folder: {summary.output_dir}",
     ]
-    to_file("\n".join(lines))
+    return "\n".join(lines)
 
 
 def outcome_lines(summary: Any) -> list[str]:
@@ -179,6 +187,13 @@ def outcome_lines(summary: Any) -> list[str]:
 def record_end(summary: Any) -> None:
     """The run's outcome in the log file: status, epochs, time, the optimizer's path, and
     the per-task table with its notes as printed (or the error of a run that failed)."""
+    try:
+        to_file(_end_text(summary))
+    except Exception as exc:  # the result is in metrics.json whatever happens here
+        to_file("result: could not be listed (%s: %s)", type(exc).__name__, exc)
+
+
+def _end_text(summary: Any) -> str:
     best = summary.best if isinstance(summary.best, Mapping) else {}
     epoch = best.get("epoch")
     lines = [
@@ -195,7 +210,7 @@ def record_end(summary: Any) -> None:
         lines += ["", *outcome_lines(summary)]
     else:
         lines.append(f"run folder: {summary.output_dir}")
-    to_file("\n".join(lines))
+    return "\n".join(lines)
 
 
 def _path(path: Any) -> str:
