@@ -181,3 +181,27 @@ def test_the_outcome_names_a_divergence_and_the_log_file_keeps_it(tmp_path):
         handler.close()
     log = Path(tmp_path / "train.log").read_text()
     assert "result: status diverged" in log and "run diverged at step 7" in log
+
+
+def test_python_warnings_also_reach_the_log_file(tmp_path, monkeypatch):
+    """train.py's entry point wraps warnings.showwarning: a warning prints as usual and is
+    also written to train.log (here: a file handler of the root logger, as Hydra's)."""
+    monkeypatch.setattr(run_log, "_installed", set())
+    root = logging.getLogger()
+    handler = logging.FileHandler(tmp_path / "train.log")
+    root.addHandler(handler)
+    try:
+        with warnings.catch_warnings(record=True) as printed:  # puts showwarning back after
+            run_log.log_warnings_to_file()
+            warnings.showwarning(
+                RuntimeWarning("ClippyAdagrad: the compiled (fused) step could not be compiled"),
+                RuntimeWarning,
+                "clippy.py",
+                7,
+            )
+    finally:
+        root.removeHandler(handler)
+        handler.close()
+    assert len(printed) == 1  # the console's copy, as before
+    log = (tmp_path / "train.log").read_text()
+    assert "clippy.py:7: RuntimeWarning: ClippyAdagrad: the compiled (fused) step" in log

@@ -59,9 +59,8 @@ _installed: set[str] = set()
 
 def quiet_libraries() -> None:
     """Silence the lines of other libraries that tell a user nothing about their run, and
-    send Lightning's lines and the Python warnings to ``train.log`` too. Idempotent; called
-    on import of ``mtl_clippy.train``, before Lightning is imported, and again as each run
-    starts (a test harness may have reset the warning filters in between)."""
+    send Lightning's lines to ``train.log`` too. Idempotent; called as each run starts
+    (a test harness may have reset the warning filters since the last)."""
     # Lightning 2.6 advertises its cloud logger and model registry on every Trainer (the
     # "💡 Tip: ... litlogger / litmodels" line): an advertisement, not a fact about the run.
     # Its other lines on that logger (GPU available, `Trainer.fit` stopped, ...) stay.
@@ -99,22 +98,33 @@ def quiet_libraries() -> None:
     if "files" not in _installed:
         for name in LIGHTNING_LOGGERS:
             logging.getLogger(name).addHandler(_ROOT_FILES)
-        file_log = logging.getLogger(FILE_LOG)
-        file_log.addHandler(_ROOT_FILES)
-        file_log.setLevel(logging.INFO)
-        file_log.propagate = False  # the file only: the console shows the table itself
-        _wrap_showwarning()
+        _file_logger()
         _installed.add("files")
 
 
-def _wrap_showwarning() -> None:
-    """Python warnings still print to stderr as usual, and are also written to the log file."""
+def _file_logger() -> logging.Logger:
+    file_log = logging.getLogger(FILE_LOG)
+    if _ROOT_FILES not in file_log.handlers:
+        file_log.addHandler(_ROOT_FILES)
+        file_log.setLevel(logging.INFO)
+        file_log.propagate = False  # the file only: the console shows the table itself
+    return file_log
+
+
+def log_warnings_to_file() -> None:
+    """Python warnings still print to stderr as usual, and are also written to the log file.
+    For ``python train.py`` itself (its entry point calls it once, first thing): it wraps the
+    process's ``warnings.showwarning``, which a test harness replaces with its own."""
+    if "warnings" in _installed:
+        return
+    _installed.add("warnings")
+    _file_logger()
     shown = warnings.showwarning
 
     def show(message, category, filename, lineno, file=None, line=None):
         shown(message, category, filename, lineno, file, line)
         text = warnings.formatwarning(message, category, filename, lineno, line).rstrip()
-        logging.getLogger(FILE_LOG).warning("%s", text)
+        _file_logger().warning("%s", text)
 
     warnings.showwarning = show
 
