@@ -28,6 +28,11 @@ if __name__ == "__main__":
 
     early_signals.install()
 
+    # Python's warnings go to the run's train.log too, as they print (mtl_clippy.run_log).
+    from mtl_clippy.run_log import log_warnings_to_file
+
+    log_warnings_to_file()
+
 # Also registers the config resolvers that configs/hydra uses, before Hydra resolves them.
 from mtl_clippy import preemption
 from mtl_clippy.train import main as run

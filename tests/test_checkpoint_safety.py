@@ -275,6 +275,7 @@ def test_the_projects_own_checkpoints_load_with_weights_only(tmp_path, monkeypat
                 "callbacks.step_checkpoint.every_n_train_steps=2",
                 "callbacks.progress_bar.refresh_rate=0",
                 "logger=csv",
+                "trainer.log_every_n_steps=2",  # 4 batches an epoch: log within the epoch
                 "threads=1",
                 "test=false",
             ],

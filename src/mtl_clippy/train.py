@@ -23,7 +23,15 @@ import lightning.pytorch as pl
 from omegaconf import DictConfig, OmegaConf
 
 from mtl_clippy import best as best_mod
-from mtl_clippy import config_checks, distributed, launch, preemption, run_checks, runtime
+from mtl_clippy import (
+    config_checks,
+    distributed,
+    launch,
+    preemption,
+    run_checks,
+    run_log,
+    runtime,
+)
 from mtl_clippy import resume as resume_mod
 from mtl_clippy.atomic import remove_dead_temporaries
 from mtl_clippy.build import build, build_callbacks, build_trainer
@@ -45,11 +53,9 @@ from mtl_clippy.errors import (
 from mtl_clippy.loggers import instantiate_loggers, log_results
 from mtl_clippy.resume_point import resume_point
 from mtl_clippy.summary import (
-    COLLAPSE_TOLERANCE,
     Divergence,
     RunSummary,
     collapsed_tasks,
-    format_summary,
     judge_stability,
     split_metrics,
 )
@@ -79,6 +85,7 @@ register_resolvers()
 
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Fit and test one configuration; returns (and writes) its ``metrics.json`` content."""
+    run_log.quiet_libraries()  # other libraries' noise off; Lightning's lines to train.log
     out_dir = Path(cfg.paths.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     summary = _new_summary(cfg, out_dir)
@@ -113,6 +120,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         summary.precision = str(precision)
         trainer = build_trainer(cfg, callbacks, loggers, precision, [AtomicCheckpointIO()])
         run_checks.check_processes(trainer)
+        run_log.record_start(cfg, summary, datamodule, trainer)  # train.log: the key facts
         config_checks.check_batches(cfg, datamodule, trainer.world_size)
         if trainer.world_size > 1:
             distributed.children_run_this_job()
@@ -148,6 +156,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         keep = run_checks.keeps_previous_metrics(summary, start.ckpt_path, trainer, out_dir)
         if distributed.is_global_zero(trainer) and not keep:  # keep: a resume refused
             summary.write(out_dir)
+        if distributed.is_global_zero(trainer):
+            run_log.record_end(summary)  # train.log: the outcome and the per-task table
         preemption.uninstall()
     return summary.to_json()
 
@@ -327,29 +337,15 @@ def main(cfg: DictConfig) -> float | None:
             distributed.end_distributed(env_before)
     if not distributed.is_global_zero():  # other DDP ranks: rank 0 reports
         return best_mod.score(summary.best)
-    _print_outcome(summary, multirun)
-    print(f"\nrun folder: {cfg.paths.output_dir}")
+    _print_outcome(summary, multirun)  # the table, its notes, the run folder
     return best_mod.score(summary.best)  # what a sweeper optimises: best.score
 
 
 def _print_outcome(summary: RunSummary, multirun: bool) -> None:
     """The per-task table, then a line for each thing a reader must know about the result
-    (diverged, collapsed tasks, which checkpoint was tested when not the best by a metric)."""
-    print()
-    print(format_summary(summary))
-    if summary.status == "diverged":
+    (``run_log.outcome_lines``; train.log holds the same, ``run_log.record_end``)."""
+    if summary.status == "diverged" and multirun:
         div = summary.divergence
-        line = f"run diverged at step {div.step}: {div.reason} (no test: status diverged)"
-        if multirun:
-            log.warning(line)
-        print(f"\n{line}")
-    if summary.collapsed:
-        print(
-            f"\ncollapsed tasks (test AUC within {COLLAPSE_TOLERANCE} of 0.5): "
-            + ", ".join(summary.collapsed)
-        )
-    chosen = str((summary.best or {}).get("monitor"))
-    if chosen == config_checks.NO_VALIDATION:
-        print("\nno validation: early stopping off, the last epoch's checkpoint was tested")
-    elif chosen.startswith("last epoch ("):  # a validation metric that stayed undefined
-        print(f"\nbest.ckpt: {chosen}; the last epoch's checkpoint was tested")
+        log.warning(f"run diverged at step {div.step}: {div.reason} (no test: status diverged)")
+    print()
+    print("\n".join(run_log.outcome_lines(summary)))

@@ -47,6 +47,7 @@ from mtl_clippy.data.vocab import (
     count_equal,
     encode_all,
     encoded_ids,
+    oov_line,
     oov_rates,
 )
 from mtl_clippy.errors import ConfigError, DiskFull
@@ -444,13 +445,8 @@ class AliExpressDataModule(L.LightningDataModule):
         }
         rows = {"train": self._n_fit, "val": n - self._n_fit, "test": len(test)}
         self.oov_rate = oov_rates(self.oov_counts, rows, self.min_count)
-        for split, counts in self.oov_counts.items():
-            if sum(counts):
-                log.info(
-                    "%s: %d categorical values (%.3g %%) seen fewer than %d times in training "
-                    "mapped to the OOV slot (per field: %s)",
-                    split, sum(counts), 100 * self.oov_rate[split], self.min_count, counts,
-                )  # fmt: skip
+        if any(sum(counts) for counts in self.oov_counts.values()):
+            log.info("%s", oov_line(self.oov_rate, self.min_count))
         if self.oov_rate["untrained"]:
             log.warning(
                 "%s: ids unseen in training occur in validation or test, but no training id "

@@ -196,7 +196,10 @@ def _cache_folder(path: Path, cache_dir: str | os.PathLike[str] | None) -> Path:
 
 
 def _load_cache(folder: Path, stat: os.stat_result) -> tuple[np.ndarray, ...] | None:
-    """Memory-map a cache that matches the source, or None (missing, stale or unreadable)."""
+    """Memory-map a cache that matches the source, or None (missing, stale or unreadable).
+    A cache that does not exist yet is no news (the first read writes it): nothing logged."""
+    if not folder.exists():  # (caches appear whole: a folder without its files is damaged)
+        return None
     try:
         meta = json.loads((folder / "cache.json").read_text())
         if meta.get("schema_version") != CACHE_SCHEMA_VERSION or [

@@ -262,3 +262,20 @@ def oov_rates(
         if train[f] == 0 and any(counts[s][f] for s in counts if s != "train")
     ]
     return rates
+
+
+def oov_line(rates: dict[str, Any], min_count: int | None) -> str:
+    """The one line a run logs on the OOV share of its splits (``oov_rates``' result)::
+
+    categorical values mapped to the OOV slot (ids seen fewer than data.min_count=5 times in
+    training): train 5.19 %, val 11 %, test 10.4 % (per field: oov_rate in metrics.json)"""
+    shares = ", ".join(
+        f"{split} {100 * rate:.3g} %"
+        for split in ("train", "val", "test")
+        if isinstance(rate := rates.get(split), float | int)
+    )
+    return (
+        "categorical values mapped to the OOV slot (ids seen fewer than "
+        f"data.min_count={min_count} times in training): {shares} "
+        "(per field: oov_rate in metrics.json)"
+    )

@@ -635,6 +635,14 @@ class MultiTaskModule(pl.LightningModule):
                 f"or use an optimizer that supports them: "
                 f"{', '.join(p.rsplit('.', 1)[-1] for p in SPARSE_CAPABLE_OPTIMIZERS)}."
             )
+        if has_sparse_embeddings(self.backbone) and not (
+            torch.sparse.check_sparse_tensor_invariants.is_enabled()
+        ):
+            # torch's Adagrad builds sparse tensors from the gradients and warns, once a
+            # process, that the sparse invariant checks are "implicitly disabled". Off is
+            # torch's default, made explicit here: the same behaviour, without the warning
+            # (checks a user turned on stay on).
+            torch.sparse.check_sparse_tensor_invariants.disable()
         return optimizer
 
     def _clips_gradients(self) -> bool:
