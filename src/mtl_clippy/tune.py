@@ -40,6 +40,7 @@ import json
 import logging
 import math
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +64,12 @@ MISSING_PLUGIN = (
 
 
 def _plugin_impl() -> type:
+    # Optuna 2.10 (the plugin pins optuna<3) defines its database models with SQLAlchemy 1's
+    # declarative_base, which SQLAlchemy 2 warns about at import; the study is in memory
+    # unless hydra.sweeper.storage names a database.
+    warnings.filterwarnings(
+        "ignore", message=r".*declarative_base\(\)", module=r"optuna\.storages\._rdb\.models"
+    )
     try:
         from hydra_plugins.hydra_optuna_sweeper._impl import OptunaSweeperImpl
     except ImportError as exc:
