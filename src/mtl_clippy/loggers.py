@@ -248,6 +248,8 @@ def log_results(loggers: list[Any], params: dict[str, Any], test: dict[str, Any]
             if final:
                 lg.log_metrics(final, step=step)
         lg.finalize("success")
+        if hasattr(lg, "close"):  # logger=wandb: its run ends here (mtl_clippy.trackers)
+            lg.close()
 
 
 __all__ = [

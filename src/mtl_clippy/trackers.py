@@ -145,7 +145,30 @@ class WandbLogger(_LightningWandbLogger):
         if save_dir is not None:
             Path(save_dir).mkdir(parents=True, exist_ok=True)
             kwargs.setdefault("name", Path(save_dir).name)
+        import wandb
+
+        if wandb.run is not None:
+            # an earlier run of this process (a sweep's job that did not complete):
+            # Lightning would log this run into it
+            wandb.run.finish()
         super().__init__(**kwargs)
+
+    @property
+    def log_dir(self) -> str | None:
+        """The run's own folder (``<save_dir>/wandb/offline-run-<time>-<id>``) once it has
+        started, else ``save_dir``."""
+        if self._experiment is not None and getattr(self._experiment, "dir", None):
+            return os.path.dirname(self._experiment.dir)  # .dir is its files/ folder
+        return self.save_dir
+
+    @rank_zero_only
+    def close(self) -> None:
+        """End the W&B run (its offline files complete): at the end of a completed run
+        (``mtl_clippy.loggers.log_results``). Lightning's ``finalize``, called after fitting
+        and again after testing, leaves it open; a run that stops early is ended by the next
+        W&B logger of the process (a sweep's next job) or when the process exits."""
+        if self._experiment is not None:
+            self._experiment.finish()
 
 
 __all__ = ["MLFlowLogger", "WandbLogger", "check_installed", "missing_package_message"]
