@@ -104,6 +104,21 @@ def _wandb_records(path: Path) -> list:
     return records
 
 
+def _complete_wandb_records(path: Path, timeout: float = 60.0) -> list:
+    """The records of a finished W&B run, once its exit record is in the file: W&B's
+    writer (a process of its own) can still be writing when ``finish()`` returns (seen on a
+    loaded machine: the file held only its header)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        records = _wandb_records(path)
+        if any(r.WhichOneof("record_type") == "exit" for r in records):
+            return records
+        assert time.monotonic() < deadline, f"no exit record in {path} after {timeout} s"
+        time.sleep(0.2)
+
+
 def _key(item) -> str:
     return item.key or "/".join(item.nested_key)
 
@@ -116,7 +131,7 @@ def test_wandb_writes_an_offline_run_in_the_run_folder(tmp_path, monkeypatch):
     assert os.environ["WANDB_MODE"] == "offline"
     _log_a_run(loggers)
     (path,) = run_dir.glob("wandb/offline-run-*/run-*.wandb")
-    records = _wandb_records(path)
+    records = _complete_wandb_records(path)
     (run,) = [r.run for r in records if r.WhichOneof("record_type") == "run"]
     assert run.display_name == run_dir.name and run.project == "mtl-clippy"
     history = [
@@ -221,7 +236,7 @@ def test_a_run_with_both_trackers_writes_its_results_to_each(tmp_path):
     (path,) = run_dir.glob("wandb/offline-run-*/run-*.wandb")
     history = [
         {_key(i): json.loads(i.value_json) for i in r.history.item}
-        for r in _wandb_records(path)
+        for r in _complete_wandb_records(path)
         if r.WhichOneof("record_type") == "history"
     ]
     (final,) = [h for h in history if "final/auc_mean" in h]

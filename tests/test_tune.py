@@ -75,6 +75,9 @@ def test_params_add_to_and_replace_the_optimizers_space():
     spaces = {"adam": {"optim.lr": "tag(log, interval(1e-5, 1e-2))"}}
     space = search_space_for(spaces, "adam", {"optim.lr": "interval(0.1, 0.2)", "seed": "1,2"})
     assert space == {"optim.lr": "interval(0.1, 0.2)", "seed": "1,2"}
+    # nested keys, as a command line's +hydra.sweeper.params.model.dropout=... makes them
+    nested = search_space_for(spaces, "adam", {"model": {"dropout": "interval(0, 0.5)"}})
+    assert nested == {**spaces["adam"], "model.dropout": "interval(0, 0.5)"}
     assert search_space_for({}, "sgd", {"optim.lr": "interval(1, 2)"}) == {
         "optim.lr": "interval(1, 2)"
     }
@@ -250,3 +253,32 @@ def test_the_study_config_documents_its_commands():
     text = (CONFIGS / "hydra" / "sweeper" / "tune.yaml").read_text()
     assert "python train.py -m hydra/sweeper=tune optim=adam" in textwrap.dedent(text)
     assert Path(CONFIGS / "experiment" / "tune_lr.yaml").is_file()
+
+
+def test_a_study_in_which_no_trial_completes_still_gets_its_table(tmp_path):
+    """Optuna has no best trial then ("No trials are completed yet"): the study ends with a
+    line saying so, without optimization_results.yaml, and the table lists the failures."""
+    sweep = tmp_path / "sweep"
+    (tmp_path / "task.py").write_text(FAKE_TASK)
+    config = STUDY_CONFIG.replace("CONFIGS", str(CONFIGS)).replace("SWEEP", str(sweep))
+    config = config.replace("  - override hydra/sweeper/sampler: grid\n", "")
+    config = config.replace("choice(0.001, 0.03, 0.1, 5.0)", "choice(0.001, 0.002)")
+    config = config.replace("n_trials: 10", "n_trials: 2")
+    config = config.replace(
+        "  sweeper:\n",
+        "  callbacks:\n    results_table:\n"
+        "      _target_: mtl_clippy.report.hydra_callback.SweepResultsCallback\n  sweeper:\n",
+    )
+    (tmp_path / "study.yaml").write_text(config)
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    res = subprocess.run(
+        [sys.executable, "task.py", "-m"], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "no trial completed: the study has no best trial" in res.stdout + res.stderr
+    assert not (sweep / "optimization_results.yaml").exists()
+    table = pd.read_csv(sweep / "results.csv")
+    assert list(table["trial"]) == [0, 1] and set(table["status"]) == {"failed"}
+    assert not table["best_trial"].any()
+    trials = pd.read_csv(sweep / "optuna_trials.csv")
+    assert list(trials["state"]) == ["FAIL", "FAIL"]

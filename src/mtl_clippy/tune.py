@@ -83,8 +83,8 @@ def search_space_for(search_spaces: Any, optim: str | None, params: Any = None) 
     An optimizer without an entry is an error naming the key, unless ``params`` gives the
     whole search space."""
     spaces = dict(search_spaces or {})
-    space = dict(spaces.get(optim) or {}) if optim is not None else {}
-    extra = dict(params or {})
+    space = _dotted(spaces.get(optim) or {}) if optim is not None else {}
+    extra = _dotted(params or {})
     if not space and not extra:
         raise ConfigError(
             f"hydra.sweeper.search_spaces has no search space for optim={optim} (it has: "
@@ -93,6 +93,20 @@ def search_space_for(search_spaces: Any, optim: str | None, params: Any = None) 
         )
     space.update(extra)
     return {str(k): str(v) for k, v in space.items()}
+
+
+def _dotted(node: Any, prefix: str = "") -> dict[str, Any]:
+    """A search space as ``{"optim.lr": "<sweep>"}``, whether its keys are written dotted
+    (``optim.lr: ...``) or nested (``optim: {lr: ...}``) in a config file."""
+    if isinstance(node, DictConfig):
+        node = OmegaConf.to_container(node)
+    out: dict[str, Any] = {}
+    for key, value in dict(node).items():
+        if isinstance(value, dict | DictConfig):
+            out.update(_dotted(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 def _run_status(folder: Path | None) -> tuple[str | None, str | None]:
@@ -238,6 +252,12 @@ class OptunaSweeper(Sweeper):
             if "No trials are completed yet" not in str(exc):
                 raise
             log.warning("no trial completed: the study has no best trial")
+        except RuntimeError as exc:
+            # the plugin tells a failed trial without its GridSampler workaround: the last
+            # point of a grid, failed, stops the study from outside an objective
+            if "Study.stop" not in str(exc):
+                raise
+            log.info("the grid's points are all done")
         finally:
             self._write_records()
 
@@ -268,6 +288,18 @@ class OptunaSweeper(Sweeper):
             best = self._study.best_trial.number
         except ValueError:  # no completed trial
             return
+        if not results.is_file():  # the sweep stopped before the plugin wrote it
+            best_trial = self._study.best_trial
+            OmegaConf.save(
+                OmegaConf.create(
+                    {
+                        "name": "optuna",
+                        "best_params": dict(best_trial.params),
+                        "best_value": best_trial.value,
+                    }
+                ),
+                results,
+            )
         if results.is_file():
             data = OmegaConf.load(results)
             ran = self._ran.get(best, {})
