@@ -63,7 +63,9 @@ def add_trial_columns(df: pd.DataFrame, root: str | Path) -> pd.DataFrame:
     except (OSError, yaml.YAMLError):
         results = {}
     results = results if isinstance(results, dict) else {}
-    trials = pd.read_csv(trials_path, dtype={"job": str}) if trials_path.is_file() else pd.DataFrame()
+    trials = (
+        pd.read_csv(trials_path, dtype={"job": str}) if trials_path.is_file() else pd.DataFrame()
+    )
     searched = [c for c in trials.columns if c not in _TRIAL_COLUMNS]
     searched += [k for k in (results.get("best_params") or {}) if k not in searched]
     by_job = {str(r["job"]): r for _, r in trials.iterrows()} if "job" in trials else {}
