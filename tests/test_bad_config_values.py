@@ -280,6 +280,9 @@ def test_every_shipped_config_passes(base, tmp_path):
     with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
         for experiment in _choices("experiment"):
             cfg = compose("train", [f"experiment={experiment}"], return_hydra_config=True)
+            if cfg.hydra.sweeper.params is None:  # an Optuna study: each optimizer's ranges
+                _check_search_spaces(cfg.hydra.sweeper.search_spaces, experiment, compose)
+                continue
             for key, values in cfg.hydra.sweeper.params.items():
                 for value in str(values).split(","):
                     run = cfg.copy()
@@ -294,6 +297,20 @@ def test_every_shipped_config_passes(base, tmp_path):
                     else:
                         OmegaConf.update(run, key, yaml.safe_load(value))
                     check_config(run)
+
+
+def _check_search_spaces(spaces, experiment: str, compose) -> None:
+    """Each optimizer's search space (hydra/sweeper=tune) at both ends of every range."""
+    import re
+
+    for optim, space in spaces.items():
+        cfg = compose("train", [f"experiment={experiment}", f"optim={optim}"])
+        for key, sweep in space.items():
+            low, high = re.search(r"interval\(([^,]+),([^)]+)\)", str(sweep)).groups()
+            for value in (float(low), float(high)):
+                run = cfg.copy()
+                OmegaConf.update(run, key, value)
+                check_config(run)
 
 
 # ----------------------------------------------------------------------------- named cases

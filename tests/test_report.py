@@ -138,6 +138,17 @@ def test_experiment_sweeps_compose_with_each_of_their_values(experiment):
         cfg = compose(
             config_name="train", overrides=[f"experiment={experiment}"], return_hydra_config=True
         )
+        spaces = cfg.hydra.sweeper.get("search_spaces")
+        if cfg.hydra.sweeper.params is None and spaces:  # an Optuna study (experiment=tune_lr)
+            from omegaconf import OmegaConf
+
+            for optim, space in spaces.items():  # each key searched is a key of the run
+                job = compose(
+                    config_name="train", overrides=[f"experiment={experiment}", f"optim={optim}"]
+                )
+                for key in space:
+                    assert OmegaConf.select(job, key) is not None, (optim, key)
+            return
         params = dict(cfg.hydra.sweeper.params)
         assert params, "an experiment defines its sweep"
         for key, values in params.items():

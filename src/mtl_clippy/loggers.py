@@ -42,6 +42,7 @@ from omegaconf import DictConfig
 
 from mtl_clippy.atomic import write_atomically
 from mtl_clippy.errors import NO_ROOM, RUN_FOLDER_HINT, disk_full, errno_of
+from mtl_clippy.trackers import check_installed
 
 
 class AtomicExperimentWriter(ExperimentWriter):
@@ -193,6 +194,7 @@ def instantiate_loggers(group: DictConfig | None, step: int | None) -> list[Any]
 
     def make(node: DictConfig) -> Any:
         target = str(node["_target_"])
+        check_installed(target)  # logger=mlflow / wandb without its package: one line
         if step is not None and target.endswith("CSVLogger"):
             return resumed_csv_logger(node, step)
         if step is not None and target.endswith("TensorBoardLogger"):
@@ -246,6 +248,8 @@ def log_results(loggers: list[Any], params: dict[str, Any], test: dict[str, Any]
             if final:
                 lg.log_metrics(final, step=step)
         lg.finalize("success")
+        if hasattr(lg, "close"):  # logger=wandb: its run ends here (mtl_clippy.trackers)
+            lg.close()
 
 
 __all__ = [

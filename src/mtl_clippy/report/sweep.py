@@ -18,6 +18,7 @@ from typing import Any
 
 import pandas as pd
 
+from mtl_clippy.report.tuning import add_trial_columns
 from mtl_clippy.summary import METRICS_FILE, RunSummary, stability_of
 
 log = logging.getLogger(__name__)
@@ -105,7 +106,7 @@ def collect_results(root: str | Path) -> pd.DataFrame:
         return df
     middle = [c for c in df.columns if c not in FIRST_COLUMNS + LAST_COLUMNS]
     cols = [c for c in FIRST_COLUMNS if c in df] + middle + [c for c in LAST_COLUMNS if c in df]
-    return df[cols]
+    return add_trial_columns(df[cols], root)  # an Optuna study: trial, searched values, best
 
 
 def _job_sort_key(p: Path, root: Path) -> tuple:
