@@ -433,7 +433,7 @@ def test_train_py_single_run_writes_its_folder(tmp_path, data_root):
     runs = list((tmp_path / "outputs" / "runs").iterdir())
     # <stamp>_<model>-<optim>_<overrides>: the overrides by their last key part, no paths
     assert len(runs) == 1 and runs[0].name.endswith(
-        "_sb-clippy_train_rows=3000,test_rows=1500,batch_size=256,max_epochs=2"
+        "_sb-clippy_train_rows-3000_test_rows-1500_batch_size-256_max_epochs-2"
     ), runs
     run = runs[0]
     # exactly the files README.md lists: the step checkpoint went when the run completed

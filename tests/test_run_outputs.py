@@ -34,13 +34,23 @@ from mtl_clippy.callbacks import (
 )
 from mtl_clippy.errors import ConfigError
 from mtl_clippy.report.study import read_scalars
-from mtl_clippy.run_names import MAX_BYTES, overrides_label, run_folder_name, safe_name
+from mtl_clippy.run_names import (
+    MAX_BYTES,
+    overrides_label,
+    run_folder_name,
+    safe_name,
+    safe_name_resolver,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
-#: What a folder name made here may hold (the module's documented alphabet).
-SAFE = re.compile(r"^[A-Za-z0-9.,=+\-_@%~\[\]]+$")
+#: What a folder name made here may hold (the module's documented alphabets): a single
+#: run's, plain text to Hydra's override parser and a shell; a sweep job's, Hydra's own too.
+SAFE = re.compile(r"^[A-Za-z0-9._+@%\-]+$")
+SAFE_JOB = re.compile(r"^[A-Za-z0-9._+@%\-=,~\[\]]+$")
 OPTIMIZER_CLASSES = ("ClippyAdagrad", "Adagrad", "Adam", "LAMB", "Lamb")
+#: Override values a folder name must survive: a path, a space, unicode, a list, a long value.
+HOSTILE = ["+tag=a/b c", "+note=café ☕", "task_weights=[1,2]", f"+long={'9' * 500}"]
 
 
 @pytest.fixture(scope="module")
@@ -51,8 +61,8 @@ def data_root(tmp_path_factory):
 # ----------------------------------------------------------------------------- folder names
 
 
-def _is_one_safe_folder_name(name: str, tmp_path: Path) -> bool:
-    ok = bool(SAFE.match(name)) and len(name.encode()) <= MAX_BYTES
+def _is_one_safe_folder_name(name: str, tmp_path: Path, alphabet: re.Pattern = SAFE) -> bool:
+    ok = bool(alphabet.match(name)) and len(name.encode()) <= MAX_BYTES
     ok = ok and name not in (".", "..") and name[0] not in ".-"
     if ok:
         (tmp_path / name).mkdir(exist_ok=True)  # the file system takes it as one folder
@@ -67,9 +77,21 @@ def test_any_text_gives_one_safe_folder_name(tmp_path_factory, text):
     name = safe_name(text)
     assert _is_one_safe_folder_name(name, tmp), (text, name)
     assert safe_name(text) == name  # the same text, the same name (resume, sweep resume)
+    job = safe_name_resolver(text)  # a sweep job's folder
+    assert _is_one_safe_folder_name(job, tmp, SAFE_JOB) and "/" not in job, (text, job)
 
 
-@given(st.text(alphabet="abcXYZ019.,=+-_@%~[]", min_size=1, max_size=MAX_BYTES))
+def test_a_path_into_a_run_folder_is_one_hydra_override_value_as_typed(tmp_path):
+    """ckpt_path=<run>/checkpoints/best.ckpt, pasted unquoted, parses as that path."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    name = run_folder_name("2026-12-02_16-20-00_123456", "sb-adam", HOSTILE)
+    path = f"/home/me/outputs/runs/{name}/checkpoints/best.ckpt"
+    (parsed,) = OverridesParser.create().parse_overrides([f"ckpt_path={path}"])
+    assert parsed.value() == path
+
+
+@given(st.text(alphabet="abcXYZ019.+-_@%", min_size=1, max_size=MAX_BYTES))
 def test_a_name_that_is_safe_already_is_kept_as_it_is(text):
     expected = text if text[0] not in ".-" else "_" + text[1:]
     assert safe_name(text) == expected
@@ -86,8 +108,9 @@ def test_long_names_that_differ_only_at_their_end_stay_apart(tail_a, tail_b):
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
-        ("optim.lr=0.2", "optim.lr=0.2"),
+        ("optim.lr-0.2", "optim.lr-0.2"),
         ("a/b c", "a_b_c"),  # a slash would nest folders, a space needs quoting
+        ("lr=0.2,seed=3", "lr_0.2_seed_3"),  # = and , are Hydra's syntax in a value
         ("../../etc", "_._.._etc"),  # never a path out of outputs/
         ("-rf", "_rf"),  # not read as an option by rm, ls ...
         (".hidden", "_hidden"),
@@ -103,13 +126,16 @@ def test_hostile_texts_give_a_safe_readable_name(text, expected):
 
 def test_a_folder_label_says_the_overrides_short_and_leaves_out_what_the_name_says():
     assert overrides_label(["model=ncf", "optim=adam", "optim.lr=0.2", "seed=3"]) == (
-        "lr=0.2,seed=3"
+        "lr-0.2_seed-3"
     )
-    # keys sharing their last part stay whole; additions lose their +, deletions keep ~
+    # keys sharing their last part stay whole; additions lose their +; deletions say no-
     assert overrides_label(["optim.lr=0.2", "param_groups.embeddings.lr=0.4", "+x.y=1"]) == (
-        "optim.lr=0.2,param_groups.embeddings.lr=0.4,y=1"
+        "optim.lr-0.2_param_groups.embeddings.lr-0.4_y-1"
     )
-    assert overrides_label(["~callbacks.lr_monitor", "model.norm=none"]) == "~lr_monitor,norm=none"
+    assert (
+        overrides_label(["~callbacks.lr_monitor", "model.norm=none"]) == "no-lr_monitor_norm-none"
+    )
+    assert overrides_label(["model.bottom_dims=[64, 32]"]) == "bottom_dims-64+32"
     # how a run starts, Hydra's keys and the excluded keys (paths) are no part of it
     hidden = ["resume=true", "ckpt_path=/a/b.ckpt", "hydra.run.dir=/x", "paths.log_dir=/o"]
     assert overrides_label(hidden, exclude_keys=["paths.log_dir"]) == ""
@@ -119,16 +145,10 @@ def test_a_run_folder_says_model_optimizer_and_overrides_within_the_length_limit
     stamp = "2026-12-02_16-20-00_123456"
     assert run_folder_name(stamp, "sb-clippy", []) == f"{stamp}_sb-clippy"
     assert run_folder_name(stamp, "sb-adam", ["optim=adam", "optim.lr=0.01"]) == (
-        f"{stamp}_sb-adam_lr=0.01"
+        f"{stamp}_sb-adam_lr-0.01"
     )
-    hostile = [
-        "+tag=a/b c",
-        "+note=café ☕",
-        f"+long={'9' * 500}",
-        "task_weights=[1,2]",
-    ]
-    name = run_folder_name(stamp, "sb-adam", hostile)
-    assert name.startswith(f"{stamp}_sb-adam_tag=a_b_c,note=cafe_,long=999")
+    name = run_folder_name(stamp, "sb-adam", HOSTILE)
+    assert name.startswith(f"{stamp}_sb-adam_tag-a_b_c_note-cafe__task_weights-1+2_long-999")
     assert _is_one_safe_folder_name(name, tmp_path) and len(name.encode()) == MAX_BYTES
 
 
@@ -147,7 +167,7 @@ def test_the_run_and_sweep_folder_configs_give_these_names(tmp_path):
     cfg = _composed(["optim=adam", "optim.lr=0.01", f"paths.data_dir={tmp_path}/d"], tmp_path)
     folder = Path(cfg.hydra.run.dir)
     assert folder.parent == tmp_path / "outputs" / "runs"
-    assert re.fullmatch(r"\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d_\d{6}_sb-adam_lr=0\.01", folder.name)
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d_\d{6}_sb-adam_lr-0\.01", folder.name)
     # a sweep job: <n>_<Hydra's override_dirname>, made safe (the commas are Hydra's)
     subdir = OmegaConf.load(CONFIGS / "hydra" / "default.yaml").sweep._get_node("subdir")
     for dirname, expected in [
@@ -165,7 +185,7 @@ def test_resume_finds_runs_by_their_overrides_old_names_included(tmp_path):
     wanted = ["optim=adam", "optim.lr=0.01"]
     for name, overrides in [
         ("2026-01-01_00-00-00_000001_sb-adam", wanted),  # an earlier version's name
-        ("2026-01-01_00-00-00_000002_sb-adam_lr=0.02", ["optim=adam", "optim.lr=0.02"]),
+        ("2026-01-01_00-00-00_000002_sb-adam_lr-0.02", ["optim=adam", "optim.lr=0.02"]),
     ]:
         (runs / name / ".hydra").mkdir(parents=True)
         (runs / name / "checkpoints").mkdir()
@@ -174,7 +194,7 @@ def test_resume_finds_runs_by_their_overrides_old_names_included(tmp_path):
     cfg = _composed([*wanted, "resume=true"], tmp_path)
     assert Path(cfg.hydra.run.dir) == runs / "2026-01-01_00-00-00_000001_sb-adam"
     cfg = _composed(["optim=adam", "optim.lr=0.02", "resume=true"], tmp_path)
-    assert Path(cfg.hydra.run.dir) == runs / "2026-01-01_00-00-00_000002_sb-adam_lr=0.02"
+    assert Path(cfg.hydra.run.dir) == runs / "2026-01-01_00-00-00_000002_sb-adam_lr-0.02"
 
 
 # ----------------------------------------------------------------------------- learning rate
