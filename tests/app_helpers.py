@@ -83,3 +83,41 @@ def only_run(tmp: Path) -> Path:
 def read_metrics(run: Path) -> dict:
     """A run folder's ``metrics.json``."""
     return json.loads((run / "metrics.json").read_text())
+
+
+def readme_run_listing() -> set[str]:
+    """The files of a run folder as README.md lists them (the block under "writes its
+    folder"): ``metrics.json``, ``checkpoints/best.ckpt``, ``tensorboard/events.out.tfevents.*``
+    ... Entries are the lines indented by 4 (the folder's own) or 8 (a sub-folder's) spaces;
+    deeper lines continue a description."""
+    text = (ROOT / "README.md").read_text()
+    block = text.split("\n```\noutputs/runs/", 1)[1].split("\n```", 1)[0]
+    entries, folder = set(), None
+    for line in block.splitlines()[1:]:
+        indent = len(line) - len(line.lstrip(" "))
+        if not line.strip() or indent not in (4, 8):
+            continue
+        name = line.split()[0]
+        if indent == 4:
+            folder = name if name.endswith("/") else None
+            if folder is None:
+                entries.add(name)
+        else:
+            assert folder is not None, f"README.md: {name} is indented under no folder"
+            entries.add(folder + name)
+    return entries
+
+
+def run_listing(run: Path) -> list[str]:
+    """Every file under a run folder, relative to it (``checkpoints/best.ckpt``)."""
+    return sorted(str(p.relative_to(run)) for p in run.rglob("*") if not p.is_dir())
+
+
+def unlisted(files: list[str], listed: set[str]) -> tuple[list[str], list[str]]:
+    """(the files no README entry names, the README entries that name no file); an entry
+    may end in ``*`` (``events.out.tfevents.*``)."""
+    import fnmatch
+
+    extra = [f for f in files if not any(fnmatch.fnmatchcase(f, e) for e in listed)]
+    missing = sorted(e for e in listed if not any(fnmatch.fnmatchcase(f, e) for f in files))
+    return extra, missing

@@ -15,7 +15,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from app_helpers import TINY, run_train
+from app_helpers import TINY, readme_run_listing, run_listing, run_train, unlisted
 from mtl_clippy import build as builder
 from mtl_clippy import loggers as loggers_mod
 from mtl_clippy import run_checks, runtime
@@ -417,7 +417,7 @@ def test_without_best_and_last_checkpoints_the_final_weights_are_tested(tmp_path
         [*TINY, "trainer.max_epochs=3", "trainer.accelerator=cpu", "logger=none",
          "callbacks.model_checkpoint=null", "callbacks.last_checkpoint=null",
          "callbacks.step_checkpoint.every_n_train_steps=7",
-         "callbacks.progress_bar.refresh_rate=0"],
+         "callbacks.progress_bar.refresh_rate=0", "keep_checkpoints=all"],
     )  # fmt: skip
     OmegaConf.update(cfg, "paths.data_dir", str(data_root / "data"), force_add=True)
     summary = train(cfg)
@@ -447,8 +447,15 @@ def test_train_py_single_run_writes_its_folder(tmp_path, data_root):
     )
     assert res.returncode == 0, res.stderr[-3000:]
     runs = list((tmp_path / "outputs" / "runs").iterdir())
-    assert len(runs) == 1 and runs[0].name.endswith("_sb-clippy")
+    # <stamp>_<model>-<optim>_<overrides>: the overrides by their last key part, no paths
+    assert len(runs) == 1 and runs[0].name.endswith(
+        "_sb-clippy_train_rows-3000_test_rows-1500_batch_size-256_max_epochs-2"
+    ), runs
     run = runs[0]
+    # exactly the files README.md lists: the step checkpoint went when the run completed
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["best.ckpt", "last.ckpt"]
+    extra, missing = unlisted(run_listing(run), readme_run_listing())
+    assert (extra, missing) == ([], []), "README.md's run folder listing is not what a run writes"
     m = json.loads((run / "metrics.json").read_text())
     assert m["status"] == "completed" and m["model"] == "sb" and m["optim"] == "clippy"
     assert m["epochs"] >= 1 and m["steps"] > 0 and m["samples_per_s"] > 0
@@ -461,7 +468,7 @@ def test_train_py_single_run_writes_its_folder(tmp_path, data_root):
     assert "test AUC" in res.stdout and str(run) in res.stdout
     scalars = _event_scalars(run / "tensorboard")
     assert {"train/loss", "val/auc_click", "val/auc_mean", "test/auc_conversion"} <= set(scalars)
-    assert any(t.startswith("lr-") for t in scalars)
+    assert "lr" in scalars and not any(t.startswith("lr-") for t in scalars)
     assert len(scalars["val/auc_mean"]) == 2  # one per epoch
     assert not any(p.name.startswith("version_") for p in run.rglob("*"))
 

@@ -408,6 +408,7 @@ RESUME_ARGS = [
 @pytest.mark.slow  # about 20 s: a kill and a resume; the fit-start pruning is checked in-process
 def test_after_a_kill_and_a_resume_only_the_newest_step_checkpoint_remains(tmp_path):
     args = [*RESUME_ARGS, f"paths.log_dir={tmp_path}/outputs", f"paths.data_dir={tmp_path}/d"]
+    args.append("keep_checkpoints=all")  # a completed run keeps its step checkpoint here
     start_and_kill(args, tmp_path, "step-0000025.ckpt")
     (run,) = (tmp_path / "outputs" / "runs").iterdir()
     folder = run / "checkpoints"

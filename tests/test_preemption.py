@@ -47,6 +47,8 @@ ARGS = [
     "callbacks.progress_bar.refresh_rate=0",
     "logger=csv",
     "threads=1",
+    # completed runs keep their step checkpoints: step 40's is compared across runs
+    "keep_checkpoints=all",
 ]
 BATCHES_PER_EPOCH = 21
 ENV = {**os.environ, "MTL_CLIPPY_DISABLE_FUSED": "1", "PYTHONWARNINGS": "ignore"}

@@ -9,6 +9,9 @@ or reshapes what we use, instead of our code silently falling back or doing noth
   full disk while Hydra writes its own files is one line;
 * Hydra's command-line parser ``get_args_parser`` (``mtl_clippy.cli._hydra_arguments``; its
   behaviour is pinned in tests/test_cli.py);
+* Lightning's ``LearningRateMonitor`` name finders and stats hook
+  (``mtl_clippy.callbacks.LearningRateMonitor``), which name its tags ``lr``, ``lr/<group>``
+  for every optimizer;
 * torch's ``Optimizer._group_tensors_by_device_and_dtype`` (``mtl_clippy.optim.clippy``; its
   contract is pinned in tests/test_clippy.py).
 """
@@ -86,3 +89,39 @@ def test_torch_optimizer_helper_exists(name: str) -> None:
     from torch.optim import Optimizer
 
     assert callable(getattr(Optimizer, name))
+
+
+def test_lightning_lr_monitor_hooks_exist_with_the_shape_we_override() -> None:
+    from collections import defaultdict
+
+    import torch
+    from lightning.pytorch.callbacks import LearningRateMonitor as Lightning
+
+    from mtl_clippy.callbacks import LearningRateMonitor
+
+    shapes = {
+        "_find_names_from_schedulers": ["self", "lr_scheduler_configs"],
+        "_find_names_from_optimizers": [
+            "self", "optimizers", "seen_optimizers", "seen_optimizer_types"
+        ],
+        "_get_optimizer_stats": ["self", "optimizer", "names"],
+    }  # fmt: skip
+    for name, params in shapes.items():
+        assert list(inspect.signature(getattr(Lightning, name)).parameters) == params, name
+    # the hooks are reached and give our tags: one group, then named groups, with momentum
+    w = [torch.nn.Parameter(torch.zeros(2)) for _ in range(2)]
+    monitor = LearningRateMonitor(log_momentum=True)
+    for groups, expected in [
+        ([{"params": w}], ["lr"]),
+        ([{"params": w[:1], "name": "default"}, {"params": w[1:], "name": "embeddings"}],
+         ["lr/default", "lr/embeddings"]),
+    ]:  # fmt: skip
+        opt = torch.optim.Adam(groups, lr=0.1)
+        names, left = monitor._find_names_from_optimizers(
+            [opt], seen_optimizers=[], seen_optimizer_types=defaultdict(int)
+        )
+        assert names == [expected] and left == [opt]
+        monitor.lrs = {n: [] for n in expected}
+        stats = monitor._get_optimizer_stats(opt, expected)
+        momentum = [n.replace("lr", "momentum", 1) for n in expected]
+        assert stats == {**dict.fromkeys(expected, 0.1), **dict.fromkeys(momentum, 0.9)}

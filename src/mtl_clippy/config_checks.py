@@ -276,6 +276,8 @@ RULES: dict[str, Rule] = {
     "resume": Rule("true, false or a run folder", _resume_ok),
     "ckpt_path": text(null=True),
     "slurm_requeue": flag(),  # also checked by mtl_clippy.preemption, in the same words
+    # which checkpoints a completed (or diverged) run keeps (mtl_clippy.callbacks.checkpointing)
+    "keep_checkpoints": one_of("best_and_last", "best", "all"),
     # data (configs/data/*.yaml)
     "data.data_dir": text(null=True),
     "data.cache_dir": text(null=True),

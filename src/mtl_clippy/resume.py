@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import glob
 import io
 import logging
 import os
@@ -29,6 +30,7 @@ from typing import IO, Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from mtl_clippy import run_names
 from mtl_clippy.errors import ConfigError
 
 log = logging.getLogger("mtl_clippy")
@@ -89,7 +91,8 @@ _RUN_DIRS: dict[tuple[Any, ...], str] = {}
 
 
 def run_dir(log_dir: str, name: str, _root_: DictConfig) -> str:
-    """``hydra.run.dir``: a new ``<log_dir>/runs/<time>_<name>`` folder, or, when resuming,
+    """``hydra.run.dir``: a new ``<log_dir>/runs/<time>_<name>_<overrides>`` folder
+    (``mtl_clippy.run_names``), or, when resuming,
     the folder of the run being continued. The same answer every time it is asked in a
     process (the resolver cannot use OmegaConf's cache, since it reads the root)."""
     resume = _root_.get("resume", False)
@@ -112,12 +115,18 @@ def _choose_run_dir(runs: Path, name: str, resume: Any, ckpt_path: Any, _root_: 
     elif resume_requested(_root_):
         wanted = run_identity(_task_overrides(_root_))
         if runs.is_dir():
-            for folder in sorted(runs.glob(f"*_{name}"), reverse=True):
+            # <stamp>_<model>-<optim>[_<overrides>] (older runs: no overrides in the name);
+            # the overrides the run was started with decide, not its name
+            pattern = f"*_{glob.escape(run_names.safe_name(name))}*"
+            for folder in sorted(runs.glob(pattern), key=lambda p: p.name, reverse=True):
                 saved = _saved_overrides(folder / ".hydra" / "overrides.yaml")
                 if saved is not None and run_identity(saved) == wanted and has_checkpoint(folder):
                     return str(folder)
     _check_one_folder_for_all_ranks(_root_)
-    return str(runs / f"{datetime.datetime.now().strftime(STAMP)}_{name}")
+    stamp = datetime.datetime.now().strftime(STAMP)
+    exclude = OmegaConf.select(_root_, "hydra.job.config.override_dirname.exclude_keys") or ()
+    overrides = _task_overrides(_root_)
+    return str(runs / run_names.run_folder_name(stamp, name, overrides, list(exclude)))
 
 
 def _check_one_folder_for_all_ranks(_root_: DictConfig) -> None:
@@ -136,8 +145,12 @@ def _check_one_folder_for_all_ranks(_root_: DictConfig) -> None:
 
 
 def register_resolvers() -> None:
+    """``mtl_clippy.run_dir`` (a single run's folder) and ``mtl_clippy.safe_name`` (a sweep
+    job's folder name made safe: ``mtl_clippy.run_names``)."""
     if not OmegaConf.has_resolver("mtl_clippy.run_dir"):
         OmegaConf.register_new_resolver("mtl_clippy.run_dir", run_dir)
+    if not OmegaConf.has_resolver("mtl_clippy.safe_name"):
+        OmegaConf.register_new_resolver("mtl_clippy.safe_name", run_names.safe_name_resolver)
 
 
 # ----------------------------------------------------------------------------- checkpoints

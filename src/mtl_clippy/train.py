@@ -42,6 +42,7 @@ from mtl_clippy.callbacks import (
     StepCheckpoint,
     ThroughputMeter,
     TrainingDiverged,
+    prune_finished_run,
 )
 from mtl_clippy.errors import (
     DiskFull,
@@ -156,6 +157,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         keep = run_checks.keeps_previous_metrics(summary, start.ckpt_path, trainer, out_dir)
         if distributed.is_global_zero(trainer) and not keep:  # keep: a resume refused
             summary.write(out_dir)
+            _prune_checkpoints(cfg, summary, trainer)
         if distributed.is_global_zero(trainer):
             run_log.record_end(summary)  # train.log: the outcome and the per-task table
         preemption.uninstall()
@@ -267,6 +269,19 @@ def _test_best(trainer: pl.Trainer, module: Any, datamodule: Any) -> dict[str, f
         module, datamodule=datamodule, ckpt_path=best_path or None, verbose=False
     )
     return split_metrics(results[0] if results else {}, "test")
+
+
+def _prune_checkpoints(cfg: DictConfig, summary: RunSummary, trainer: pl.Trainer | None) -> None:
+    """A run that completed or diverged is never resumed: delete the checkpoints
+    ``keep_checkpoints`` does not keep (after metrics.json, so that a kill in between leaves
+    a finished run with a file too many, never one short). A file that cannot be deleted is
+    a warning: the result stands."""
+    if summary.status not in ("completed", "diverged") or trainer is None:
+        return
+    try:
+        prune_finished_run(trainer, cfg.get("keep_checkpoints", "all"), tested_checkpoint(trainer))
+    except OSError as exc:
+        log.warning("could not delete a checkpoint the run no longer needs: %s", exc)
 
 
 def _record_stop(

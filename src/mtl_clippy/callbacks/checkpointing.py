@@ -95,6 +95,15 @@ class RunCheckpoint(ModelCheckpoint):
             state_dict = _moved_state(state_dict, str(self.dirpath)) or state_dict
         super().load_state_dict(state_dict)
 
+    #: The files this callback had saved when the fit ended (None before): the test pass
+    #: that follows loads best.ckpt, and with it every callback's record as it was when
+    #: best.ckpt was written, which may predate a later last.ckpt.
+    files_of_fit: list[str] | None = None
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_fit_end(trainer, pl_module)
+        self.files_of_fit = _recorded_files(self)
+
 
 class StepCheckpoint(RunCheckpoint):
     """Keep the newest checkpoint taken every ``every_n_train_steps`` optimizer steps.
@@ -250,6 +259,57 @@ class StepCheckpoint(RunCheckpoint):
             if path != keep:
                 log.info("removing %s: %s is newer", path, keep.name)
                 trainer.strategy.remove_checkpoint(path)  # rank 0 only
+
+
+#: ``keep_checkpoints`` (configs/train.yaml): which checkpoints a finished run keeps.
+KEEP_CHECKPOINTS = ("best_and_last", "best", "all")
+
+
+def prune_finished_run(trainer: Any, keep: str, tested: ModelCheckpoint | None) -> list[Path]:
+    """Delete the checkpoints a run that has completed or diverged no longer needs; returns
+    them. Such a run is never resumed (``resume=true`` reports it finished and leaves it), so
+    the step checkpoint, which only resuming reads, goes (``keep="best_and_last"``); with
+    ``keep="best"`` every other checkpoint goes too, ``last.ckpt`` included, and only the
+    file of ``tested``, the callback whose checkpoint was tested (``best.ckpt``; ``last.ckpt``
+    without a best-checkpoint callback: ``mtl_clippy.train.tested_checkpoint``), stays;
+    ``keep="all"`` deletes nothing. Only files the run's own checkpoint callbacks wrote are
+    deleted (the step checkpoint's: :meth:`StepCheckpoint._step_files`), on global rank 0."""
+    if keep not in KEEP_CHECKPOINTS:
+        raise ValueError(
+            f"keep_checkpoints: expected one of {', '.join(KEEP_CHECKPOINTS)}, got {keep!r}"
+        )
+    if keep == "all" or trainer is None or not getattr(trainer, "is_global_zero", True):
+        return []
+    kept = _files_of_fit(tested)[:1] if tested is not None else []
+    kept_path = Path(kept[0]).resolve() if kept else None
+    doomed: list[Path] = []
+    for callback in getattr(trainer, "checkpoint_callbacks", None) or []:
+        if isinstance(callback, StepCheckpoint):
+            doomed.extend(callback._step_files(trainer))
+        elif keep == "best" and isinstance(callback, ModelCheckpoint):
+            doomed.extend(Path(p).resolve() for p in _files_of_fit(callback))
+    removed = []
+    for path in dict.fromkeys(doomed):  # once each, in order
+        if path == kept_path or not is_regular_file(path):
+            continue
+        log.info("removing %s: the run has finished (keep_checkpoints=%s)", path, keep)
+        trainer.strategy.remove_checkpoint(path)
+        removed.append(path)
+    return removed
+
+
+def _recorded_files(callback: ModelCheckpoint) -> list[str]:
+    """The files ``callback``'s record names now: its best first, then its last and k best."""
+    saved = [callback.best_model_path, callback.last_model_path, callback.kth_best_model_path,
+             *callback.best_k_models]  # fmt: skip
+    return list(dict.fromkeys(str(p) for p in saved if p))
+
+
+def _files_of_fit(callback: ModelCheckpoint) -> list[str]:
+    """The files ``callback`` had saved when the fit ended, its best first (the present
+    record for a fit that raised, e.g. diverged, and for Lightning's own class)."""
+    files = getattr(callback, "files_of_fit", None)
+    return list(files) if files is not None else _recorded_files(callback)
 
 
 #: A field of a checkpoint name template: ``{step}``, ``{step:07d}``, ``{val/auc:.3f}``.
