@@ -218,6 +218,10 @@ def test_a_study_scores_diverged_runs_fails_failed_ones_and_tabulates_the_trials
     assert "optuna_value" in table
     md = (sweep / "results.md").read_text()  # the searched values show there too
     assert "optim.absolute_threshold" in md.splitlines()[0]
+    assert md.splitlines()[0].startswith("| trial | model |")
+    rows = [line for line in md.splitlines()[2:] if line.startswith("| ")]
+    marked = [i for i, line in enumerate(rows) if line.split(" | ")[0] == f"| {i} **best**"]
+    assert len(rows) == n and marked == [best["best_trial"]]
 
 
 @pytest.mark.slow  # about 40 s on 2 cores: two real runs

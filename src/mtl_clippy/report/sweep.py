@@ -168,6 +168,13 @@ def _num(v: Any, spec: str) -> str:
     return "-" if x != x else format(x, spec)
 
 
+def _trial_cell(r: pd.Series) -> str:
+    trial = r.get("trial")
+    cell = "-" if trial is None or pd.isna(trial) else f"{int(trial)}"
+    best = r.get("best_trial")
+    return cell + (" **best**" if best is not None and not pd.isna(best) and bool(best) else "")
+
+
 def results_markdown(df: pd.DataFrame) -> str:
     """``results.md``: one row per job with the columns a reader compares (model, optimizer,
     lr, seed, status, test AUC and log loss per task, best validation AUC, epochs, wall time),
@@ -181,7 +188,8 @@ def results_markdown(df: pd.DataFrame) -> str:
     ]
     varying, same = varying_overrides(df)
     parsed = [split_variant(v) for v in df.get("variant", pd.Series([None] * len(df)))]
-    head = ["model", "optim", "lr", "seed", *varying, "status"]
+    tuned = "trial" in df  # an Optuna study (mtl_clippy.report.tuning): trial first
+    head = [*(["trial"] if tuned else []), "model", "optim", "lr", "seed", *varying, "status"]
     head += [f"test AUC {t}" for t in tasks] + [f"test log loss {t}" for t in tasks]
     head += ["best val AUC mean", "epochs (best)", "wall time (s)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -193,7 +201,8 @@ def results_markdown(df: pd.DataFrame) -> str:
         epochs = "-" if pd.isna(r.get("epochs")) else f"{int(r['epochs'])}"
         if pd.notna(r.get("best_epoch")):
             epochs += f" ({int(r['best_epoch'])})"
-        cells = [_text(r.get("model")), _text(r.get("optim")), _num(r.get("lr"), "g"),
+        cells = [_trial_cell(r)] if tuned else []
+        cells += [_text(r.get("model")), _text(r.get("optim")), _num(r.get("lr"), "g"),
                  "-" if pd.isna(r.get("seed")) else f"{int(r['seed'])}",
                  *(extra.get(k, "(default)") for k in varying), status]  # fmt: skip
         cells += [_num(r.get(f"test_auc_{t}"), ".4f") for t in tasks]
@@ -211,6 +220,8 @@ def results_markdown(df: pd.DataFrame) -> str:
         "Every other column (job folder, stability, steps, samples per second, divergence "
         "step, spikes, largest logit, Bayes values, error, ...) is in results.csv.",
     ]
+    if tuned:
+        notes += ["", "trial: the Optuna trial's number; **best**: the study's best trial."]
     if same:
         notes += ["", "Every run: " + ", ".join(f"`{k}={v}`" for k, v in same.items()) + "."]
     return "\n".join(lines + notes) + "\n"
