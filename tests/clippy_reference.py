@@ -23,7 +23,8 @@ def reference_step(w, g, acc, *, lr, eps, rel, acc_rel, abs_t, wd, clip_acc, sta
         bound = abs_t + rel * np.abs(w) + acc_rel * p
     ratio = np.ones_like(w)
     moving = delta != 0
-    with np.errstate(divide="ignore", invalid="ignore"):
+    # a subnormal delta overflows the ratio to inf: that element never clips (as intended)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         ratio[moving] = bound[moving] / np.abs(delta[moving])
     sigma = dt(min(dt(1), ratio.min())) if ratio.size else dt(1)
     if not standard:

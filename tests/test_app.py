@@ -350,6 +350,10 @@ def test_val_metrics_describe_the_tested_checkpoint_when_early_stopping_ends_lat
     assert f"{summary['val']['auc_click']:.4f}" in printed
 
 
+@pytest.mark.filterwarnings(
+    "ignore:Checkpoint directory .* exists and is not empty:UserWarning"
+)  # a copied run resumes into its new folder, holding the copied checkpoints: Lightning's notices are the point of the test
+@pytest.mark.filterwarnings("ignore:The dirpath has changed from:UserWarning")
 def test_a_copied_run_folder_resumed_keeps_its_best_checkpoint(tmp_path, data_root):
     """A run folder copied (or moved) and continued from its last.ckpt: the copy's best.ckpt
     and its score stay the record (Lightning's ModelCheckpoint drops them when the saved

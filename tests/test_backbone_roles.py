@@ -383,6 +383,9 @@ def test_sparse_embeddings_with_clippy_clip_only_the_dense_groups(data):
     assert min(dense) < 1.0  # tight thresholds: the dense parameters are clipped
 
 
+@pytest.mark.filterwarnings(
+    "ignore:You defined a `validation_step` but have no `val_dataloader`:UserWarning"
+)  # these fits train without validation on purpose
 def test_a_resumed_fit_with_groups_continues_exactly(data, tmp_path):
     """Two epochs in one fit equal one epoch, a checkpoint, and one more from it: the
     optimizer state of both groups (Clippy's accumulators) round-trips."""
@@ -605,6 +608,9 @@ def _checkpoint(tmp_path: Path, data, name: str, spec) -> Path:
     return path
 
 
+@pytest.mark.filterwarnings(
+    "ignore:You defined a `validation_step` but have no `val_dataloader`:UserWarning"
+)  # these fits train without validation on purpose
 def test_a_checkpoint_with_other_param_groups_is_refused_before_it_loads(data, tmp_path):
     """Other groups cannot take a checkpoint's optimizer state (it loads by position): a
     different number of groups, or the same sizes under other roles (OMoE's numerical

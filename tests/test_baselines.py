@@ -629,6 +629,9 @@ def test_a_method_replaced_by_another_choice_is_refused_in_one_line(overrides, e
 # ----------------------------------------------------------------------------- end to end
 
 
+@pytest.mark.filterwarnings(
+    "ignore:The number of training batches .* is smaller than the logging interval:UserWarning"
+)  # 3 batches are enough to show the run completes; the logging interval does not matter here
 @pytest.mark.parametrize("choice", [["optim=lamb"], ["grad_clip=agc", "optim=adagrad"]])
 def test_a_run_with_lamb_or_agc_completes(choice, tmp_path, data_dir):
     """The app's task (``train``, in this process: no start-up cost) on tiny data with each

@@ -333,6 +333,9 @@ class _TinyModel(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
+@pytest.mark.filterwarnings(
+    "ignore:You passed in a `val_dataloader` but have no `validation_step`:UserWarning"
+)  # a bare module that only trains and predicts, to exercise the DataModule's loaders
 def test_lightning_fit_and_predict(generated):
     model = _TinyModel(generated.metadata)
     trainer = L.Trainer(

@@ -240,6 +240,9 @@ def test_a_ckpt_path_that_is_not_a_checkpoint_is_a_config_error(tmp_path):
         _resume_point(cfg, tmp_path)
 
 
+@pytest.mark.filterwarnings(
+    "ignore:Experiment logs directory .* exists and is not empty:UserWarning"
+)  # resuming into the logger's own folder is what the test checks
 def test_a_resumed_csv_logger_keeps_the_rows_before_the_checkpoint(tmp_path):
     import csv
 
