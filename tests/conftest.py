@@ -34,3 +34,10 @@ settings.register_profile(
     suppress_health_check=[HealthCheck.too_slow],
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+# Torch warns, once a process, that sparse invariant checks are "implicitly disabled" when a
+# test builds a sparse gradient; off is torch's default, made explicit (as the module does for
+# runs with sparse embeddings: models/module.py).
+import torch  # noqa: E402
+
+torch.sparse.check_sparse_tensor_invariants.disable()

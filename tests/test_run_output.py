@@ -205,3 +205,19 @@ def test_python_warnings_also_reach_the_log_file(tmp_path, monkeypatch):
     assert len(printed) == 1  # the console's copy, as before
     log = (tmp_path / "train.log").read_text()
     assert "clippy.py:7: RuntimeWarning: ClippyAdagrad: the compiled (fused) step" in log
+
+
+def test_a_run_that_fails_on_its_data_still_logs_what_it_was(tmp_path):
+    """The command, overrides, model and optimizer are written before the data is read; the
+    optimizer path of a run that never fitted says so (not "not ClippyAdagrad")."""
+    from app_helpers import run_train
+
+    missing = tmp_path / "no_such_folder"
+    res = run_train(["data=aliexpress", f"data.data_dir={missing}", "optim=clippy"], tmp_path)
+    assert res.returncode != 0
+    log = (only_run(tmp_path) / "train.log").read_text()
+    assert "run:\n" in log and f"data.data_dir={missing}" in log
+    assert "optimizer: clippy (ClippyAdagrad), lr 0.1" in log, log
+    assert "result: status failed" in log
+    assert "not recorded (not ClippyAdagrad, or the run stopped before its fit ended)" in log
+    assert "optimizer path: not ClippyAdagrad" not in log

@@ -139,9 +139,33 @@ def command_line() -> str:
     return " ".join(["python", *(shlex.quote(a) for a in sys.argv)])
 
 
+def record_command(cfg: Any, summary: Any) -> None:
+    """What the run is, first thing (before its data is read, so that a run that fails
+    early still names its command): the command line, its overrides, model, optimizer, seed
+    and output folder. (The log never stops a run.)"""
+    try:
+        to_file(_command_text(cfg, summary))
+    except Exception as exc:  # the run goes on; the file says what is missing
+        to_file("run: its command could not be listed (%s: %s)", type(exc).__name__, exc)
+
+
+def _command_text(cfg: Any, summary: Any) -> str:
+    return "\n".join(
+        [
+            "run:",
+            f"  command: {command_line()}",
+            f"  overrides: {' '.join(summary.overrides or []) or '(none)'}",
+            f"  model: {summary.model} ({_target(cfg, 'model')})",
+            f"  optimizer: {summary.optim} ({_target(cfg, 'optim')}), lr {summary.lr}",
+            f"  seed: {summary.seed}",
+            f"  output folder: {summary.output_dir}",
+        ]
+    )
+
+
 def record_start(cfg: Any, summary: Any, datamodule: Any, trainer: Any) -> None:
-    """The run's key facts, as it starts fitting: what it is, its data, where it writes.
-    (A fact that cannot be read is written as such: the log never stops a run.)"""
+    """The rest of the run's key facts, as it starts fitting: its data, precision, threads
+    and devices. (A fact that cannot be read is written as such: the log never stops a run.)"""
     try:
         to_file(_start_text(cfg, summary, datamodule, trainer))
     except Exception as exc:  # the run goes on; the file says what is missing
@@ -153,18 +177,12 @@ def _start_text(cfg: Any, summary: Any, datamodule: Any, trainer: Any) -> str:
     rows = extra.get("rows") or {}
     source = getattr(datamodule, "source_dir", None) or extra.get("source")
     lines = [
-        "run:",
-        f"  command: {command_line()}",
-        f"  overrides: {' '.join(summary.overrides or []) or '(none)'}",
-        f"  model: {summary.model} ({_target(cfg, 'model')})",
-        f"  optimizer: {summary.optim} ({_target(cfg, 'optim')}), lr {summary.lr}",
-        f"  seed: {summary.seed}",
+        "run, as it starts fitting:",
         f"  data: {source}{' (generated)' if extra.get('source') == 'synthetic' else ''}: "
         + ", ".join(f"{rows[k]} {k}" for k in ("train", "val", "test") if k in rows)
         + " rows",
         f"  precision: {summary.precision}; threads: {summary.threads}; "
         f"device: {trainer.strategy.root_device}, {trainer.world_size} process(es)",
-        f"  output folder: {summary.output_dir}",
     ]
     return "\n".join(lines)
 
@@ -208,7 +226,11 @@ def _end_text(summary: Any) -> str:
     epoch = best.get("epoch")
     lines = [
         f"result: status {summary.status}"
-        + (f" ({summary.stability})" if isinstance(summary.stability, str) else ""),
+        + (
+            f" ({summary.stability})"
+            if isinstance(summary.stability, str) and summary.stability != summary.status
+            else ""
+        ),
         f"  epochs: {summary.epochs}"
         + (f" (best epoch {epoch + 1})" if isinstance(epoch, int) else "")
         + f", steps: {summary.steps}, wall time: {summary.wall_time_s} s",
@@ -224,10 +246,12 @@ def _end_text(summary: Any) -> str:
 
 
 def _path(path: Any) -> str:
-    """ClippyAdagrad's record of its implementations, short (None: another optimizer)."""
+    """ClippyAdagrad's record of its implementations, short; None: none recorded."""
     if isinstance(path, Mapping):
         return "; ".join(f"{k}: {v}" for k, v in path.items() if k != "groups")
-    return "not ClippyAdagrad" if path is None else str(path)
+    if path is None:  # recorded when the fit ends, for ClippyAdagrad only
+        return "not recorded (not ClippyAdagrad, or the run stopped before its fit ended)"
+    return str(path)
 
 
 def _target(cfg: Any, key: str) -> str:

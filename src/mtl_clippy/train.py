@@ -90,6 +90,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     out_dir = Path(cfg.paths.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     summary = _new_summary(cfg, out_dir)
+    run_log.record_command(cfg, summary)  # train.log: what the run is, before anything can fail
     t_start = time.perf_counter()
     run_checks.check_values(cfg, summary, out_dir, t_start)  # a bad value: one line, recorded
     distributed.set_rank(cfg.trainer)
