@@ -280,3 +280,43 @@ def test_split_variant_reads_back_every_override_even_with_commas_in_values(over
 
     variant = ",".join(f"{k}={v}" for k, v in sorted(overrides.items()))
     assert split_variant(variant or None) == overrides
+
+
+def test_runs_on_different_data_are_different_settings_not_seeds(tmp_path, monkeypatch):
+    """Two runs that differ only in data.data_dir are two settings: two bars, two rows of
+    report.md (by the data folder's name), and a data_dir column in results.md."""
+    root = tmp_path / "sweep"
+    for job, auc, data in (("0_a", 0.6, "/data/A"), ("1_a", 0.8, "/data/B")):
+        _write_run(root, job, "sb", "clippy", 0.1, 1, auc, "completed",
+                   [f"data.data_dir={data}"], 0.2)  # fmt: skip
+    figures = _build(root, monkeypatch)
+    bars = [
+        c.get_label()
+        for c in figures["test_auc.png"].axes[0].containers
+        if isinstance(c, BarContainer)
+    ]
+    assert sorted(bars) == [
+        "sb · clippy · lr=0.1 · data.data_dir=A",
+        "sb · clippy · lr=0.1 · data.data_dir=B",
+    ]
+    report = (root / "report" / "report.md").read_text()
+    assert "| sb | clippy | data.data_dir=A | 0.1 | 1 | 0.6000 |" in report
+    assert "| sb | clippy | data.data_dir=B | 0.1 | 1 | 0.8000 |" in report
+    md = (root / "results.md").read_text()
+    assert "| model | optim | lr | seed | data.data_dir | status |" in md
+    assert "| sb | clippy | 0.1 | 1 | A | completed | 0.6000 |" in md
+
+
+def test_report_md_variant_column_names_only_what_differs(tmp_path, monkeypatch):
+    """A tune sweep: settings that every run shares are said once under the table, not on
+    every row of report.md's Variant column."""
+    root = tmp_path / "sweep"
+    for job, thr in (("0_a", "0.1"), ("1_a", "0.2")):
+        _write_run(root, job, "sb", "clippy", 0.1, 1, 0.7, "completed",
+                   [f"optim.absolute_threshold={thr}", "data.train_rows=3000"], 0.2)  # fmt: skip
+    _build(root, monkeypatch)
+    report = (root / "report" / "report.md").read_text()
+    rows = [line for line in report.splitlines() if line.startswith("| sb |")]
+    assert len(rows) == 2 and not any("train_rows" in r for r in rows)
+    assert "| optim.absolute_threshold=0.1 |" in rows[0]
+    assert "Every run: `data.train_rows=3000`." in report

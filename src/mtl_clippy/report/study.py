@@ -34,7 +34,7 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
 from mtl_clippy.data.schema import TASKS
-from mtl_clippy.report.sweep import collect_results, split_variant
+from mtl_clippy.report.sweep import collect_results, short_paths, split_variant
 
 log = logging.getLogger(__name__)
 
@@ -79,9 +79,23 @@ def summarise(df: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def _variant_cells(variant: pd.Series) -> tuple[list[str], str]:
+    """Each row's overrides as a table's Variant cell shows them: only the keys whose value
+    differs between rows (a path by its folder's name where that is unique), and what every
+    row sets alike, as one line for under the table (empty where nothing)."""
+    parsed = short_paths([split_variant(v) for v in variant])
+    keys = sorted({k for p in parsed for k in p})
+    varying = [k for k in keys if len({p.get(k) for p in parsed}) > 1]
+    same = [f"`{k}={parsed[0][k]}`" for k in keys if k not in varying]
+    cells = [", ".join(f"{k}={p.get(k, '(default)')}" for k in varying) for p in parsed]
+    return cells, ("Every run: " + ", ".join(same) + ".") if same else ""
+
+
 def seed_study_table(summary: pd.DataFrame) -> str:
     """Markdown in the seed study's layout: Model | Optimizer | lr | AUCs | losses (mean ± std)."""
-    variants = "variant" in summary and summary["variant"].astype(bool).any()
+    shown, common = _variant_cells(summary.get("variant", pd.Series([None] * len(summary))))
+    variants = any(shown)
+    summary = summary.assign(variant=shown)
     head = (
         "| Model | Optimizer |"
         + (" Variant |" if variants else "")
@@ -102,7 +116,7 @@ def seed_study_table(summary: pd.DataFrame) -> str:
             + " | ".join(cells)
             + " |"
         )
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + ("\n\n" + common if common else "") + "\n"
 
 
 def _collapsed(g: pd.DataFrame) -> pd.Series:
@@ -121,7 +135,7 @@ def stability_table(df: pd.DataFrame) -> str:
     d = df.copy()
     d["auc_mean"] = d[auc_cols].apply(pd.to_numeric, errors="coerce").mean(axis=1)
     d["is_collapsed"] = _collapsed(d)
-    d["variant"] = d.get("variant", pd.Series(index=d.index, dtype=object)).fillna("")
+    d["variant"] = _variant_cells(d.get("variant", pd.Series([None] * len(d))))[0]
     variants = d["variant"].astype(bool).any()
     lines = [
         "| Model | Optimizer |"
@@ -218,7 +232,7 @@ def _settings(df: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
     """``df`` with one column per override key of its runs' ``variant`` (``(default)``: not
     set), and the columns that say what a run is apart from its seed: model, optim, lr and those."""
     d = df.copy()
-    parsed = [split_variant(v) for v in d.get("variant", pd.Series([None] * len(d)))]
+    parsed = short_paths([split_variant(v) for v in d.get("variant", pd.Series([None] * len(d)))])
     keys = sorted({k for p in parsed for k in p})
     for k in keys:
         d[_override_col(k)] = [p.get(k, "(default)") for p in parsed]
