@@ -447,3 +447,58 @@ def test_the_every_run_line_is_short(crowded):
     assert "progress_bar" not in title and "enable_" not in title
     (ax,) = [a for a in fig.axes if a.get_visible()]
     assert ax.get_title() == "model sb; 4 settings, 1 seed each"
+
+
+def test_a_failed_setting_and_a_crashed_job_are_said(tmp_path, monkeypatch):
+    """A setting whose every run failed says so under its (empty) slot; a job folder without
+    metrics.json is named in report.md; one run is "1 run"."""
+    root = tmp_path / "sweep"
+    _write_run(root, "0_a", "sb", "clippy", 0.1, 1, 0.7, "completed", [], 0.2)
+    (root / "1_b").mkdir()
+    (root / "1_b" / "train.log").write_text("boom\n")
+    (root / "2_c").mkdir()
+    (root / "2_c" / "metrics.json").write_text(json.dumps({
+        "status": "failed", "model": "sb", "optim": "lamb", "lr": 0.01, "seed": 1,
+        "overrides": ["optim=lamb"], "test": None, "error": "FileNotFoundError: x",
+    }))  # fmt: skip
+    figures = _build(root, monkeypatch)
+    ticks = [t.get_text() for t in figures["test_auc.png"].axes[0].get_xticklabels()]
+    assert sorted(ticks) == ["clippy\n1 seed", "lamb\nfailed"]
+    report = (root / "report" / "report.md").read_text()
+    assert "2 runs: 1 completed, 1 failed." in report
+    assert "1 job folder without metrics.json" in report and "`1_b`" in report
+    only = tmp_path / "one"
+    _write_run(only, "0_a", "sb", "clippy", 0.1, 1, 0.7, "completed", [], 0.2)
+    _build(only, monkeypatch)
+    one = (only / "report" / "report.md").read_text()
+    assert "1 run: 1 completed." in one and "without metrics.json" not in one
+
+
+def test_small_numbers_read_sensibly(tmp_path, monkeypatch):
+    """The log-loss axis note to 3 significant digits; a wall time under 10 s to 0.1 s; the x
+    marks of two optimizers that diverged at one lr apart."""
+    import pandas as pd
+
+    from mtl_clippy.report.sweep import results_markdown
+
+    md = results_markdown(pd.DataFrame([{"model": "sb", "optim": "adam", "lr": 0.1, "seed": 1,
+                                          "status": "completed", "wall_time_s": 0.42}]))  # fmt: skip
+    assert md.splitlines()[2].endswith("| 0.4 |")
+    root = tmp_path / "sweep"
+    for i, (o, lr, auc) in enumerate((("clippy", 0.1, 0.7), ("clippy", 10.0, None),
+                                      ("adagrad", 0.1, 0.68), ("adagrad", 10.0, None))):  # fmt: skip
+        _write_run(
+            root, f"{i}_a", "sb", o, lr, 1, auc, "completed" if auc else "diverged", [], None
+        )
+    figures = _build(root, monkeypatch)
+    notes = [
+        re.search(r"axis from ([\d.]+),", ax.get_ylabel())
+        for ax in figures["test_logloss.png"].axes
+    ]
+    assert any(notes)
+    for note in filter(None, notes):
+        assert len(note.group(1).replace("0.", "", 1).lstrip("0")) <= 3, note.group(1)
+    (ax,) = figures["stability.png"].axes
+    xs = [tuple(c.get_offsets()[:, 0]) for c in ax.collections if len(c.get_offsets())]
+    crosses = [x for pts in xs for x in pts if x > 1]
+    assert len(crosses) == 2 and len(set(crosses)) == 2  # one per optimizer, not on top

@@ -812,6 +812,18 @@ def plot_clipping(
     return fig
 
 
+def jobs_without_metrics(root: Path) -> list[str]:
+    """The folders right under ``root`` that look like a job's (not ``report/``, not hidden)
+    and hold no ``metrics.json`` anywhere inside: jobs that crashed before writing one."""
+    out = []
+    for p in sorted(root.iterdir()) if root.is_dir() else []:
+        if not p.is_dir() or p.name.startswith(".") or p.name == "report":
+            continue
+        if next(p.rglob("metrics.json"), None) is None and next(p.iterdir(), None) is not None:
+            out.append(p.name)
+    return out
+
+
 def build_report(root: str | Path) -> Path:
     """Write the report of the runs under ``root`` into ``root/report``; returns report.md."""
     root = Path(root)
@@ -852,9 +864,21 @@ def build_report(root: str | Path) -> Path:
     lines = [
         f"# Report: {root.name}",
         "",
-        f"{n} runs: " + (", ".join(f"{v} {k}" for k, v in sorted(counts.items())) or "none") + ".",
+        f"{n} run{'' if n == 1 else 's'}: "
+        + (", ".join(f"{v} {k}" for k, v in sorted(counts.items())) or "none")
+        + ".",
         "Test metrics are mean ± std over seeds of the completed runs; diverged runs have no test metrics.",
         "",
+    ]
+    crashed = jobs_without_metrics(root)
+    if crashed:
+        lines += [
+            f"{len(crashed)} job folder{'' if len(crashed) == 1 else 's'} without metrics.json "
+            "(the job stopped before it wrote one; its train.log says why): "
+            + ", ".join(f"`{c}`" for c in crashed),
+            "",
+        ]
+    lines += [
         seed_study_table(summary) if not summary.empty else "_no runs found_\n",
     ]
     stability = stability_table(df)

@@ -185,6 +185,15 @@ def _num(v: Any, spec: str) -> str:
     return "-" if x != x else format(x, spec)
 
 
+def _seconds(v: Any) -> str:
+    """A wall time: to 0.1 s below 10 s (a short run is not ``0``), whole seconds above."""
+    try:
+        x = float(v)
+    except (TypeError, ValueError):
+        return "-"
+    return "-" if x != x else format(x, ".1f" if abs(x) < 10 else ",.0f")
+
+
 def _trial_cell(r: pd.Series) -> str:
     trial = r.get("trial")
     cell = "-" if trial is None or pd.isna(trial) else f"{int(trial)}"
@@ -227,7 +236,7 @@ def results_markdown(df: pd.DataFrame) -> str:
         cells += [
             _num(r.get("best_val_auc_mean"), ".4f"),
             epochs,
-            _num(r.get("wall_time_s"), ",.0f"),
+            _seconds(r.get("wall_time_s")),
         ]
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
     notes = [
