@@ -466,6 +466,7 @@ def test_a_failed_setting_and_a_crashed_job_are_said(tmp_path, monkeypatch):
     assert sorted(ticks) == ["clippy\n1 seed", "lamb\nfailed"]
     report = (root / "report" / "report.md").read_text()
     assert "2 runs: 1 completed, 1 failed." in report
+    assert "| sb | lamb | 0.01 | 1 (1 failed) | - |" in report
     assert "1 job folder without metrics.json" in report and "`1_b`" in report
     only = tmp_path / "one"
     _write_run(only, "0_a", "sb", "clippy", 0.1, 1, 0.7, "completed", [], 0.2)

@@ -104,7 +104,8 @@ def seed_study_table(summary: pd.DataFrame) -> str:
     lines = [head, "|---|---|" + ("---|" if variants else "") + "---|---|---|---|---|---|"]
     for r in summary.itertuples(index=False):
         d = r._asdict()
-        runs = f"{d['runs']}" + (f" ({d['diverged']} diverged)" if d["diverged"] else "")
+        bad = [f"{d[k]} {k}" for k in ("diverged", "failed") if d.get(k)]
+        runs = f"{d['runs']}" + (f" ({', '.join(bad)})" if bad else "")
         cells = [
             _fmt(d.get(f"test_{m}_{t}_mean"), d.get(f"test_{m}_{t}_std"))
             for m in ("auc", "logloss")
