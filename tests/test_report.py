@@ -293,3 +293,16 @@ def test_the_callbacks_old_path_still_works_with_a_deprecation_warning():
     )
     done = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_a_data_folder_is_a_setting_shown_by_its_name_only_where_that_is_unique():
+    from mtl_clippy.report.sweep import short_paths, variant_of
+
+    assert variant_of(["model=sb", "data.data_dir=/data/A"]) == "data.data_dir=/data/A"
+    assert short_paths([{"data.data_dir": "/data/A"}, {"data.data_dir": "/data/B/"}]) == [
+        {"data.data_dir": "A"},
+        {"data.data_dir": "B"},
+    ]
+    # two folders of one name: the whole paths, or the runs would look alike
+    same = [{"data.data_dir": "/a/data"}, {"data.data_dir": "/b/data"}, {"model.norm": "none"}]
+    assert short_paths(same) == same

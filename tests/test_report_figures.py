@@ -103,8 +103,9 @@ def test_clipping_has_one_curve_per_setting_averaged_over_its_own_seeds(figures)
     curves = {line.get_label(): {round(y, 6) for y in line.get_ydata()} for line in ax.get_lines()}
     assert curves == {"sb (mean of 2 seeds)": {0.3}, "lr (1 seed)": {0.8}}
     # what every curve shares is said once, under the title
-    assert "optimizer clippy" in fig.get_suptitle() and "lr=0.1" in fig.get_suptitle()
-    assert "averaged over its seeds only" in fig.get_suptitle()
+    title = " ".join(fig.get_suptitle().split())  # wrapped to the figure's width
+    assert "optimizer clippy" in title and "lr=0.1" in title
+    assert "averaged over its seeds only" in title
 
 
 def test_loss_curves_have_a_panel_per_model_and_a_colour_per_optimizer(figures):
@@ -280,3 +281,225 @@ def test_split_variant_reads_back_every_override_even_with_commas_in_values(over
 
     variant = ",".join(f"{k}={v}" for k, v in sorted(overrides.items()))
     assert split_variant(variant or None) == overrides
+
+
+def test_runs_on_different_data_are_different_settings_not_seeds(tmp_path, monkeypatch):
+    """Two runs that differ only in data.data_dir are two settings: two bars, two rows of
+    report.md (by the data folder's name), and a data_dir column in results.md."""
+    root = tmp_path / "sweep"
+    for job, auc, data in (("0_a", 0.6, "/data/A"), ("1_a", 0.8, "/data/B")):
+        _write_run(root, job, "sb", "clippy", 0.1, 1, auc, "completed",
+                   [f"data.data_dir={data}"], 0.2)  # fmt: skip
+    figures = _build(root, monkeypatch)
+    bars = [
+        c.get_label()
+        for c in figures["test_auc.png"].axes[0].containers
+        if isinstance(c, BarContainer)
+    ]
+    assert sorted(bars) == [
+        "sb · clippy · lr=0.1 · data.data_dir=A",
+        "sb · clippy · lr=0.1 · data.data_dir=B",
+    ]
+    report = (root / "report" / "report.md").read_text()
+    assert "| sb | clippy | data.data_dir=A | 0.1 | 1 | 0.6000 |" in report
+    assert "| sb | clippy | data.data_dir=B | 0.1 | 1 | 0.8000 |" in report
+    md = (root / "results.md").read_text()
+    assert "| model | optim | lr | seed | data.data_dir | status |" in md
+    assert "| sb | clippy | 0.1 | 1 | A | completed | 0.6000 |" in md
+
+
+def test_report_md_variant_column_names_only_what_differs(tmp_path, monkeypatch):
+    """A tune sweep: settings that every run shares are said once under the table, not on
+    every row of report.md's Variant column."""
+    root = tmp_path / "sweep"
+    for job, thr in (("0_a", "0.1"), ("1_a", "0.2")):
+        _write_run(root, job, "sb", "clippy", 0.1, 1, 0.7, "completed",
+                   [f"optim.absolute_threshold={thr}", "data.train_rows=3000"], 0.2)  # fmt: skip
+    _build(root, monkeypatch)
+    report = (root / "report" / "report.md").read_text()
+    rows = [line for line in report.splitlines() if line.startswith("| sb |")]
+    assert len(rows) == 2 and not any("train_rows" in r for r in rows)
+    assert "| optim.absolute_threshold=0.1 |" in rows[0]
+    assert "Every run: `data.train_rows=3000`." in report
+
+
+_CONSTANT = ["data.batch_size=256", "data.train_rows=3000", "data.test_rows=1500",
+             "trainer.max_epochs=2", "callbacks.progress_bar.refresh_rate=0",
+             "trainer.enable_model_summary=false"]  # fmt: skip
+
+
+def _tune_sweep(root: Path) -> Path:
+    """A tune sweep as Optuna writes it: many settings, one seed each, long override keys,
+    and the same long list of constant overrides on every run."""
+    for i, (lr, a, v) in enumerate(
+        (
+            (0.1329, 0.01247, 0.6994),
+            (0.1294, 0.01761, 0.2386),
+            (0.06164, 0.2243, 1.342),
+            (0.05, 0.1, 0.5),
+        )
+    ):
+        extra = [f"optim.absolute_threshold={a}", f"optim.variable_relative_threshold={v}"]
+        _write_run(root, f"{i}_t", "sb", "clippy", lr, 42, 0.6 + i / 50, "completed",
+                   extra + _CONSTANT, 0.3)  # fmt: skip
+    return root
+
+
+def _dims_sweep(root: Path) -> Path:
+    for i, dims in enumerate(("[128,64]", "[64,32]", "[256,128,64]")):
+        for o, lr in (("clippy", 0.1), ("adam", 0.001)):
+            _write_run(root, f"{i}{o}_d", "sb", o, lr, 1, 0.65 + i / 50, "completed",
+                       [f"model.hidden_dims={dims}", *_CONSTANT], 0.3 if o == "clippy" else None)  # fmt: skip
+    return root
+
+
+@pytest.fixture(scope="module")
+def crowded(tmp_path_factory) -> dict[str, dict[str, Figure]]:
+    """The figures of a tune sweep and of a sweep over a list-valued override."""
+    base = tmp_path_factory.mktemp("crowded")
+    out = {}
+    for name, make in (("tune", _tune_sweep), ("dims", _dims_sweep)):
+        with pytest.MonkeyPatch.context() as mp:
+            out[name] = _build(make(base / name), mp)
+    return out
+
+
+def _texts(fig: Figure):
+    """Every text the figure draws (tick labels of ticks outside an axis' view are not)."""
+    from matplotlib.text import Text
+
+    hidden = set()
+    for ax in fig.axes:
+        for axis in (ax.xaxis, ax.yaxis):
+            low, high = sorted(axis.get_view_interval())
+            for tick in [*axis.get_major_ticks(), *axis.get_minor_ticks()]:
+                if (
+                    not low - 1e-9 * abs(high - low)
+                    <= tick.get_loc()
+                    <= high + 1e-9 * abs(high - low)
+                ):
+                    hidden |= {id(tick.label1), id(tick.label2)}
+    return [
+        t for t in fig.findobj(Text)
+        if t.get_visible() and t.get_text().strip() and id(t) not in hidden
+    ]  # fmt: skip
+
+
+def test_every_title_label_and_legend_lies_inside_the_canvas(crowded, figures):
+    """Nothing is cropped: every text artist and legend of every figure, drawn, lies inside
+    the figure's canvas."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    checked = 0
+    for sweep_name, figs in [*crowded.items(), ("default", figures)]:
+        for name, fig in figs.items():
+            canvas = FigureCanvasAgg(fig)
+            canvas.draw()
+            renderer = canvas.get_renderer()
+            w, h = canvas.get_width_height()
+            items = [*_texts(fig), *fig.legends]
+            for artist in items:
+                box = artist.get_window_extent(renderer)
+                where = f"{sweep_name}/{name}: {getattr(artist, 'get_text', lambda: 'legend')()!r}"
+                assert box.x0 >= -1 and box.y0 >= -1, where
+                assert box.x1 <= w + 1 and box.y1 <= h + 1, where
+                checked += 1
+    assert checked > 50
+
+
+def test_no_two_tick_labels_overprint(crowded):
+    """Long override keys are shortened to their last dotted part, numbers to 4 significant
+    digits, and labels that would still collide are turned: no two overlap."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    for sweep_name, figs in crowded.items():
+        for name, fig in figs.items():
+            canvas = FigureCanvasAgg(fig)
+            canvas.draw()
+            renderer = canvas.get_renderer()
+            for ax in fig.axes:
+                boxes = [
+                    (t.get_text(), t.get_window_extent(renderer))
+                    for t in ax.get_xticklabels()
+                    if t.get_visible() and t.get_text()
+                ]
+                for i, (a, ba) in enumerate(boxes):
+                    for b, bb in boxes[i + 1 :]:
+                        apart = (
+                            ba.x1 <= bb.x0 + 0.5
+                            or bb.x1 <= ba.x0 + 0.5
+                            or (ba.y1 <= bb.y0 + 0.5 or bb.y1 <= ba.y0 + 0.5)
+                        )
+                        assert apart, f"{sweep_name}/{name}: {a!r} overlaps {b!r}"
+    ticks = [t.get_text() for t in crowded["tune"]["test_auc.png"].axes[0].get_xticklabels()]
+    assert any("absolute_threshold=0.01247" in t for t in ticks), ticks
+    assert not any("optim.absolute_threshold" in t for t in ticks)
+    dims = [t.get_text() for t in crowded["dims"]["test_auc.png"].axes[0].get_xticklabels()]
+    assert any("hidden_dims=[128,64]" in t for t in dims)
+
+
+def test_the_every_run_line_is_short(crowded):
+    """Shared settings by the last part of their key; logging-only settings left out; the
+    panel title of a tune sweep counts its settings instead of listing them."""
+    fig = crowded["tune"]["loss_curves.png"]
+    title = fig.get_suptitle()
+    assert "batch_size=256" in title and "data.batch_size" not in title
+    assert "progress_bar" not in title and "enable_" not in title
+    (ax,) = [a for a in fig.axes if a.get_visible()]
+    assert ax.get_title() == "model sb; 4 settings, 1 seed each"
+
+
+def test_a_failed_setting_and_a_crashed_job_are_said(tmp_path, monkeypatch):
+    """A setting whose every run failed says so under its (empty) slot; a job folder without
+    metrics.json is named in report.md; one run is "1 run"."""
+    root = tmp_path / "sweep"
+    _write_run(root, "0_a", "sb", "clippy", 0.1, 1, 0.7, "completed", [], 0.2)
+    (root / "1_b").mkdir()
+    (root / "1_b" / "train.log").write_text("boom\n")
+    (root / "2_c").mkdir()
+    (root / "2_c" / "metrics.json").write_text(json.dumps({
+        "status": "failed", "model": "sb", "optim": "lamb", "lr": 0.01, "seed": 1,
+        "overrides": ["optim=lamb"], "test": None, "error": "FileNotFoundError: x",
+    }))  # fmt: skip
+    figures = _build(root, monkeypatch)
+    ticks = [t.get_text() for t in figures["test_auc.png"].axes[0].get_xticklabels()]
+    assert sorted(ticks) == ["clippy\n1 seed", "lamb\nfailed"]
+    report = (root / "report" / "report.md").read_text()
+    assert "2 runs: 1 completed, 1 failed." in report
+    assert "| sb | lamb | 0.01 | 1 (1 failed) | - |" in report
+    assert "1 job folder without metrics.json" in report and "`1_b`" in report
+    only = tmp_path / "one"
+    _write_run(only, "0_a", "sb", "clippy", 0.1, 1, 0.7, "completed", [], 0.2)
+    _build(only, monkeypatch)
+    one = (only / "report" / "report.md").read_text()
+    assert "1 run: 1 completed." in one and "without metrics.json" not in one
+
+
+def test_small_numbers_read_sensibly(tmp_path, monkeypatch):
+    """The log-loss axis note to 3 significant digits; a wall time under 10 s to 0.1 s; the x
+    marks of two optimizers that diverged at one lr apart."""
+    import pandas as pd
+
+    from mtl_clippy.report.sweep import results_markdown
+
+    md = results_markdown(pd.DataFrame([{"model": "sb", "optim": "adam", "lr": 0.1, "seed": 1,
+                                          "status": "completed", "wall_time_s": 0.42}]))  # fmt: skip
+    assert md.splitlines()[2].endswith("| 0.4 |")
+    root = tmp_path / "sweep"
+    for i, (o, lr, auc) in enumerate((("clippy", 0.1, 0.7), ("clippy", 10.0, None),
+                                      ("adagrad", 0.1, 0.68), ("adagrad", 10.0, None))):  # fmt: skip
+        _write_run(
+            root, f"{i}_a", "sb", o, lr, 1, auc, "completed" if auc else "diverged", [], None
+        )
+    figures = _build(root, monkeypatch)
+    notes = [
+        re.search(r"axis from ([\d.]+),", ax.get_ylabel())
+        for ax in figures["test_logloss.png"].axes
+    ]
+    assert any(notes)
+    for note in filter(None, notes):
+        assert len(note.group(1).replace("0.", "", 1).lstrip("0")) <= 3, note.group(1)
+    (ax,) = figures["stability.png"].axes
+    xs = [tuple(c.get_offsets()[:, 0]) for c in ax.collections if len(c.get_offsets())]
+    crosses = [x for pts in xs for x in pts if x > 1]
+    assert len(crosses) == 2 and len(set(crosses)) == 2  # one per optimizer, not on top

@@ -34,7 +34,7 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
 from mtl_clippy.data.schema import TASKS
-from mtl_clippy.report.sweep import collect_results, split_variant
+from mtl_clippy.report.sweep import collect_results, short_paths, split_variant
 
 log = logging.getLogger(__name__)
 
@@ -79,9 +79,23 @@ def summarise(df: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def _variant_cells(variant: pd.Series) -> tuple[list[str], str]:
+    """Each row's overrides as a table's Variant cell shows them: only the keys whose value
+    differs between rows (a path by its folder's name where that is unique), and what every
+    row sets alike, as one line for under the table (empty where nothing)."""
+    parsed = short_paths([split_variant(v) for v in variant])
+    keys = sorted({k for p in parsed for k in p})
+    varying = [k for k in keys if len({p.get(k) for p in parsed}) > 1]
+    same = [f"`{k}={parsed[0][k]}`" for k in keys if k not in varying]
+    cells = [", ".join(f"{k}={p.get(k, '(default)')}" for k in varying) for p in parsed]
+    return cells, ("Every run: " + ", ".join(same) + ".") if same else ""
+
+
 def seed_study_table(summary: pd.DataFrame) -> str:
     """Markdown in the seed study's layout: Model | Optimizer | lr | AUCs | losses (mean ± std)."""
-    variants = "variant" in summary and summary["variant"].astype(bool).any()
+    shown, common = _variant_cells(summary.get("variant", pd.Series([None] * len(summary))))
+    variants = any(shown)
+    summary = summary.assign(variant=shown)
     head = (
         "| Model | Optimizer |"
         + (" Variant |" if variants else "")
@@ -90,7 +104,8 @@ def seed_study_table(summary: pd.DataFrame) -> str:
     lines = [head, "|---|---|" + ("---|" if variants else "") + "---|---|---|---|---|---|"]
     for r in summary.itertuples(index=False):
         d = r._asdict()
-        runs = f"{d['runs']}" + (f" ({d['diverged']} diverged)" if d["diverged"] else "")
+        bad = [f"{d[k]} {k}" for k in ("diverged", "failed") if d.get(k)]
+        runs = f"{d['runs']}" + (f" ({', '.join(bad)})" if bad else "")
         cells = [
             _fmt(d.get(f"test_{m}_{t}_mean"), d.get(f"test_{m}_{t}_std"))
             for m in ("auc", "logloss")
@@ -102,7 +117,7 @@ def seed_study_table(summary: pd.DataFrame) -> str:
             + " | ".join(cells)
             + " |"
         )
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + ("\n\n" + common if common else "") + "\n"
 
 
 def _collapsed(g: pd.DataFrame) -> pd.Series:
@@ -121,7 +136,7 @@ def stability_table(df: pd.DataFrame) -> str:
     d = df.copy()
     d["auc_mean"] = d[auc_cols].apply(pd.to_numeric, errors="coerce").mean(axis=1)
     d["is_collapsed"] = _collapsed(d)
-    d["variant"] = d.get("variant", pd.Series(index=d.index, dtype=object)).fillna("")
+    d["variant"] = _variant_cells(d.get("variant", pd.Series([None] * len(d))))[0]
     variants = d["variant"].astype(bool).any()
     lines = [
         "| Model | Optimizer |"
@@ -218,7 +233,7 @@ def _settings(df: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
     """``df`` with one column per override key of its runs' ``variant`` (``(default)``: not
     set), and the columns that say what a run is apart from its seed: model, optim, lr and those."""
     d = df.copy()
-    parsed = [split_variant(v) for v in d.get("variant", pd.Series([None] * len(d)))]
+    parsed = short_paths([split_variant(v) for v in d.get("variant", pd.Series([None] * len(d)))])
     keys = sorted({k for p in parsed for k in p})
     for k in keys:
         d[_override_col(k)] = [p.get(k, "(default)") for p in parsed]
@@ -257,28 +272,91 @@ _DISPLAY_ONLY = (
     "override:callbacks.optimizer_telemetry.",
     "override:trainer.log_every_n_steps",
     "override:trainer.enable_",
+    "override:logger",
 )
 
 
+def _short_keys(cols: list[str]) -> dict[str, str]:
+    """Each override column's key as a tick label or a title shows it: its last dotted part
+    (``optim.absolute_threshold`` -> ``absolute_threshold``) where no other column of ``cols``
+    ends the same way, otherwise the whole key."""
+    keys = {c: c.removeprefix("override:") for c in cols if c.startswith("override:")}
+    last = [k.rsplit(".", 1)[-1] for k in keys.values()]
+    return {
+        c: (k.rsplit(".", 1)[-1] if last.count(k.rsplit(".", 1)[-1]) == 1 else k)
+        for c, k in keys.items()
+    }
+
+
+def _short_value(value: Any) -> str:
+    """A number to 4 significant digits (``0.012470001`` -> ``0.01247``); anything else as is."""
+    text = str(value)
+    try:
+        x = float(text)
+    except (TypeError, ValueError):
+        return text
+    return text if x != x or text.lower() in ("inf", "-inf", "nan") else f"{x:.4g}"
+
+
+def _short_part(col: str, value: Any, keys: dict[str, str]) -> str:
+    """:func:`_part` for a tick label or a title line: keys by their last dotted part,
+    numbers to 4 significant digits."""
+    if col in ("model", "optim"):
+        return _part(col, value)
+    if col == "lr":
+        return f"lr={_short_value(value)}"
+    return f"{keys.get(col, col.removeprefix('override:'))}={_short_value(value)}"
+
+
 def _common(d: pd.DataFrame, cols: list[str], varying: list[str]) -> str:
-    """What every curve or bar of a figure shares, as a line under its title."""
+    """What every curve or bar of a figure shares, as a line under its title: keys by their
+    last dotted part, settings that only change what is logged left out."""
     same = [
         c
         for c in cols
         if c in d and c not in varying and len(d) and not c.startswith(_DISPLAY_ONLY)
     ]
+    keys = _short_keys(same)
     parts = [
-        _part(c, d[c].iloc[0]) if c not in ("model", "optim") else f"{_name(c)} {d[c].iloc[0]}"
+        _short_part(c, d[c].iloc[0], keys)
+        if c not in ("model", "optim")
+        else f"{_name(c)} {d[c].iloc[0]}"
         for c in same
         if str(d[c].iloc[0]) != "(default)"
     ]
-    if not parts:
-        return ""
-    return textwrap.fill("every run: " + ", ".join(parts), 110)
+    return "every run: " + ", ".join(parts) if parts else ""
+
+
+def _wrap(text: str, width_in: float, fontsize: float) -> str:
+    """``text`` wrapped, line by line, to what fits in ``width_in`` inches at ``fontsize``."""
+    chars = max(20, int(width_in * 72 / (0.6 * fontsize)))
+    return "\n".join(textwrap.fill(line, chars) or line for line in text.split("\n"))
+
+
+def _ncols(labels: list[str], fig: Figure, most: int, fontsize: float = _FONT) -> int:
+    """How many columns a legend of ``labels`` can have and still fit the figure's width."""
+    if not labels:
+        return 1
+    longest = max(len(x) for line in labels for x in str(line).split("\n"))
+    entry_in = (longest * 0.6 * fontsize + 40) / 72  # text, handle and padding
+    fits = int(0.95 * fig.get_figwidth() / entry_in)
+    return max(1, min(most, len(labels), fits))
 
 
 def _seeds(n: int) -> str:
     return f"{n} seed" + ("" if n == 1 else "s")
+
+
+def _completed(row: Any, n: int) -> str:
+    """Under a bar: how many seeds it averages, or why there is no bar."""
+    if n:
+        return _seeds(n)
+    runs, failed, diverged = (int(row.get(k) or 0) for k in ("runs", "failed", "diverged"))
+    if runs and failed == runs:
+        return "failed"
+    if runs and diverged == runs:
+        return "diverged"
+    return "no completed seed"
 
 
 def _styles(values: list[tuple], styles: list[str]) -> dict[tuple, str]:
@@ -294,16 +372,63 @@ def _subplots(*grid: int, figsize: tuple[float, float], **kwargs: Any) -> tuple[
     return fig, fig.subplots(*grid, **kwargs)
 
 
+def _overlap(a: Any, b: Any) -> bool:
+    return a.x0 < b.x1 - 0.5 and b.x0 < a.x1 - 0.5 and a.y0 < b.y1 - 0.5 and b.y0 < a.y1 - 0.5
+
+
+def _ticks_collide(ax: Any, renderer: Any) -> bool:
+    boxes = [t.get_window_extent(renderer) for t in ax.get_xticklabels() if t.get_text()]
+    return any(_overlap(a, b) for i, a in enumerate(boxes) for b in boxes[i + 1 :])
+
+
+def _outside(fig: Figure, renderer: Any) -> tuple[float, float]:
+    """By how many pixels the figure's drawn artists reach past its canvas, across and up."""
+    box = fig.get_tightbbox(renderer)  # inches
+    w, h = fig.get_figwidth(), fig.get_figheight()
+    over_x = max(0.0, -box.x0) + max(0.0, box.x1 - w)
+    over_y = max(0.0, -box.y0) + max(0.0, box.y1 - h)
+    return over_x, over_y
+
+
+def _fit(fig: Figure) -> None:
+    """Lay ``fig`` out so that no two x tick labels overprint (rotated where they would,
+    the figure widened where even that is not enough) and every title, label and legend lies
+    inside the canvas (the figure grown by what reaches past it)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = FigureCanvasAgg(fig)
+    for _ in range(6):
+        canvas.draw()
+        renderer = canvas.get_renderer()
+        crowded = [ax for ax in fig.axes if ax.get_visible() and _ticks_collide(ax, renderer)]
+        for ax in crowded:
+            if ax.get_xticklabels()[0].get_rotation() == 0:
+                for t in ax.get_xticklabels():
+                    t.set(rotation=90, ha="center", va="top")
+            else:
+                fig.set_figwidth(fig.get_figwidth() * 1.3)
+        over_x, over_y = _outside(fig, renderer)
+        if not crowded and over_x < 0.01 and over_y < 0.01:
+            return
+        if over_x or over_y:
+            fig.set_size_inches(
+                fig.get_figwidth() + over_x + 0.1, fig.get_figheight() + over_y + 0.1
+            )
+
+
 def _save(fig: Figure, path: Path) -> None:
     for ax in fig.axes:
         ax.tick_params(labelsize=_FONT)
+    _fit(fig)
     tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.png")
     fig.savefig(tmp, dpi=110)
     os.replace(tmp, path)
 
 
 def _title(fig: Figure, title: str, common: str) -> None:
-    fig.suptitle(title + (f"\n{common}" if common else ""), fontsize=11)
+    width = fig.get_figwidth()
+    text = _wrap(title, width, 11) + (f"\n{_wrap(common, width, 10)}" if common else "")
+    fig.suptitle(text, fontsize=11)
 
 
 def _within(d: pd.DataFrame, cols: list[str], by: list[str]) -> list[str]:
@@ -332,6 +457,7 @@ def plot_loss_curves(
     rest = [c for c in varying if c not in ("model", "optim")]
     styled = _within(d, rest, ["model", "optim"])
     style = _styles([tuple(r) for r in d[styled].itertuples(index=False)], _LINESTYLES)
+    keys = _short_keys(rest)
     models = sorted(d["model"].astype(str).unique())
     ncols = min(3, len(models))
     nrows = math.ceil(len(models) / ncols)
@@ -343,16 +469,17 @@ def plot_loss_curves(
         ax.set_visible(False)
     legend: dict[str, Any] = {}
     for model, ax in zip(models, axes, strict=False):
-        counts = []
+        counts, sizes = [], []
         for key, g in d.groupby(cols, sort=True, dropna=False):
             values = dict(zip(cols, key, strict=True))
             if str(values["model"]) != model:
                 continue
             colour = colours[str(values["optim"])]
-            label = " · ".join(_part(c, values[c]) for c in ["optim", *rest])
+            label = " · ".join(_short_part(c, values[c], keys) for c in ["optim", *rest])
             counts.append(
                 " · ".join(_part(c, values[c]) for c in ["optim", *styled]) + f" {len(g)}"
             )
+            sizes.append(len(g))
             for i, row in g.iterrows():
                 steps, losses = zip(*series[i], strict=True)
                 (line,) = ax.plot(
@@ -364,18 +491,26 @@ def plot_loss_curves(
                 if row["status"] == "diverged":
                     ax.plot(steps[-1], losses[-1], "x", color=colour, ms=9, mew=2)
         ax.set_yscale("log")
-        ax.set_title(textwrap.fill(f"model {model}; seeds: {', '.join(counts)}", 60), fontsize=10)
+        if len(sizes) > 2 and len(set(sizes)) == 1:  # a tune sweep: many settings alike
+            seeds = f"{len(sizes)} settings, {_seeds(sizes[0])} each"
+        else:
+            seeds = f"seeds: {', '.join(counts)}"
+        ax.set_title(_wrap(f"model {model}; {seeds}", fig.get_figwidth() / ncols, 10), fontsize=10)
         ax.set_xlabel("training step")
         ax.grid(alpha=0.3, which="both")
     for r in range(nrows):
-        axes[r * ncols].set_ylabel("training loss (sum over tasks, log scale)")
+        axes[r * ncols].set_ylabel("training loss\n(sum over tasks, log scale)")
     fig.legend(
         list(legend.values()),
         list(legend),
         loc="outside lower center",
-        ncols=min(4, len(legend)),
+        ncols=_ncols(list(legend), fig, 4),
         fontsize=_FONT,
-        title=" · ".join(_name(c) for c in ["optim", *rest]) + " (colour: optimizer)",
+        title=_wrap(
+            " · ".join(keys.get(c, _name(c)) for c in ["optim", *rest]) + " (colour: optimizer)",
+            fig.get_figwidth(),
+            _FONT,
+        ),
         title_fontsize=_FONT,
     )
     _title(
@@ -416,6 +551,7 @@ def plot_test_metric(
     rest = [c for c in varying if c not in ("model", "optim")]
     by_optim = [c for c in rest if c not in _within(s, rest, ["optim"])]
     ticks = [c for c in varying if c not in by_optim]
+    keys = _short_keys(ticks)
     name = "AUC" if metric == "auc" else "log loss"
     # bars of one model side by side, a gap between models
     x, pos = [], 0.0
@@ -446,8 +582,8 @@ def plot_test_metric(
                     capsize=4, lw=1.2, label=f"std: {label}",
                 )  # fmt: skip
                 errorbars = True
-            tick = "\n".join(_part(c, values[c]) for c in ticks)
-            labels.append(f"{tick}\n{_seeds(ns[i])}")  # seeds completed: 0 for no bar
+            tick = "\n".join(_short_part(c, values[c], keys) for c in ticks)
+            labels.append(f"{tick}\n{_completed(r, ns[i])}")
         ax.set_xticks(x, labels, fontsize=_FONT)
         top = (means + stds.fillna(0)).max()
         bottom = (means - stds.fillna(0)).min()
@@ -477,11 +613,11 @@ def plot_test_metric(
                 span = (high - ref) or 0.1 * abs(high) or 0.01
                 low = max(0.0, ref - 0.25 * span)
                 ax.set_ylim(low, high + 0.1 * span)
-                cut = f"\n(axis from {low:.4g}, not 0)" if low > 0 else ""
+                cut = f"\n(axis from {low:.3g}, not 0)" if low > 0 else ""
             else:
                 cut = ""
             ax.set_ylabel(f"test log loss{cut}")
-        ax.set_title(title, fontsize=10)
+        ax.set_title(_wrap(title, fig.get_figwidth() / len(TASKS), 10), fontsize=10)
         ax.grid(axis="y", alpha=0.3)
     handles = []
     for o, g in s.groupby(s["optim"].astype(str), sort=True):
@@ -498,7 +634,10 @@ def plot_test_metric(
             )
         )
     fig.legend(
-        handles=handles, loc="outside lower center", ncols=min(5, len(handles)), fontsize=_FONT
+        handles=handles,
+        loc="outside lower center",
+        ncols=_ncols([h.get_label() for h in handles], fig, 5),
+        fontsize=_FONT,
     )
     _title(
         fig,
@@ -528,13 +667,15 @@ def plot_stability(
     rest = [c for c in varying if c != "optim"]
     styled = _within(d, rest, ["optim"])
     style = _styles([tuple(r) for r in d[styled].itertuples(index=False)], _LINESTYLES)
+    keys = _short_keys(rest)
     fig, ax = _subplots(figsize=(7.5, 5.2))
     floor = d["auc_mean"].min() if d["auc_mean"].notna().any() else 0.5
     floor = min(floor, 0.5) - 0.02
-    for key, g in d.groupby(curve_cols, sort=True, dropna=False):
+    curves = d.groupby(curve_cols, sort=True, dropna=False)
+    for k, (key, g) in enumerate(curves):
         values = dict(zip(curve_cols, key, strict=True))
         colour = colours[str(values["optim"])]
-        label = " · ".join(_part(c, values[c]) for c in (varying or ["optim"]))
+        label = " · ".join(_short_part(c, values[c], keys) for c in (varying or ["optim"]))
         ok = (
             g[g["status"] == "completed"]
             .groupby("lr")["auc_mean"]
@@ -548,8 +689,9 @@ def plot_stability(
             label=label,
         )  # fmt: skip
         bad = g[g["status"] != "completed"]
-        if len(bad):
-            ax.scatter(bad["lr"], [floor] * len(bad), marker="x", s=70, color=colour)
+        if len(bad):  # each curve's x marks a little apart, so that none hides another's
+            shift = 10 ** (0.025 * (k - (curves.ngroups - 1) / 2))
+            ax.scatter(bad["lr"] * shift, [floor] * len(bad), marker="x", s=70, color=colour)
         rings = g[(g["status"] == "completed") & g["is_collapsed"]]
         if len(rings):
             ax.scatter(rings["lr"], rings["auc_mean"], s=160, facecolors="none",
@@ -560,15 +702,20 @@ def plot_stability(
     ax.set(xlabel="learning rate (log scale)", ylabel="mean test AUC over tasks (0.5 = chance)")
     ax.set_title(
         "points: mean over seeds (± 1 std where 2 or more); dashed: chance;\n"
-        "x at the bottom: diverged or failed; rings: a task collapsed to AUC 0.5",
+        "x at the bottom: diverged or failed (set a little apart per line);\n"
+        "rings: a task collapsed to AUC 0.5",
         fontsize=_FONT,
     )
     fig.legend(
-        title=" · ".join(_name(c) for c in (varying or ["optim"])),
+        title=_wrap(
+            " · ".join(keys.get(c, _name(c)) for c in (varying or ["optim"])),
+            fig.get_figwidth(),
+            _FONT,
+        ),
         fontsize=_FONT,
         title_fontsize=_FONT,
         loc="outside lower center",
-        ncols=4,
+        ncols=_ncols(ax.get_legend_handles_labels()[1], fig, 4),
     )
     ax.grid(alpha=0.3, which="both")
     _title(fig, "Final test AUC by learning rate", _common(d, curve_cols, varying))
@@ -648,9 +795,13 @@ def plot_clipping(
         [legend[x] for x in labels],
         labels,
         loc="outside lower center",
-        ncols=min(3, len(labels)),
+        ncols=_ncols(labels, fig, 3),
         fontsize=_FONT,
-        title=" · ".join(_name(c) for c in varying) + " (colour: optimizer, line style: model)",
+        title=_wrap(
+            " · ".join(_name(c) for c in varying) + " (colour: optimizer, line style: model)",
+            fig.get_figwidth(),
+            _FONT,
+        ),
         title_fontsize=_FONT,
     )
     _title(
@@ -660,6 +811,18 @@ def plot_clipping(
     )
     _save(fig, out)
     return fig
+
+
+def jobs_without_metrics(root: Path) -> list[str]:
+    """The folders right under ``root`` that look like a job's (not ``report/``, not hidden)
+    and hold no ``metrics.json`` anywhere inside: jobs that crashed before writing one."""
+    out = []
+    for p in sorted(root.iterdir()) if root.is_dir() else []:
+        if not p.is_dir() or p.name.startswith(".") or p.name == "report":
+            continue
+        if next(p.rglob("metrics.json"), None) is None and next(p.iterdir(), None) is not None:
+            out.append(p.name)
+    return out
 
 
 def build_report(root: str | Path) -> Path:
@@ -702,9 +865,21 @@ def build_report(root: str | Path) -> Path:
     lines = [
         f"# Report: {root.name}",
         "",
-        f"{n} runs: " + (", ".join(f"{v} {k}" for k, v in sorted(counts.items())) or "none") + ".",
+        f"{n} run{'' if n == 1 else 's'}: "
+        + (", ".join(f"{v} {k}" for k, v in sorted(counts.items())) or "none")
+        + ".",
         "Test metrics are mean ± std over seeds of the completed runs; diverged runs have no test metrics.",
         "",
+    ]
+    crashed = jobs_without_metrics(root)
+    if crashed:
+        lines += [
+            f"{len(crashed)} job folder{'' if len(crashed) == 1 else 's'} without metrics.json "
+            "(the job stopped before it wrote one; its train.log says why): "
+            + ", ".join(f"`{c}`" for c in crashed),
+            "",
+        ]
+    lines += [
         seed_study_table(summary) if not summary.empty else "_no runs found_\n",
     ]
     stability = stability_table(df)

@@ -31,7 +31,6 @@ _NOT_VARIANT_KEYS = {
     "optim",
     "optim.lr",
     "seed",
-    "data.data_dir",
     "ckpt_path",
     "resume",
     "slurm_requeue",
@@ -39,6 +38,8 @@ _NOT_VARIANT_KEYS = {
     "logger",
 }
 _NOT_VARIANT_PREFIXES = ("paths.", "hydra.", "hydra/")
+# ``data.data_dir`` is a variant: runs on different data are different settings, never seeds
+# of one (it stays out of the run folders' names, which configs/hydra/default.yaml builds).
 
 
 def variant_of(overrides: list[str]) -> str | None:
@@ -156,6 +157,22 @@ def varying_overrides(df: pd.DataFrame) -> tuple[list[str], dict[str, str]]:
     return varying, same
 
 
+def short_paths(parsed: list[dict[str, str]]) -> list[dict[str, str]]:
+    """``parsed`` (one ``{key: value}`` per run) with each key whose values are paths
+    (``data.data_dir=/data/A``) shown by the folder's own name (``A``) where that name still
+    tells the runs apart; otherwise the whole path."""
+    out = [dict(p) for p in parsed]
+    keys = {k for p in parsed for k, v in p.items() if "/" in v}
+    for k in keys:
+        values = {p[k] for p in parsed if k in p}
+        names = {v: v.rstrip("/").rsplit("/", 1)[-1] or v for v in values}
+        if len(set(names.values())) == len(values):
+            for p in out:
+                if k in p:
+                    p[k] = names[p[k]]
+    return out
+
+
 def _text(v: Any) -> str:
     return "-" if v is None or (isinstance(v, float) and v != v) else str(v)
 
@@ -166,6 +183,15 @@ def _num(v: Any, spec: str) -> str:
     except (TypeError, ValueError):
         return "-"
     return "-" if x != x else format(x, spec)
+
+
+def _seconds(v: Any) -> str:
+    """A wall time: to 0.1 s below 10 s (a short run is not ``0``), whole seconds above."""
+    try:
+        x = float(v)
+    except (TypeError, ValueError):
+        return "-"
+    return "-" if x != x else format(x, ".1f" if abs(x) < 10 else ",.0f")
 
 
 def _trial_cell(r: pd.Series) -> str:
@@ -187,7 +213,7 @@ def results_markdown(df: pd.DataFrame) -> str:
         if c.startswith("test_auc_") and c != "test_auc_mean"
     ]
     varying, same = varying_overrides(df)
-    parsed = [split_variant(v) for v in df.get("variant", pd.Series([None] * len(df)))]
+    parsed = short_paths([split_variant(v) for v in df.get("variant", pd.Series([None] * len(df)))])
     tuned = "trial" in df  # an Optuna study (mtl_clippy.report.tuning): trial first
     head = [*(["trial"] if tuned else []), "model", "optim", "lr", "seed", *varying, "status"]
     head += [f"test AUC {t}" for t in tasks] + [f"test log loss {t}" for t in tasks]
@@ -210,7 +236,7 @@ def results_markdown(df: pd.DataFrame) -> str:
         cells += [
             _num(r.get("best_val_auc_mean"), ".4f"),
             epochs,
-            _num(r.get("wall_time_s"), ",.0f"),
+            _seconds(r.get("wall_time_s")),
         ]
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
     notes = [
