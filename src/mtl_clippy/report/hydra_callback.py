@@ -48,7 +48,8 @@ class SweepResultsCallback(Callback):
                 log.warning("could not build the paper report of %s: %s", root, exc)
         n = len(df)
         failed = int((df["status"] != "completed").sum()) if n else 0
-        print(f"\nsweep results ({n} jobs, {failed} not completed): {root / 'results.md'}")
+        jobs = f"{n} job" + ("" if n == 1 else "s")
+        print(f"\nsweep results ({jobs}, {failed} not completed): {root / 'results.md'}")
         if n:
             print(results_markdown(df))
 
