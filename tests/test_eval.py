@@ -185,7 +185,7 @@ def test_predictions_one_row_per_input_row_in_order(trained, evaluated, tmp_path
     given = pacsv.read_csv(source)
     assert table.column_names == ["search_id", "click_probability", "conversion_probability"]
     assert table.num_rows == given.num_rows == 1000
-    assert table.column("search_id").equals(given.column("search_id"))
+    assert table.column("search_id").equals(_ids_as_written(source))
     record = json.loads((evaluated[1] / "metrics.json").read_text())["metrics"]
     for task in TASKS:
         p = table.column(f"{task}_probability").to_numpy()
@@ -200,6 +200,44 @@ def test_predictions_one_row_per_input_row_in_order(trained, evaluated, tmp_path
     assert json.loads((tmp_path / "predict.json").read_text())["output"] == str(out)
 
 
+def _ids_as_written(csv: Path) -> pa.ChunkedArray:
+    """The search_id column of a CSV as its text (independently: split on commas)."""
+    lines = csv.read_text().splitlines()[1:]
+    return pa.chunked_array([pa.array([ln.split(",", 1)[0] for ln in lines], pa.string())])
+
+
+def _read_ids(out: Path) -> pa.ChunkedArray:
+    if out.suffix == ".parquet":
+        return pq.read_table(out).column("search_id")
+    options = pacsv.ConvertOptions(column_types={"search_id": pa.string()})
+    return pacsv.read_csv(out, convert_options=options).column("search_id")
+
+
+_ID = st.one_of(
+    st.from_regex(r"\A0[0-9]{0,30}\Z"),  # leading zeros
+    st.integers(2**53, 10**40).map(str),  # beyond a double's exact integers
+    st.sampled_from(["1.5e3", "3", "-0", "NaN", "null", "", "1e400", " 7 "]),
+    st.text(
+        st.characters(blacklist_categories=("Cs",), blacklist_characters=',"\n\r'),
+        max_size=12,
+    ),
+)
+
+
+@settings(max_examples=40, deadline=None)
+@given(ids=st.lists(_ID, min_size=1, max_size=12))
+def test_search_ids_are_copied_through_as_written(ids, tmp_path_factory):
+    """Whatever text a search_id is, the output holds that text (Parquet and CSV)."""
+    tmp = tmp_path_factory.mktemp("ids")
+    source = tmp / "rows.csv"
+    source.write_text("search_id,x\n" + "".join(f"{i},1\n" for i in ids), encoding="utf-8")
+    column = evaluate.search_ids(source, len(ids))
+    assert column.type == pa.string() and column.to_pylist() == ids
+    for name in ("p.parquet", "p.csv"):
+        evaluate.write_table(pa.table({"search_id": column}), tmp / name)
+        assert _read_ids(tmp / name).to_pylist() == ids, name
+
+
 def test_csv_output_holds_the_same_probabilities(trained, tmp_path):
     tmp, run = trained
     source = _test_csv(run)
@@ -209,7 +247,11 @@ def test_csv_output_holds_the_same_probabilities(trained, tmp_path):
             "predict", [f"ckpt_path={run}", f"input={source}", f"output={out}"], tmp_path, tmp
         )
         evaluate.predict(cfg)
-    types = {"click_probability": pa.float32(), "conversion_probability": pa.float32()}
+    types = {
+        "search_id": pa.string(),
+        "click_probability": pa.float32(),
+        "conversion_probability": pa.float32(),
+    }
     from_csv = pacsv.read_csv(csv, convert_options=pacsv.ConvertOptions(column_types=types))
     assert from_csv.equals(pq.read_table(parquet))  # float32 written so it reads back exactly
 
@@ -249,8 +291,7 @@ def test_real_sample_rows_use_the_runs_id_mapping(trained, tmp_path):
         tmp,
     )
     assert evaluate.predict(cfg)["oov_rate"] == oov / (20 * 16)
-    table = pacsv.read_csv(out)
-    assert table.column("search_id").equals(test.column("search_id"))
+    assert _read_ids(out).equals(_ids_as_written(data / "test.csv"))
 
 
 # ----------------------------------------------------------------------------- bad input

@@ -564,12 +564,20 @@ def input_path(cfg: DictConfig) -> Path:
 
 def search_ids(path: Path, rows: int) -> Any:
     """The ``search_id`` column of a processed CSV (pyarrow, vectorised), one per row the
-    reader read (lines that are no rows at the end of the file are dropped, as it does)."""
+    reader read (lines that are no rows at the end of the file are dropped, as it does).
+
+    Read as text, exactly as the file spells each id: no type is guessed, so ``007``, an id
+    beyond 2**53 or ``1.5e3`` are copied through unchanged (a number type would drop the
+    zeros, round the digits or rewrite the id), and the column is text in every file."""
+    import pyarrow as pa
     import pyarrow.csv as pacsv
 
-    table = pacsv.read_csv(
-        path, convert_options=pacsv.ConvertOptions(include_columns=["search_id"])
+    options = pacsv.ConvertOptions(
+        include_columns=["search_id"],
+        column_types={"search_id": pa.string()},
+        strings_can_be_null=False,
     )
+    table = pacsv.read_csv(path, convert_options=options)
     column = table.column("search_id")
     if len(column) < rows:  # the reader validated the file: cannot happen
         raise DataError(path, f"{len(column)} search ids for {rows} rows")
