@@ -16,7 +16,10 @@ from omegaconf import DictConfig
 if __name__ == "__main__":
     # A mistyped override: one line and status 2, before the slow imports below.
     from mtl_clippy.cli import exit_on_bad_overrides
+    from mtl_clippy.evaluate import exit_on_bad_command_line
 
+    # data.* without data=, an output folder in the checkpoint's run: before Hydra writes.
+    exit_on_bad_command_line(sys.argv[1:], "predict")
     exit_on_bad_overrides(sys.argv[1:], Path(__file__).resolve().parent / "configs", "predict")
 
 # Registers the config resolvers (paths, the folder's name) before Hydra resolves them;

@@ -131,6 +131,20 @@ def test_the_best_checkpoint_gives_exactly_the_runs_test_numbers(trained, evalua
     assert auc in row and row.count("|") == 7
     assert "| task         | val AUC | test AUC |" in res.stdout
     assert row in (folder / "eval.log").read_text()
+    assert "note: batch_size" not in res.stdout + res.stderr  # the run's batches
+
+
+def test_other_batches_than_the_runs_are_noted(trained, tmp_path, caplog):
+    tmp, run = trained
+    cfg = _compose("eval", [f"ckpt_path={run}", "batch_size=500"], tmp_path, tmp / "data")
+    with caplog.at_level("INFO", logger="mtl_clippy"):
+        record = evaluate.evaluate(cfg)
+    assert record["batch_size"] == 500
+    notes = [r.getMessage() for r in caplog.records if "note: batch_size" in r.getMessage()]
+    assert notes == [
+        "note: batch_size=500, the run tested in batches of 8192: the metrics (the AUC too) "
+        "can differ from the run's in their last digits"
+    ]
 
 
 # The 200 validation rows hold no conversion: that AUC is undefined (null), as in the run.
@@ -377,6 +391,12 @@ def test_bad_input_is_one_line_naming_it(trained, tmp_path):
             "the file exists; choose another name, or add overwrite=true",
         ),
         ("predict", [f"ckpt_path={best}", f"input={sample}"], ConfigError, "output: give"),
+        (
+            "predict",
+            [f"ckpt_path={best}", f"input={sample}", f"output={exists / 'sub' / 'x.csv'}"],
+            ConfigError,
+            f"{exists} is a file, not a folder, so the output cannot be written under it",
+        ),
     ]
     for name, overrides, kind, message in cases:
         cfg = _compose(name, overrides, tmp_path / "out", tmp)
@@ -435,6 +455,58 @@ def test_the_command_line_says_one_line_and_leaves_no_folder(tmp_path):
     assert res.stderr.strip().splitlines() == ["error: ckpt_path=nowhere.ckpt: no such file"]
     assert not out.exists()
     assert not (tmp_path / "predict").exists() or not any((tmp_path / "predict").iterdir())
+
+
+def test_an_output_under_a_file_is_refused_before_predicting(trained, tmp_path):
+    _tmp, run = trained
+    (tmp_path / "one.csv").write_text("a file\n")
+    out = tmp_path / "one.csv" / "x.csv"
+    args = [f"ckpt_path={run}", f"input={SAMPLE_DIR / 'test.csv'}", f"output={out}"]
+    res = run_script("predict.py", [*args, f"paths.log_dir={tmp_path}/outputs"], tmp_path)
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert res.stderr.strip().splitlines() == [
+        f"error: output={out}: {tmp_path / 'one.csv'} is a file, not a folder, so the output "
+        "cannot be written under it; name a file in a folder"
+    ]
+    assert (tmp_path / "one.csv").read_text() == "a file\n"
+    assert not (tmp_path / "outputs" / "predict").exists() or not any(
+        (tmp_path / "outputs" / "predict").iterdir()
+    )
+
+
+def test_an_output_folder_in_the_checkpoints_run_is_refused(trained, tmp_path):
+    """Hydra would write eval's .hydra/config.yaml over the run's: refused before it starts."""
+    tmp, run = trained
+    before = {p: p.read_bytes() for p in (run / ".hydra").iterdir()}
+    files = sorted(p.relative_to(run) for p in run.rglob("*"))
+    predict_args = [f"input={SAMPLE_DIR / 'test.csv'}", f"output={tmp_path / 'p.csv'}"]
+    for script, args in [
+        ("eval.py", [f"ckpt_path={run}", f"hydra.run.dir={run}"]),
+        ("eval.py", [f"ckpt_path={run / 'checkpoints' / 'best.ckpt'}", f"hydra.run.dir={run}/x"]),
+        ("eval.py", [f"ckpt_path={run}", f"paths.log_dir={run}"]),
+        ("predict.py", [f"ckpt_path={run}", f"hydra.run.dir={run}", *predict_args]),
+    ]:
+        res = run_script(script, args, tmp)
+        assert res.returncode == 2, (args, res.stderr[-2000:])
+        (line,) = res.stderr.strip().splitlines()
+        assert f"the checkpoint's run ({run.resolve()})" in line, line
+        assert "would replace the run's" in line and line.startswith("error: ")
+    assert {p: p.read_bytes() for p in (run / ".hydra").iterdir()} == before
+    assert sorted(p.relative_to(run) for p in run.rglob("*")) == files
+    assert not (tmp_path / "p.csv").exists()
+
+
+def test_data_overrides_without_a_data_config_say_what_to_choose(tmp_path):
+    res = run_script("eval.py", ["ckpt_path=nowhere.ckpt", "data.test_rows=100"], tmp_path)
+    assert res.returncode == 2
+    assert res.stderr.strip().splitlines() == [
+        "error: override 'data.test_rows=100': the run's own data is used unless a data "
+        "config is chosen, and data.* overrides apply to a chosen one: put data=aliexpress "
+        "(with data.data_dir=DIR) or data=synthetic before it"
+    ]
+    assert not (tmp_path / "outputs").exists()
+    # with a data config chosen, the override is the check of overrides' to judge
+    assert evaluate.check_command_line(["data=synthetic", "data.test_rows=100"], "eval") is None
 
 
 @pytest.mark.slow  # a second training run (the default suite has one)
