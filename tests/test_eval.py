@@ -45,9 +45,14 @@ TRAIN_ARGS = [
 TASKS = ("click", "conversion")
 
 
-def run_script(script: str, args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    """`python eval.py ARGS` (or predict.py) started from ``cwd``."""
+def run_script(
+    script: str, args: list[str], cwd: Path, warnings: bool = False
+) -> subprocess.CompletedProcess:
+    """`python eval.py ARGS` (or predict.py) started from ``cwd`` (Python's warnings shown
+    as to a user with ``warnings=True``)."""
     env = {**os.environ, "MTL_CLIPPY_DISABLE_FUSED": "1", "PYTHONWARNINGS": "ignore"}
+    if warnings:
+        env.pop("PYTHONWARNINGS")
     return subprocess.run(
         [sys.executable, str(ROOT / script), *args],
         cwd=cwd,
@@ -507,6 +512,32 @@ def test_data_overrides_without_a_data_config_say_what_to_choose(tmp_path):
     assert not (tmp_path / "outputs").exists()
     # with a data config chosen, the override is the check of overrides' to judge
     assert evaluate.check_command_line(["data=synthetic", "data.test_rows=100"], "eval") is None
+
+
+def test_the_console_says_each_line_once_without_library_noise(trained, tmp_path):
+    """As train.py's: no Lightning tip, no LeafSpec deprecation, no line twice (Lightning's
+    own and Hydra's), Lightning's lines in the task's log file; the note on other batches."""
+    tmp, run = trained
+    one_row = tmp_path / "one.csv"
+    one_row.write_text("".join((SAMPLE_DIR / "test.csv").read_text().splitlines(True)[:2]))
+    log_dir = f"paths.log_dir={tmp_path}/outputs"
+    for script, args in [
+        ("eval.py", [f"ckpt_path={run}", "batch_size=500", log_dir]),
+        (
+            "predict.py",
+            [f"ckpt_path={run}", f"input={one_row}", f"output={tmp_path}/p.csv", log_dir],
+        ),
+    ]:
+        res = run_script(script, args, tmp, warnings=True)
+        assert res.returncode == 0, res.stderr[-3000:]
+        text = res.stdout + res.stderr
+        lines = [ln for ln in text.splitlines() if ln.strip() and not ln.startswith("|--")]
+        assert "💡" not in text and "LeafSpec" not in text and "Warning" not in text, text
+        assert len(lines) == len(set(lines)), text
+        assert sum("GPU available" in ln for ln in lines) == 1, text
+        assert sum("note: batch_size=500" in ln for ln in lines) == (script == "eval.py"), text
+        (folder,) = (tmp_path / "outputs" / script.removesuffix(".py")).iterdir()
+        assert "GPU available" in (folder / f"{script.removesuffix('.py')}.log").read_text()
 
 
 @pytest.mark.slow  # a second training run (the default suite has one)

@@ -10,7 +10,8 @@ besides its weights comes from the run that wrote it:
   ``min_count``), never from the data being evaluated; an id of the new data that the run
   did not keep maps to the field's out-of-vocabulary slot, as in training. The rebuilt
   vocabulary sizes must equal the checkpoint's embedding tables, else the run's data has
-  changed since it trained and the evaluation stops, saying so;
+  changed since it trained and the evaluation stops, saying so (only the sizes: the run
+  records no digest of its ids, so a change that keeps every size goes unnoticed);
 * the numeric precision: the run's (``precision`` in its ``metrics.json``), so that the
   checkpoint's test split evaluates to exactly the test numbers of that file.
 
@@ -769,6 +770,9 @@ def _remove_start_files(out_dir: Path) -> None:
 def main(cfg: DictConfig, task: str) -> None:
     """``eval.py`` (``task="eval"``) or ``predict.py`` (``"predict"``) under Hydra: a user's
     mistake is one line on stderr and status 2 (and the task's folder, empty, is removed)."""
+    from mtl_clippy import run_log
+
+    run_log.quiet_libraries()  # other libraries' noise off; Lightning's lines to the log file
     out_dir = Path(cfg.paths.output_dir)
     try:
         if task == "eval":
