@@ -17,11 +17,24 @@ from omegaconf import DictConfig
 if __name__ == "__main__":
     # A mistyped override: one line and status 2, before the slow imports below.
     from mtl_clippy.cli import exit_on_bad_overrides
+    from mtl_clippy.evaluate import exit_on_bad_command_line
 
+    # data.* without data=, an output folder in the checkpoint's run: before Hydra writes.
+    exit_on_bad_command_line(sys.argv[1:], "eval")
     exit_on_bad_overrides(sys.argv[1:], Path(__file__).resolve().parent / "configs", "eval")
 
-# Registers the config resolvers (paths, the folder's name) before Hydra resolves them;
-# torch and Lightning are imported once the checks of the command line have passed.
+    # Python's warnings go to the task's log file too, as they print (mtl_clippy.run_log).
+    from mtl_clippy.run_log import log_warnings_to_file
+
+    log_warnings_to_file()
+
+# Torch and Lightning are imported once the checks of the command line have passed, and
+# before Hydra sets up logging, as train.py imports them: Lightning then prints each of its
+# lines once, with its own handler (imported later, each would print twice: through the
+# "lightning" logger's handler and again through Hydra's).
+import lightning.pytorch  # noqa: F401
+
+# Registers the config resolvers (paths, the folder's name) before Hydra resolves them.
 from mtl_clippy import evaluate
 
 

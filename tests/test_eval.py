@@ -45,9 +45,14 @@ TRAIN_ARGS = [
 TASKS = ("click", "conversion")
 
 
-def run_script(script: str, args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    """`python eval.py ARGS` (or predict.py) started from ``cwd``."""
+def run_script(
+    script: str, args: list[str], cwd: Path, warnings: bool = False
+) -> subprocess.CompletedProcess:
+    """`python eval.py ARGS` (or predict.py) started from ``cwd`` (Python's warnings shown
+    as to a user with ``warnings=True``)."""
     env = {**os.environ, "MTL_CLIPPY_DISABLE_FUSED": "1", "PYTHONWARNINGS": "ignore"}
+    if warnings:
+        env.pop("PYTHONWARNINGS")
     return subprocess.run(
         [sys.executable, str(ROOT / script), *args],
         cwd=cwd,
@@ -131,6 +136,20 @@ def test_the_best_checkpoint_gives_exactly_the_runs_test_numbers(trained, evalua
     assert auc in row and row.count("|") == 7
     assert "| task         | val AUC | test AUC |" in res.stdout
     assert row in (folder / "eval.log").read_text()
+    assert "note: batch_size" not in res.stdout + res.stderr  # the run's batches
+
+
+def test_other_batches_than_the_runs_are_noted(trained, tmp_path, caplog):
+    tmp, run = trained
+    cfg = _compose("eval", [f"ckpt_path={run}", "batch_size=500"], tmp_path, tmp / "data")
+    with caplog.at_level("INFO", logger="mtl_clippy"):
+        record = evaluate.evaluate(cfg)
+    assert record["batch_size"] == 500
+    notes = [r.getMessage() for r in caplog.records if "note: batch_size" in r.getMessage()]
+    assert notes == [
+        "note: batch_size=500, the run tested in batches of 8192: the metrics (the AUC too) "
+        "can differ from the run's in their last digits"
+    ]
 
 
 # The 200 validation rows hold no conversion: that AUC is undefined (null), as in the run.
@@ -185,7 +204,7 @@ def test_predictions_one_row_per_input_row_in_order(trained, evaluated, tmp_path
     given = pacsv.read_csv(source)
     assert table.column_names == ["search_id", "click_probability", "conversion_probability"]
     assert table.num_rows == given.num_rows == 1000
-    assert table.column("search_id").equals(given.column("search_id"))
+    assert table.column("search_id").equals(_ids_as_written(source))
     record = json.loads((evaluated[1] / "metrics.json").read_text())["metrics"]
     for task in TASKS:
         p = table.column(f"{task}_probability").to_numpy()
@@ -200,6 +219,44 @@ def test_predictions_one_row_per_input_row_in_order(trained, evaluated, tmp_path
     assert json.loads((tmp_path / "predict.json").read_text())["output"] == str(out)
 
 
+def _ids_as_written(csv: Path) -> pa.ChunkedArray:
+    """The search_id column of a CSV as its text (independently: split on commas)."""
+    lines = csv.read_text().splitlines()[1:]
+    return pa.chunked_array([pa.array([ln.split(",", 1)[0] for ln in lines], pa.string())])
+
+
+def _read_ids(out: Path) -> pa.ChunkedArray:
+    if out.suffix == ".parquet":
+        return pq.read_table(out).column("search_id")
+    options = pacsv.ConvertOptions(column_types={"search_id": pa.string()})
+    return pacsv.read_csv(out, convert_options=options).column("search_id")
+
+
+_ID = st.one_of(
+    st.from_regex(r"\A0[0-9]{0,30}\Z"),  # leading zeros
+    st.integers(2**53, 10**40).map(str),  # beyond a double's exact integers
+    st.sampled_from(["1.5e3", "3", "-0", "NaN", "null", "", "1e400", " 7 "]),
+    st.text(
+        st.characters(blacklist_categories=("Cs",), blacklist_characters=',"\n\r'),
+        max_size=12,
+    ),
+)
+
+
+@settings(max_examples=40, deadline=None)
+@given(ids=st.lists(_ID, min_size=1, max_size=12))
+def test_search_ids_are_copied_through_as_written(ids, tmp_path_factory):
+    """Whatever text a search_id is, the output holds that text (Parquet and CSV)."""
+    tmp = tmp_path_factory.mktemp("ids")
+    source = tmp / "rows.csv"
+    source.write_text("search_id,x\n" + "".join(f"{i},1\n" for i in ids), encoding="utf-8")
+    column = evaluate.search_ids(source, len(ids))
+    assert column.type == pa.string() and column.to_pylist() == ids
+    for name in ("p.parquet", "p.csv"):
+        evaluate.write_table(pa.table({"search_id": column}), tmp / name)
+        assert _read_ids(tmp / name).to_pylist() == ids, name
+
+
 def test_csv_output_holds_the_same_probabilities(trained, tmp_path):
     tmp, run = trained
     source = _test_csv(run)
@@ -209,7 +266,11 @@ def test_csv_output_holds_the_same_probabilities(trained, tmp_path):
             "predict", [f"ckpt_path={run}", f"input={source}", f"output={out}"], tmp_path, tmp
         )
         evaluate.predict(cfg)
-    types = {"click_probability": pa.float32(), "conversion_probability": pa.float32()}
+    types = {
+        "search_id": pa.string(),
+        "click_probability": pa.float32(),
+        "conversion_probability": pa.float32(),
+    }
     from_csv = pacsv.read_csv(csv, convert_options=pacsv.ConvertOptions(column_types=types))
     assert from_csv.equals(pq.read_table(parquet))  # float32 written so it reads back exactly
 
@@ -249,8 +310,7 @@ def test_real_sample_rows_use_the_runs_id_mapping(trained, tmp_path):
         tmp,
     )
     assert evaluate.predict(cfg)["oov_rate"] == oov / (20 * 16)
-    table = pacsv.read_csv(out)
-    assert table.column("search_id").equals(test.column("search_id"))
+    assert _read_ids(out).equals(_ids_as_written(data / "test.csv"))
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -336,6 +396,12 @@ def test_bad_input_is_one_line_naming_it(trained, tmp_path):
             "the file exists; choose another name, or add overwrite=true",
         ),
         ("predict", [f"ckpt_path={best}", f"input={sample}"], ConfigError, "output: give"),
+        (
+            "predict",
+            [f"ckpt_path={best}", f"input={sample}", f"output={exists / 'sub' / 'x.csv'}"],
+            ConfigError,
+            f"{exists} is a file, not a folder, so the output cannot be written under it",
+        ),
     ]
     for name, overrides, kind, message in cases:
         cfg = _compose(name, overrides, tmp_path / "out", tmp)
@@ -394,6 +460,84 @@ def test_the_command_line_says_one_line_and_leaves_no_folder(tmp_path):
     assert res.stderr.strip().splitlines() == ["error: ckpt_path=nowhere.ckpt: no such file"]
     assert not out.exists()
     assert not (tmp_path / "predict").exists() or not any((tmp_path / "predict").iterdir())
+
+
+def test_an_output_under_a_file_is_refused_before_predicting(trained, tmp_path):
+    _tmp, run = trained
+    (tmp_path / "one.csv").write_text("a file\n")
+    out = tmp_path / "one.csv" / "x.csv"
+    args = [f"ckpt_path={run}", f"input={SAMPLE_DIR / 'test.csv'}", f"output={out}"]
+    res = run_script("predict.py", [*args, f"paths.log_dir={tmp_path}/outputs"], tmp_path)
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert res.stderr.strip().splitlines() == [
+        f"error: output={out}: {tmp_path / 'one.csv'} is a file, not a folder, so the output "
+        "cannot be written under it; name a file in a folder"
+    ]
+    assert (tmp_path / "one.csv").read_text() == "a file\n"
+    assert not (tmp_path / "outputs" / "predict").exists() or not any(
+        (tmp_path / "outputs" / "predict").iterdir()
+    )
+
+
+def test_an_output_folder_in_the_checkpoints_run_is_refused(trained, tmp_path):
+    """Hydra would write eval's .hydra/config.yaml over the run's: refused before it starts."""
+    tmp, run = trained
+    before = {p: p.read_bytes() for p in (run / ".hydra").iterdir()}
+    files = sorted(p.relative_to(run) for p in run.rglob("*"))
+    predict_args = [f"input={SAMPLE_DIR / 'test.csv'}", f"output={tmp_path / 'p.csv'}"]
+    for script, args in [
+        ("eval.py", [f"ckpt_path={run}", f"hydra.run.dir={run}"]),
+        ("eval.py", [f"ckpt_path={run / 'checkpoints' / 'best.ckpt'}", f"hydra.run.dir={run}/x"]),
+        ("eval.py", [f"ckpt_path={run}", f"paths.log_dir={run}"]),
+        ("predict.py", [f"ckpt_path={run}", f"hydra.run.dir={run}", *predict_args]),
+    ]:
+        res = run_script(script, args, tmp)
+        assert res.returncode == 2, (args, res.stderr[-2000:])
+        (line,) = res.stderr.strip().splitlines()
+        assert f"the checkpoint's run ({run.resolve()})" in line, line
+        assert "would replace the run's" in line and line.startswith("error: ")
+    assert {p: p.read_bytes() for p in (run / ".hydra").iterdir()} == before
+    assert sorted(p.relative_to(run) for p in run.rglob("*")) == files
+    assert not (tmp_path / "p.csv").exists()
+
+
+def test_data_overrides_without_a_data_config_say_what_to_choose(tmp_path):
+    res = run_script("eval.py", ["ckpt_path=nowhere.ckpt", "data.test_rows=100"], tmp_path)
+    assert res.returncode == 2
+    assert res.stderr.strip().splitlines() == [
+        "error: override 'data.test_rows=100': the run's own data is used unless a data "
+        "config is chosen, and data.* overrides apply to a chosen one: put data=aliexpress "
+        "(with data.data_dir=DIR) or data=synthetic before it"
+    ]
+    assert not (tmp_path / "outputs").exists()
+    # with a data config chosen, the override is the check of overrides' to judge
+    assert evaluate.check_command_line(["data=synthetic", "data.test_rows=100"], "eval") is None
+
+
+def test_the_console_says_each_line_once_without_library_noise(trained, tmp_path):
+    """As train.py's: no Lightning tip, no LeafSpec deprecation, no line twice (Lightning's
+    own and Hydra's), Lightning's lines in the task's log file; the note on other batches."""
+    tmp, run = trained
+    one_row = tmp_path / "one.csv"
+    one_row.write_text("".join((SAMPLE_DIR / "test.csv").read_text().splitlines(True)[:2]))
+    log_dir = f"paths.log_dir={tmp_path}/outputs"
+    for script, args in [
+        ("eval.py", [f"ckpt_path={run}", "batch_size=500", log_dir]),
+        (
+            "predict.py",
+            [f"ckpt_path={run}", f"input={one_row}", f"output={tmp_path}/p.csv", log_dir],
+        ),
+    ]:
+        res = run_script(script, args, tmp, warnings=True)
+        assert res.returncode == 0, res.stderr[-3000:]
+        text = res.stdout + res.stderr
+        lines = [ln for ln in text.splitlines() if ln.strip() and not ln.startswith("|--")]
+        assert "💡" not in text and "LeafSpec" not in text and "Warning" not in text, text
+        assert len(lines) == len(set(lines)), text
+        assert sum("GPU available" in ln for ln in lines) == 1, text
+        assert sum("note: batch_size=500" in ln for ln in lines) == (script == "eval.py"), text
+        (folder,) = (tmp_path / "outputs" / script.removesuffix(".py")).iterdir()
+        assert "GPU available" in (folder / f"{script.removesuffix('.py')}.log").read_text()
 
 
 @pytest.mark.slow  # a second training run (the default suite has one)

@@ -380,3 +380,23 @@ def test_ddp_on_two_cpu_processes_trains_metaheac(tmp_path):
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["status"] == "completed" and metrics["steps"] == 2700 // 128
     assert metrics["test"]["auc_click"] > 0.5
+
+
+@pytest.mark.parametrize(
+    ("batch", "episodes", "most"),
+    [(256, 64, None), (256, 65, 64), (256, 1_000_000, 64), (8, 2, None), (3, 1, None), (3, 2, 1)],
+)
+def test_episodes_that_cannot_fit_the_batch_are_refused(batch, episodes, most):
+    """meta_step cuts a batch into episodes of >= 4 rows and silently uses fewer where they
+    do not fit: the config check refuses a value that a full batch cannot hold."""
+    cfg = OmegaConf.create({"model": OmegaConf.load(CONFIG), "data": {"batch_size": batch}})
+    cfg.model.episodes = episodes
+    if most is None:
+        check_config(cfg)
+        return
+    with pytest.raises(ConfigError) as err:
+        check_config(cfg)
+    assert str(err.value) == (
+        f"model.episodes: {episodes} episodes of at least 4 rows do not fit in a batch of "
+        f"data.batch_size={batch} rows; expected at most {most}, or a larger data.batch_size"
+    )

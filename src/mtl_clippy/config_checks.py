@@ -665,6 +665,23 @@ def _param_groups(cfg: Any) -> str | None:
     return group_options_problem(factory, spec)
 
 
+def _episodes_beyond_the_batch(cfg: Any) -> str | None:
+    """MetaHeac cuts each training batch into ``model.episodes`` pieces of at least 4 rows
+    (a support and a query half of 2 or more) and uses fewer where they do not fit
+    (``MetaHeac.meta_step``): more episodes than a batch of ``data.batch_size`` holds would
+    be cut silently."""
+    episodes, batch = _value(cfg, "model.episodes"), _value(cfg, "data.batch_size")
+    if not (_is_whole(episodes) and _is_whole(batch)) or batch < 1:
+        return None
+    most = max(1, batch // 4)
+    if episodes <= most:
+        return None
+    return (
+        f"model.episodes: {episodes} episodes of at least 4 rows do not fit in a batch of "
+        f"data.batch_size={batch} rows; expected at most {most}, or a larger data.batch_size"
+    )
+
+
 def _combinations(cfg: Any) -> str | None:
     """Rules between keys, once each key alone is valid."""
     groups = _param_groups(cfg)
@@ -688,6 +705,9 @@ def _combinations(cfg: Any) -> str | None:
     endless = _endless_without_validation(cfg)
     if endless:
         return endless
+    episodes = _episodes_beyond_the_batch(cfg)
+    if episodes:
+        return episodes
     scheduler = _value(cfg, "scheduler._target_")
     monitor = _value(cfg, "scheduler.monitor")
     monitor = "val/auc_mean" if monitor is _ABSENT else monitor  # the plateau's default

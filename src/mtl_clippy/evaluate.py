@@ -10,7 +10,8 @@ besides its weights comes from the run that wrote it:
   ``min_count``), never from the data being evaluated; an id of the new data that the run
   did not keep maps to the field's out-of-vocabulary slot, as in training. The rebuilt
   vocabulary sizes must equal the checkpoint's embedding tables, else the run's data has
-  changed since it trained and the evaluation stops, saying so;
+  changed since it trained and the evaluation stops, saying so (only the sizes: the run
+  records no digest of its ids, so a change that keeps every size goes unnoticed);
 * the numeric precision: the run's (``precision`` in its ``metrics.json``), so that the
   checkpoint's test split evaluates to exactly the test numbers of that file.
 
@@ -210,6 +211,80 @@ def folder_name(ckpt_path: Any) -> str:
         return "".join(c if c.isalnum() or c in "-_.+" else "_" for c in name)
     except Exception:
         return "checkpoint"
+
+
+# ----------------------------------------------------------------------------- the command line
+
+
+def _overrides(argv: list[str]) -> list[tuple[str, str]]:
+    """(key, value) of each ``key=value`` override of a command line, as typed."""
+    pairs = []
+    for arg in argv:
+        if arg.startswith("-") or "=" not in arg:
+            continue
+        key, _, value = arg.partition("=")
+        pairs.append((key.strip(), value.strip().strip("'\"")))
+    return pairs
+
+
+def check_command_line(argv: list[str], task: str) -> str | None:
+    """What is wrong with an ``eval.py`` / ``predict.py`` command line that the check of
+    overrides cannot tell, as one line (None: nothing); run before Hydra writes anything.
+
+    * ``data.<key>=...`` without ``data=...``: eval.py has no data config unless one is
+      chosen (the run's own is read from the run), so Hydra would find no key ``data``;
+    * an output folder (``hydra.run.dir``, or ``paths.log_dir``, under which the task makes
+      its folder) that is the checkpoint's run folder or inside it: Hydra would write the
+      task's ``.hydra/config.yaml`` over the run's, and the run could not be evaluated again.
+    """
+    pairs = _overrides(argv)
+    keys = {k.lstrip("+~") for k, _ in pairs}
+    if task == "eval" and "data" not in keys:
+        for key, value in pairs:
+            if key.lstrip("+~").startswith("data."):
+                return (
+                    f"override '{key}={value}': the run's own data is used unless a data "
+                    "config is chosen, and data.* overrides apply to a chosen one: put "
+                    "data=aliexpress (with data.data_dir=DIR) or data=synthetic before it"
+                )
+    values = dict((k.lstrip("+"), v) for k, v in pairs)
+    ckpt_value = values.get("ckpt_path")
+    if not ckpt_value:
+        return None
+    try:
+        run_dir = checkpoint_path(ckpt_value).resolve().parent.parent
+    except Exception:  # a wrong ckpt_path: the task says what is wrong with it
+        return None
+    for key, under in (
+        ("hydra.run.dir", False),
+        ("hydra.sweep.dir", False),
+        ("paths.log_dir", True),
+    ):
+        value = values.get(key)
+        if not value or "${" in value:
+            continue
+        folder = Path(value).expanduser().resolve()
+        if folder == run_dir or run_dir in folder.parents:
+            where = "the folder of" if folder == run_dir else "inside the folder of"
+            made = f" (the task's folder is made under it: {task}/...)" if under else ""
+            return (
+                f"{key}={value}: {where} the checkpoint's run ({run_dir}){made}; the task "
+                "writes its own .hydra/config.yaml into its folder, which would replace the "
+                "run's and leave the run unusable for eval.py and predict.py; name a folder "
+                "outside the run, or leave it out (a new folder under outputs/)"
+            )
+    return None
+
+
+def exit_on_bad_command_line(argv: list[str], task: str) -> None:
+    """``error: <one line>`` and status 2 for what :func:`check_command_line` refuses."""
+    try:
+        message = check_command_line(argv, task)
+    except Exception:  # the check's own failure must never stop the task: it goes on
+        return
+    if message is not None:
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
 
 
 # ----------------------------------------------------------------------------- the run's data
@@ -444,6 +519,29 @@ def _batch_size(cfg: DictConfig, data_cfg: Any) -> int:
     return int(value)
 
 
+def run_batch_size(ckpt: Checkpoint) -> int | None:
+    """The batch size the run tested in (its data's ``eval_batch_size``); None if unknown."""
+    try:
+        data = run_data_config(ckpt)
+    except Exception:
+        return None
+    value = data.get("eval_batch_size") or data.get("batch_size") or 8192
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def note_other_batch_size(batch_size: int, ckpt: Checkpoint) -> None:
+    """One line when the batches are not the run's: its numbers are then not exactly the
+    run's (other sums in the matrix products change the logits in their last bits)."""
+    theirs = run_batch_size(ckpt)
+    if theirs is not None and batch_size != theirs:
+        log.info(
+            "note: batch_size=%d, the run tested in batches of %d: the metrics (the AUC "
+            "too) can differ from the run's in their last digits",
+            batch_size,
+            theirs,
+        )
+
+
 # ----------------------------------------------------------------------------- eval.py
 
 
@@ -467,6 +565,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     own = cfg.get("data") is None
     data_cfg = run_data_config(ckpt) if own else OmegaConf.to_container(cfg.data, resolve=True)
     batch_size = _batch_size(cfg, data_cfg)
+    note_other_batch_size(batch_size, ckpt)
     dm, path = split_source(data_cfg, split)
     run_dm, vocabularies = training_vocabularies(ckpt)
     rows = split_rows(dm, path, split, vocabularies)
@@ -544,6 +643,12 @@ def output_path(cfg: DictConfig) -> Path:
         )
     if path.is_dir():
         raise ConfigError(f"output={value}: a folder; name a file in it")
+    for parent in path.parents:  # the folder it goes in must be one, or be creatable
+        if parent.exists() and not parent.is_dir():
+            raise ConfigError(
+                f"output={value}: {parent} is a file, not a folder, so the output cannot be "
+                "written under it; name a file in a folder"
+            )
     if path.exists() and not cfg.get("overwrite", False):
         raise ConfigError(
             f"output={value}: the file exists; choose another name, or add overwrite=true "
@@ -564,12 +669,20 @@ def input_path(cfg: DictConfig) -> Path:
 
 def search_ids(path: Path, rows: int) -> Any:
     """The ``search_id`` column of a processed CSV (pyarrow, vectorised), one per row the
-    reader read (lines that are no rows at the end of the file are dropped, as it does)."""
+    reader read (lines that are no rows at the end of the file are dropped, as it does).
+
+    Read as text, exactly as the file spells each id: no type is guessed, so ``007``, an id
+    beyond 2**53 or ``1.5e3`` are copied through unchanged (a number type would drop the
+    zeros, round the digits or rewrite the id), and the column is text in every file."""
+    import pyarrow as pa
     import pyarrow.csv as pacsv
 
-    table = pacsv.read_csv(
-        path, convert_options=pacsv.ConvertOptions(include_columns=["search_id"])
+    options = pacsv.ConvertOptions(
+        include_columns=["search_id"],
+        column_types={"search_id": pa.string()},
+        strings_can_be_null=False,
     )
+    table = pacsv.read_csv(path, convert_options=options)
     column = table.column("search_id")
     if len(column) < rows:  # the reader validated the file: cannot happen
         raise DataError(path, f"{len(column)} search ids for {rows} rows")
@@ -657,6 +770,9 @@ def _remove_start_files(out_dir: Path) -> None:
 def main(cfg: DictConfig, task: str) -> None:
     """``eval.py`` (``task="eval"``) or ``predict.py`` (``"predict"``) under Hydra: a user's
     mistake is one line on stderr and status 2 (and the task's folder, empty, is removed)."""
+    from mtl_clippy import run_log
+
+    run_log.quiet_libraries()  # other libraries' noise off; Lightning's lines to the log file
     out_dir = Path(cfg.paths.output_dir)
     try:
         if task == "eval":
