@@ -398,3 +398,31 @@ def test_a_study_that_cannot_be_right_is_one_line_before_any_trial(tmp_path, arg
     (line,) = [x for x in res.stderr.splitlines() if x.strip()]
     assert line.startswith("error: ") and all(w in line for w in words), line
     assert not list(sweep.glob("*/metrics.json"))  # no trial ran
+
+
+@pytest.mark.parametrize(
+    "args, refused",
+    [
+        (["-m", "hydra/sweeper=optuna", "optim=adam"], True),
+        (["-m", "hydra/sweeper=optuna", "hydra.sweeper.direction=maximize"], True),
+        (
+            [
+                "-m",
+                "hydra/sweeper=optuna",
+                "hydra.sweeper.direction=maximize",
+                "+hydra.sweeper.params.optim.lr=interval(0.1, 1)",
+            ],
+            False,
+        ),
+        (["-m", "hydra/sweeper=tune", "optim=adam"], False),
+    ],
+)
+def test_the_plugins_own_sweeper_config_is_one_line_pointing_to_tune(args, refused):
+    from mtl_clippy.cli import check_overrides
+
+    message = check_overrides(args, CONFIGS)
+    if not refused:
+        assert message is None
+        return
+    assert message is not None and "\n" not in message
+    assert "hydra/sweeper=tune" in message and "hydra.sweeper.direction" in message
