@@ -277,41 +277,22 @@ def test_a_resumed_run_logs_into_its_mlflow_run_again(tmp_path):
     assert third.run_id != run_id
 
 
-def test_wandb_is_quiet_and_says_in_one_line_where_the_offline_run_is(tmp_path, monkeypatch):
+def test_wandb_is_quiet_and_says_in_one_line_where_the_offline_run_is(
+    tmp_path, monkeypatch, capfd, caplog
+):
     pytest.importorskip("wandb")
     import logging
-    import subprocess
-    import sys
-    import textwrap
 
     monkeypatch.delenv("WANDB_MODE", raising=False)
     monkeypatch.delenv("WANDB_SILENT", raising=False)
-    script = textwrap.dedent(
-        f"""
-        import logging
-        logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
-        from omegaconf import OmegaConf
-        from mtl_clippy.loggers import instantiate_loggers
-        cfg = OmegaConf.create(
-            {{"wandb": {{"_target_": "mtl_clippy.trackers.WandbLogger", "project": "p",
-                        "save_dir": {str(tmp_path / "run")!r}, "log_model": False}}}}
-        )
-        (lg,) = instantiate_loggers(cfg, None)
-        lg.log_metrics({{"val/auc_mean": 0.6}}, step=1)
+    cfg, run_dir = _logger_config(tmp_path, "wandb")
+    with caplog.at_level(logging.INFO, logger="mtl_clippy.trackers"):
+        (lg,) = instantiate_loggers(cfg.logger, None)
+        lg.log_metrics({"val/auc_mean": 0.6}, step=1)
         lg.close()
-        """
-    )
-    res = subprocess.run(
-        [sys.executable, "-c", script],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**os.environ, "PYTHONWARNINGS": "ignore"},
-    )
-    assert res.returncode == 0, res.stderr[-3000:]
-    said = (res.stdout + res.stderr).splitlines()
+    out, err = capfd.readouterr()
+    said = (out + err).splitlines()
     assert not [line for line in said if line.startswith("wandb:")], said
-    (where,) = [line for line in said if "W&B offline run" in line]
-    (folder,) = (tmp_path / "run").glob("wandb/offline-run-*")
+    (where,) = [r.getMessage() for r in caplog.records if "W&B offline run" in r.getMessage()]
+    (folder,) = run_dir.glob("wandb/offline-run-*")
     assert str(folder) in where and f"wandb sync {folder}" in where
-    del logging

@@ -28,7 +28,7 @@ from hydra_plugins.hydra_optuna_sweeper._impl import (
 from optuna.distributions import LogUniformDistribution
 
 from mtl_clippy.errors import ConfigError
-from mtl_clippy.tune import _rounded, search_space_for
+from mtl_clippy.tune import _rounded, check_direction, check_grid, merged_space, search_space_for
 
 CONFIGS = ROOT / "configs"
 OPTIMS = sorted(p.stem for p in (CONFIGS / "optim").glob("*.yaml"))
@@ -360,6 +360,7 @@ def test_a_diverged_trial_is_never_the_best_and_fixed_keys_leave_the_space(tmp_p
     assert "Best parameters (as the run used them): {" in said
 
 
+@pytest.mark.slow  # about 8 s: a study of the fake task
 def test_a_study_in_which_every_trial_diverges_has_no_best_trial(tmp_path):
     """Before, each was told 0.5 and the study named one the best. Here the grid sampler
     with two keys fixed on the command line: they leave its space (they were a traceback)."""
@@ -392,6 +393,7 @@ def test_a_study_in_which_every_trial_diverges_has_no_best_trial(tmp_path):
     ],
     ids=["grid-continuous", "direction-vs-mode"],
 )
+@pytest.mark.slow  # about 8 s each: the sweeper's start (the checks: the fast tests below)
 def test_a_study_that_cannot_be_right_is_one_line_before_any_trial(tmp_path, args, space, words):
     res, sweep = _study(tmp_path, args, space)
     assert res.returncode == 2, res.stdout[-2000:] + res.stderr[-2000:]
@@ -426,3 +428,57 @@ def test_the_plugins_own_sweeper_config_is_one_line_pointing_to_tune(args, refus
         return
     assert message is not None and "\n" not in message
     assert "hydra/sweeper=tune" in message and "hydra.sweeper.direction" in message
+
+
+def test_the_command_line_changes_and_fixes_the_space_searched():
+    space = {"optim.lr": "interval(0.1, 1)", "optim.absolute_threshold": "interval(0.1, 1)"}
+    args = ["optim.lr=0.5", "model.dropout=choice(0,0.5)", "seed=3", "+x=1,2"]
+    merged, fixed = merged_space(space, args)
+    assert merged == {
+        "optim.absolute_threshold": "interval(0.1, 1)",
+        "model.dropout": "choice(0,0.5)",
+        "+x": "1,2",
+    }
+    assert fixed == {"optim.lr": "0.5"}  # seed was not in the space: not "fixed"
+    assert merged_space(space, ["optim.lr=tag(log, interval(1, 2))"])[0]["optim.lr"] == (
+        "tag(log, interval(1, 2))"
+    )
+
+
+@pytest.mark.parametrize(
+    "space, bad",
+    [
+        ({"optim.lr": "interval(0.1, 1)", "seed": "1,2"}, ["optim.lr"]),
+        ({"optim.lr": "tag(log, interval(0.1, 1))", "a": "interval(1, 2)"}, ["optim.lr", "a"]),
+        ({"optim.lr": "choice(0.1, 1)", "seed": "range(1, 4)"}, []),
+    ],
+)
+def test_the_grid_sampler_refuses_continuous_keys_in_one_line(space, bad):
+    if not bad:
+        check_grid(space)
+        return
+    with pytest.raises(ConfigError) as info:
+        check_grid(space)
+    message = str(info.value)
+    assert "\n" not in message and "hydra/sweeper/sampler=grid" in message
+    assert all(k in message for k in bad) and "seed" not in message
+
+
+@pytest.mark.parametrize("direction", ["maximize", "minimize"])
+@pytest.mark.parametrize("mode", ["max", "min", None])
+def test_the_direction_must_agree_with_the_checkpoint_mode(direction, mode):
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.create(
+        {"callbacks": {"model_checkpoint": {"mode": mode, "monitor": "val/m"}}} if mode else {}
+    )
+    agree = mode is None or {"max": "maximize", "min": "minimize"}[mode] == direction
+    if agree:
+        check_direction(direction, cfg)
+        return
+    with pytest.raises(ConfigError) as info:
+        check_direction(direction, cfg)
+    message = str(info.value)
+    assert "\n" not in message and f"hydra.sweeper.direction={direction}" in message
+    assert f"callbacks.model_checkpoint.mode={mode}" in message
+    assert "hydra.sweeper.direction=" + {"max": "maximize", "min": "minimize"}[mode] in message
