@@ -22,9 +22,9 @@ from mtl_clippy.loggers import instantiate_loggers, log_results
 CONFIGS = ROOT / "configs"
 
 
-def _logger_config(tmp_path: Path, choice: str):
+def _logger_config(tmp_path: Path, choice: str, overrides: tuple[str, ...] = ()):
     with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
-        cfg = compose("train", overrides=[f"logger={choice}"])
+        cfg = compose("train", overrides=[f"logger={choice}", *overrides])
     OmegaConf.update(cfg, "paths.log_dir", str(tmp_path / "outputs"), force_add=True)
     run = tmp_path / "outputs" / "runs" / "2026-01-01_00-00-00_000000_sb-clippy"
     OmegaConf.update(cfg, "paths.output_dir", str(run), force_add=True)
@@ -241,3 +241,58 @@ def test_a_run_with_both_trackers_writes_its_results_to_each(tmp_path):
     ]
     (final,) = [h for h in history if "final/auc_mean" in h]
     assert final["final/auc_mean"] == pytest.approx(test["auc_mean"])
+
+
+def test_mlflow_uses_the_users_tracking_uri(tmp_path, monkeypatch):
+    store = tmp_path / "elsewhere"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"file:{store}")
+    cfg, _ = _logger_config(tmp_path, "mlflow")
+    assert cfg.logger.mlflow.tracking_uri == f"file:{store}"
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    assert cfg.logger.mlflow.tracking_uri == f"file:{tmp_path}/outputs/mlruns"
+
+
+def test_a_resumed_run_logs_into_its_mlflow_run_again(tmp_path):
+    """The interrupted run's MLflow run (its id kept in the run folder) gets the resumed
+    run's metrics and ends FINISHED: one MLflow run, not a FAILED one and a new one."""
+    pytest.importorskip("mlflow")
+    cfg, run_dir = _logger_config(tmp_path, "mlflow")
+    (first,) = instantiate_loggers(cfg.logger, None)
+    first.log_metrics({"val/auc_mean": 0.61}, step=5)
+    first.finalize("failed")  # the run stopped
+    run_id = first.run_id
+    assert (run_dir / "mlflow_run_id.txt").read_text().strip() == run_id
+    again, _ = _logger_config(tmp_path, "mlflow", ("resume=true",))
+    OmegaConf.update(again, "paths.output_dir", str(run_dir))
+    assert again.logger.mlflow.resume is True
+    (second,) = instantiate_loggers(again.logger, None)
+    second.log_metrics({"val/auc_mean": 0.66}, step=10)
+    second.finalize("success")
+    client, run = _mlflow_run(tmp_path / "outputs" / "mlruns")  # the only run
+    assert run.info.run_id == run_id and run.info.status == "FINISHED"
+    history = client.get_metric_history(run_id, "val/auc_mean")
+    assert [(m.step, m.value) for m in history] == [(5, 0.61), (10, 0.66)]
+    # a new run in that folder (not resumed) is a new MLflow run
+    (third,) = instantiate_loggers(cfg.logger, None)
+    assert third.run_id != run_id
+
+
+def test_wandb_is_quiet_and_says_in_one_line_where_the_offline_run_is(
+    tmp_path, monkeypatch, capfd, caplog
+):
+    pytest.importorskip("wandb")
+    import logging
+
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_SILENT", raising=False)
+    cfg, run_dir = _logger_config(tmp_path, "wandb")
+    with caplog.at_level(logging.INFO, logger="mtl_clippy.trackers"):
+        (lg,) = instantiate_loggers(cfg.logger, None)
+        lg.log_metrics({"val/auc_mean": 0.6}, step=1)
+        lg.close()
+    out, err = capfd.readouterr()
+    said = (out + err).splitlines()
+    assert not [line for line in said if line.startswith("wandb:")], said
+    (where,) = [r.getMessage() for r in caplog.records if "W&B offline run" in r.getMessage()]
+    (folder,) = run_dir.glob("wandb/offline-run-*")
+    assert str(folder) in where and f"wandb sync {folder}" in where

@@ -28,7 +28,7 @@ from hydra_plugins.hydra_optuna_sweeper._impl import (
 from optuna.distributions import LogUniformDistribution
 
 from mtl_clippy.errors import ConfigError
-from mtl_clippy.tune import _rounded, search_space_for
+from mtl_clippy.tune import _rounded, check_direction, check_grid, merged_space, search_space_for
 
 CONFIGS = ROOT / "configs"
 OPTIMS = sorted(p.stem for p in (CONFIGS / "optim").glob("*.yaml"))
@@ -120,7 +120,10 @@ import math, sys
 from pathlib import Path
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from mtl_clippy.resume import register_resolvers
 from mtl_clippy.summary import RunSummary
+
+register_resolvers()
 
 @hydra.main(version_base="1.3", config_path=".", config_name="study")
 def main(cfg):
@@ -129,7 +132,7 @@ def main(cfg):
     overrides = list(HydraConfig.get().overrides.task)
     s = RunSummary(model="fake", optim="clippy", lr=lr, seed=1, output_dir=str(out),
                    overrides=overrides)
-    score = 0.9 - abs(math.log10(lr) + 1) / 10
+    score = 0.9 - abs(math.log10(lr) + 1) / 10 + float(cfg.get("shift", 0))
     s.best = {"monitor": "val/auc_mean", "score": score, "val/auc_mean": score}
     if lr > 1:
         s.status = "diverged"
@@ -166,8 +169,9 @@ hydra:
 
 
 def test_a_study_scores_diverged_runs_fails_failed_ones_and_tabulates_the_trials(tmp_path):
-    """8 trials (a grid): lr 5 diverges (Optuna is told 0.5), lr 0.001 fails (a failed
-    trial), the others complete with their score; the study's files and the table agree."""
+    """8 trials (a grid): lr 5 diverges (a pruned trial, never the best), lr 0.001 fails (a
+    failed trial), the others complete with their score; the study's files and the table
+    agree."""
     from mtl_clippy.report.sweep import write_results
 
     sweep = tmp_path / "sweep"
@@ -194,7 +198,8 @@ def test_a_study_scores_diverged_runs_fails_failed_ones_and_tabulates_the_trials
     for _, t in trials.iterrows():
         lr = t["optim.lr"]
         if lr > 1:
-            assert (t["run_status"], t["state"], t["value"]) == ("diverged", "COMPLETE", 0.5)
+            assert (t["run_status"], t["state"]) == ("diverged", "PRUNED")
+            assert math.isnan(t["value"])
         elif lr < 0.01:
             assert (t["run_status"], t["state"]) == ("failed", "FAIL")
             assert math.isnan(t["value"])
@@ -202,7 +207,7 @@ def test_a_study_scores_diverged_runs_fails_failed_ones_and_tabulates_the_trials
             assert (t["run_status"], t["state"]) == ("completed", "COMPLETE")
             assert t["value"] == pytest.approx(0.9 - abs(math.log10(lr) + 1) / 10)
     said = res.stdout + res.stderr  # a line for each diverged and each failed trial
-    assert said.count("the run diverged; Optuna is told 0.5") == 2
+    assert said.count("the run diverged; Optuna is told it was pruned") == 2
     assert said.count("counts as failed for Optuna: ValueError: too small") == 2
     best = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
     done = trials[trials["state"] == "COMPLETE"]
@@ -288,3 +293,192 @@ def test_a_study_in_which_no_trial_completes_still_gets_its_table(tmp_path):
     assert not table["best_trial"].any()
     trials = pd.read_csv(sweep / "optuna_trials.csv")
     assert list(trials["state"]) == ["FAIL", "FAIL"]
+
+
+def _study(tmp_path, args, space=None, subdir="${hydra.job.num}"):
+    """Run the fake task's study with command-line ``args``; (result, sweep folder)."""
+    sweep = tmp_path / "sweep"
+    (tmp_path / "task.py").write_text(FAKE_TASK)
+    config = STUDY_CONFIG.replace("CONFIGS", str(CONFIGS)).replace("SWEEP", str(sweep))
+    config = config.replace("subdir: ${hydra.job.num}", f"subdir: {subdir}")
+    if space is not None:
+        head = config.index("      clippy:\n") + len("      clippy:\n")
+        config = config[:head] + "".join(f"        {k}: {v}\n" for k, v in space.items())
+    (tmp_path / "study.yaml").write_text(config)
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    res = subprocess.run(
+        [sys.executable, "task.py", "-m", *args],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    return res, sweep
+
+
+def test_a_diverged_trial_is_never_the_best_and_fixed_keys_leave_the_space(tmp_path):
+    """Every completed trial scores 0.3 or less, below the 0.5 a diverged trial was told
+    before: the diverged trial (lr 5) is pruned, the best is a completed one. A plain value
+    on the command line takes its key out of the (grid's) space and the logged space; a job
+    folder with a / in its overrides is recorded relative to the sweep folder and matched;
+    the best parameters logged are the ones the run used."""
+    from mtl_clippy.report.sweep import write_results
+
+    space = {
+        "optim.lr": "choice(0.1, 5.0)",
+        "optim.absolute_threshold": "choice(0.001, 0.01)",
+        "optim.variable_relative_threshold": "tag(log, interval(0.1, 1.0))",
+    }
+    res, sweep = _study(
+        tmp_path,
+        ["+shift=-0.6", "+note=a/b", "optim.variable_relative_threshold=0.5"],
+        space,
+        subdir="${hydra.job.num}_${hydra.job.override_dirname}",
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    said = res.stdout + res.stderr
+    (logged,) = [line for line in said.splitlines() if "Optuna search space" in line]
+    assert "optim.lr" in logged and "optim.variable_relative_threshold" not in logged
+    (fixed,) = [line for line in said.splitlines() if "Fixed by the command line" in line]
+    assert "'optim.variable_relative_threshold': '0.5'" in fixed
+    trials = pd.read_csv(sweep / "optuna_trials.csv", dtype={"job": str})
+    assert len(trials) == 4 and "optim.variable_relative_threshold" not in trials
+    for _, t in trials.iterrows():
+        assert (sweep / t["job"] / "metrics.json").is_file(), t["job"]  # a / in the name
+        assert "/" in t["job"]
+        expected = "PRUNED" if t["optim.lr"] == 5.0 else "COMPLETE"
+        assert t["state"] == expected
+    best = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
+    assert best["best_params"]["optim.lr"] == 0.1
+    assert best["best_value"] == pytest.approx(0.3)
+    assert trials.loc[best["best_trial"], "state"] == "COMPLETE"
+    table = write_results(sweep)
+    done = table["trial"].isin(trials.loc[trials["state"] == "COMPLETE", "trial"])
+    assert table.loc[done, "optuna_value"].notna().all() and done.sum() == 2
+    assert "Best parameters: {" not in said  # the plugin's line, with values as sampled
+    assert "Best parameters (as the run used them): {" in said
+
+
+@pytest.mark.slow  # about 8 s: a study of the fake task
+def test_a_study_in_which_every_trial_diverges_has_no_best_trial(tmp_path):
+    """Before, each was told 0.5 and the study named one the best. Here the grid sampler
+    with two keys fixed on the command line: they leave its space (they were a traceback)."""
+    fix = ["optim.absolute_threshold=0.01", "optim.variable_relative_threshold=0.5"]
+    res, sweep = _study(tmp_path, fix, {"optim.lr": "choice(5.0, 6.0)"})
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "no trial completed: the study has no best trial" in res.stdout + res.stderr
+    assert not (sweep / "optimization_results.yaml").exists()
+    trials = pd.read_csv(sweep / "optuna_trials.csv")
+    assert list(trials["state"]) == ["PRUNED", "PRUNED"]
+
+
+@pytest.mark.parametrize(
+    "args, space, words",
+    [
+        (  # the grid sampler with a continuous key
+            [],
+            {"optim.lr": "tag(log, interval(0.01, 1.0))", "optim.absolute_threshold": "choice(1)"},
+            ["hydra/sweeper/sampler=grid", "optim.lr", "choice("],
+        ),
+        (  # a loss as the monitor, and the default direction (maximize)
+            ["+callbacks.model_checkpoint.mode=min", "optim.absolute_threshold=0.01"],
+            {"optim.lr": "choice(0.1, 0.2)"},
+            [
+                "hydra.sweeper.direction=maximize",
+                "callbacks.model_checkpoint.mode=min",
+                "hydra.sweeper.direction=minimize",
+            ],
+        ),
+    ],
+    ids=["grid-continuous", "direction-vs-mode"],
+)
+@pytest.mark.slow  # about 8 s each: the sweeper's start (the checks: the fast tests below)
+def test_a_study_that_cannot_be_right_is_one_line_before_any_trial(tmp_path, args, space, words):
+    res, sweep = _study(tmp_path, args, space)
+    assert res.returncode == 2, res.stdout[-2000:] + res.stderr[-2000:]
+    (line,) = [x for x in res.stderr.splitlines() if x.strip()]
+    assert line.startswith("error: ") and all(w in line for w in words), line
+    assert not list(sweep.glob("*/metrics.json"))  # no trial ran
+
+
+@pytest.mark.parametrize(
+    "args, refused",
+    [
+        (["-m", "hydra/sweeper=optuna", "optim=adam"], True),
+        (["-m", "hydra/sweeper=optuna", "hydra.sweeper.direction=maximize"], True),
+        (
+            [
+                "-m",
+                "hydra/sweeper=optuna",
+                "hydra.sweeper.direction=maximize",
+                "+hydra.sweeper.params.optim.lr=interval(0.1, 1)",
+            ],
+            False,
+        ),
+        (["-m", "hydra/sweeper=tune", "optim=adam"], False),
+    ],
+)
+def test_the_plugins_own_sweeper_config_is_one_line_pointing_to_tune(args, refused):
+    from mtl_clippy.cli import check_overrides
+
+    message = check_overrides(args, CONFIGS)
+    if not refused:
+        assert message is None
+        return
+    assert message is not None and "\n" not in message
+    assert "hydra/sweeper=tune" in message and "hydra.sweeper.direction" in message
+
+
+def test_the_command_line_changes_and_fixes_the_space_searched():
+    space = {"optim.lr": "interval(0.1, 1)", "optim.absolute_threshold": "interval(0.1, 1)"}
+    args = ["optim.lr=0.5", "model.dropout=choice(0,0.5)", "seed=3", "+x=1,2"]
+    merged, fixed = merged_space(space, args)
+    assert merged == {
+        "optim.absolute_threshold": "interval(0.1, 1)",
+        "model.dropout": "choice(0,0.5)",
+        "+x": "1,2",
+    }
+    assert fixed == {"optim.lr": "0.5"}  # seed was not in the space: not "fixed"
+    assert merged_space(space, ["optim.lr=tag(log, interval(1, 2))"])[0]["optim.lr"] == (
+        "tag(log, interval(1, 2))"
+    )
+
+
+@pytest.mark.parametrize(
+    "space, bad",
+    [
+        ({"optim.lr": "interval(0.1, 1)", "seed": "1,2"}, ["optim.lr"]),
+        ({"optim.lr": "tag(log, interval(0.1, 1))", "a": "interval(1, 2)"}, ["optim.lr", "a"]),
+        ({"optim.lr": "choice(0.1, 1)", "seed": "range(1, 4)"}, []),
+    ],
+)
+def test_the_grid_sampler_refuses_continuous_keys_in_one_line(space, bad):
+    if not bad:
+        check_grid(space)
+        return
+    with pytest.raises(ConfigError) as info:
+        check_grid(space)
+    message = str(info.value)
+    assert "\n" not in message and "hydra/sweeper/sampler=grid" in message
+    assert all(k in message for k in bad) and "seed" not in message
+
+
+@pytest.mark.parametrize("direction", ["maximize", "minimize"])
+@pytest.mark.parametrize("mode", ["max", "min", None])
+def test_the_direction_must_agree_with_the_checkpoint_mode(direction, mode):
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.create(
+        {"callbacks": {"model_checkpoint": {"mode": mode, "monitor": "val/m"}}} if mode else {}
+    )
+    agree = mode is None or {"max": "maximize", "min": "minimize"}[mode] == direction
+    if agree:
+        check_direction(direction, cfg)
+        return
+    with pytest.raises(ConfigError) as info:
+        check_direction(direction, cfg)
+    message = str(info.value)
+    assert "\n" not in message and f"hydra.sweeper.direction={direction}" in message
+    assert f"callbacks.model_checkpoint.mode={mode}" in message
+    assert "hydra.sweeper.direction=" + {"max": "maximize", "min": "minimize"}[mode] in message

@@ -104,6 +104,9 @@ def check_overrides(
         return None
     except _BadOverride as bad:
         return str(bad)
+    plugin_sweeper = _plugin_optuna_sweeper(items)
+    if plugin_sweeper is not None:
+        return plugin_sweeper
     modes = {o.typed.partition("=")[2].strip() for o in items if o.key == "hydra.mode"}
     multirun = multirun or "MULTIRUN" in modes
     hydra_keys = {o.key for o in items if _is_hydra_key(o.key)}
@@ -270,6 +273,26 @@ def _parse_overrides(overrides: list[str]) -> list[_Item]:
             _Item(text, composed, key, values, simple, override.type.name, override.package)
         )
     return items
+
+
+PLUGIN_OPTUNA = (
+    "hydra/sweeper=optuna is the Optuna plugin's own config: no search space and direction "
+    "minimize, so its trials are identical runs and the lowest AUC would win; use "
+    "hydra/sweeper=tune (configs/hydra/sweeper/tune.yaml), or give both "
+    "hydra.sweeper.direction and hydra.sweeper.params"
+)
+
+
+def _plugin_optuna_sweeper(items: list[_Item]) -> str | None:
+    """``hydra/sweeper=optuna`` typed without a direction and a search space: one line
+    pointing to ``hydra/sweeper=tune`` (the plugin would run it silently)."""
+    typed = {o.key: o.typed.partition("=")[2].strip() for o in items}
+    if typed.get("hydra/sweeper") != "optuna":
+        return None
+    has_params = any(k.startswith("hydra.sweeper.params") for k in typed)
+    if "hydra.sweeper.direction" in typed and has_params:
+        return None
+    return PLUGIN_OPTUNA
 
 
 def _is_hydra_key(key: str) -> bool:

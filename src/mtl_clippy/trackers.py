@@ -2,8 +2,10 @@
 set up to write local files only, and a one-line error naming the pip extra to install when
 the tracker's package is missing.
 
-- ``logger=mlflow``: ``lightning.pytorch.loggers.MLFlowLogger`` on MLflow's file store, one
-  store for all runs (``outputs/mlruns`` by default), no tracking server. MLflow 3 keeps that
+- ``logger=mlflow``: ``lightning.pytorch.loggers.MLFlowLogger`` on ``MLFLOW_TRACKING_URI``
+  when set, else on MLflow's file store, one store for all runs (``outputs/mlruns`` by
+  default), no tracking server. The run's id is kept in ``<run folder>/mlflow_run_id.txt``
+  and ``resume=true`` logs into that MLflow run again. MLflow 3 keeps that
   store in maintenance mode and refuses it unless ``MLFLOW_ALLOW_FILE_STORE=true``: this
   logger sets that variable for its own process (unless the user set it). A database store
   works too: ``logger.mlflow.tracking_uri=sqlite:///outputs/mlflow.db`` (needs SQLAlchemy
@@ -11,7 +13,9 @@ the tracker's package is missing.
 - ``logger=wandb``: ``lightning.pytorch.loggers.WandbLogger`` in offline mode
   (``WANDB_MODE=offline`` unless the user set another mode): the run is written under
   ``<run folder>/wandb/offline-run-*``, nothing is sent; ``wandb sync <that folder>`` uploads
-  it later, from a machine that can reach the server.
+  it later, from a machine that can reach the server. W&B's own lines are off
+  (``WANDB_SILENT=true`` unless the user set it); one line at the end says where the run is
+  and how to sync it.
 
 Both get what TensorBoard gets (``mtl_clippy.loggers.log_results``): the metrics of every
 logging step, the run's resolved config as parameters, and the test results of a completed
@@ -22,6 +26,7 @@ tracker's list is found in ``outputs/`` by its name.
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 from argparse import Namespace
 from collections.abc import Mapping
@@ -33,6 +38,12 @@ from lightning.pytorch.loggers import WandbLogger as _LightningWandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 
 from mtl_clippy.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+#: The file in a run folder that keeps its MLflow run id, so that ``resume=true`` logs into
+#: the same MLflow run.
+MLFLOW_RUN_ID_FILE = "mlflow_run_id.txt"
 
 #: logger target (the class name) -> (config choice, the module it needs, the pip extra)
 NEEDS: dict[str, tuple[str, str, str]] = {
@@ -73,20 +84,49 @@ def check_installed(target: str) -> None:
 
 class MLFlowLogger(_LightningMLFlowLogger):
     """Lightning's MLflow logger on a local store: ``run_dir`` (the run folder) names the
-    run (``run_name``, unless given) and is kept as the run's tag ``run_dir``."""
+    run (``run_name``, unless given) and is kept as the run's tag ``run_dir``. The run's id
+    is kept in ``<run_dir>/mlflow_run_id.txt``; a resumed run (``resume``: the run's
+    ``resume`` setting) logs into that MLflow run again, if the store still has it."""
 
-    def __init__(self, run_dir: str | None = None, **kwargs: Any) -> None:
+    def __init__(self, run_dir: str | None = None, resume: Any = False, **kwargs: Any) -> None:
         check_installed("MLFlowLogger")
         uri = str(kwargs.get("tracking_uri") or "")
         if uri.startswith("file:") or (uri and "://" not in uri):
             # MLflow 3 refuses its file store without this opt-in (it is in maintenance mode)
             os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
             Path(uri.removeprefix("file:")).mkdir(parents=True, exist_ok=True)
+        self._run_id_file = Path(run_dir) / MLFLOW_RUN_ID_FILE if run_dir is not None else None
         if run_dir is not None:
             kwargs.setdefault("run_name", Path(run_dir).name)
             kwargs["tags"] = {"run_dir": str(run_dir), **(kwargs.get("tags") or {})}
+            if _truthy(resume) and kwargs.get("run_id") is None:
+                kwargs["run_id"] = _stored_run_id(self._run_id_file, kwargs.get("tracking_uri"))
         super().__init__(**kwargs)
         self._params: dict[str, str] = {}  # what this run has logged: MLflow never changes one
+
+    @property
+    def experiment(self) -> Any:
+        """Lightning's (the MLflow client, the run started on first use); the run's id is
+        then written to the run folder. MLFLOW_TRACKING_URI is left as it was."""
+        before = os.environ.get("MLFLOW_TRACKING_URI")
+        try:
+            client = super().experiment
+        finally:
+            # mlflow.set_tracking_uri (Lightning calls it) sets MLFLOW_TRACKING_URI, which
+            # logger.mlflow.tracking_uri reads: the user's value (or none) is kept
+            if before is None:
+                os.environ.pop("MLFLOW_TRACKING_URI", None)
+            else:
+                os.environ["MLFLOW_TRACKING_URI"] = before
+        path = self._run_id_file
+        if path is not None and self._run_id is not None and rank_zero_only.rank == 0:
+            try:
+                if not path.is_file() or path.read_text().strip() != self._run_id:
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    path.write_text(f"{self._run_id}\n")
+            except OSError:  # the id is a convenience for resume=true, not the run's result
+                pass
+        return client
 
     @rank_zero_only
     def log_hyperparams(self, params: Mapping[str, Any] | Namespace) -> None:
@@ -117,6 +157,28 @@ class MLFlowLogger(_LightningMLFlowLogger):
         return os.path.join(self.save_dir, str(self.experiment_id), str(self.run_id))
 
 
+def _truthy(value: Any) -> bool:
+    return value not in (None, False, "", "false", "False", "null", 0)
+
+
+def _stored_run_id(path: Path | None, tracking_uri: Any) -> str | None:
+    """The MLflow run id kept in the run folder, if the store still has that run."""
+    if path is None or not path.is_file():
+        return None
+    run_id = path.read_text().strip()
+    if not run_id:
+        return None
+    from mlflow.tracking import MlflowClient
+
+    try:
+        MlflowClient(tracking_uri=tracking_uri).get_run(run_id)
+    except Exception:  # another store, or the run deleted: a new MLflow run
+        log.warning("the MLflow run %s of %s is not in the store: a new run", run_id, path)
+        return None
+    log.info("resuming MLflow run %s (%s)", run_id, path)
+    return run_id
+
+
 def _flatten(params: Mapping[str, Any] | Namespace, prefix: str = "") -> dict[str, Any]:
     """Nested mappings as one level of ``a/b/c`` keys (Lightning's own naming for MLflow)."""
     if isinstance(params, Namespace):
@@ -139,6 +201,9 @@ class WandbLogger(_LightningWandbLogger):
     def __init__(self, **kwargs: Any) -> None:
         check_installed("WandbLogger")
         os.environ.setdefault("WANDB_MODE", "offline")
+        # W&B's own ~35 lines a run (its summary, sparklines, sync hints) off unless the
+        # user set WANDB_SILENT; close() says in one line where the run is.
+        os.environ.setdefault("WANDB_SILENT", "true")
         offline = os.environ["WANDB_MODE"] in ("offline", "dryrun", "disabled")
         kwargs.setdefault("offline", offline)
         save_dir = kwargs.get("save_dir")
@@ -152,6 +217,9 @@ class WandbLogger(_LightningWandbLogger):
             # Lightning would log this run into it
             wandb.run.finish()
         super().__init__(**kwargs)
+        if self._wandb_init.get("anonymous") is None:
+            # Lightning passes anonymous=None, which W&B warns has no effect
+            self._wandb_init.pop("anonymous", None)
 
     @property
     def log_dir(self) -> str | None:
@@ -168,7 +236,11 @@ class WandbLogger(_LightningWandbLogger):
         and again after testing, leaves it open; a run that stops early is ended by the next
         W&B logger of the process (a sweep's next job) or when the process exits."""
         if self._experiment is not None:
+            folder = self.log_dir
+            offline = getattr(self._experiment.settings, "_offline", False)
             self._experiment.finish()
+            if offline and folder:
+                log.info("W&B offline run: %s (upload it with: wandb sync %s)", folder, folder)
 
 
 __all__ = ["MLFlowLogger", "WandbLogger", "check_installed", "missing_package_message"]

@@ -10,11 +10,12 @@ What Optuna is told for each trial (``train.main`` returns the run's ``best.scor
 ``val/auc_mean`` by default, ``direction: maximize``):
 
 - a completed run: that score;
-- a run that diverged: ``diverged_score`` (0.5, the AUC of a model that ranks at random), so
-  that the sampler learns that the learning rates around it are bad. Its own best score (of
-  the epochs before the divergence) is not used: a learning rate that trains for a while and
-  then diverges is not one to pick. ``diverged_score: null`` reports the trial as failed
-  instead, which Optuna's TPE sampler then ignores;
+- a run that diverged: a pruned trial, without a value. It is never the best trial (Optuna
+  picks the best among completed trials only), and the TPE sampler ranks it below every
+  completed trial, so that it learns that the values around it are bad. Its own best score
+  (of the epochs before the divergence) is not used: a learning rate that trains for a while
+  and then diverges is not one to pick. A study in which every trial diverged or failed has
+  no best trial;
 - a run that failed (an error, or no validation metric: ``best.score`` null): a failed
   trial. The sweep goes on (``max_failure_rate: 1.0``); the plugin logs "Failed experiment:
   Return value must be float-castable" for it, after this module's own line saying why.
@@ -27,10 +28,18 @@ table (``results.csv``/``results.md``) takes ``trial``, the searched values and 
 from these files. A sweep in which no trial completed writes no best trial and still gets
 its table, instead of stopping on Optuna's "No trials are completed yet".
 
+Before any trial runs, one line (``error: ...``, status 2) refuses a study that would pick
+the wrong trial or cannot run: ``hydra.sweeper.direction`` disagreeing with
+``callbacks.model_checkpoint.mode`` (maximize goes with max, minimize with min), and the grid
+sampler with a continuous key. The search space logged is the one searched: the optimizer's
+entry, then ``hydra.sweeper.params``, then the command line's sweep values; a plain value on
+the command line (``optim.lr=0.1``) takes its key out of the space, and is logged as fixed.
+
 The class wraps the plugin's implementation (``hydra_plugins.hydra_optuna_sweeper._impl``;
-its hooks are pinned in tests/test_tune.py): it picks the search space in ``setup``, turns
-diverged runs' returns into ``diverged_score`` as the launcher hands them back, and records
-each trial's job folder.
+its hooks are pinned in tests/test_tune.py): it picks the search space, tells diverged runs
+to Optuna as pruned, records each trial's job folder (relative to the sweep folder), and
+logs the best parameters as the best run used them (rounded to ``digits``) in place of the
+plugin's line with the values as sampled.
 """
 
 from __future__ import annotations
@@ -40,6 +49,7 @@ import json
 import logging
 import math
 import os
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -162,44 +172,153 @@ def _rounded(overrides: Any, distributions: Any, digits: int | None) -> tuple[st
     return tuple(out)
 
 
+def _refuse_on(check: Any) -> Any:
+    """``check()``'s value; a ConfigError from it is one line, ``error: ...``, status 2,
+    before any trial runs (Hydra would show a sweeper's error with its traceback)."""
+    try:
+        return check()
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+
+
+_MODE_DIRECTION = {"max": "maximize", "min": "minimize"}
+
+
+def check_direction(direction: Any, config: Any) -> None:
+    """hydra.sweeper.direction must agree with callbacks.model_checkpoint.mode: the run
+    returns the best value of the monitored metric, better when higher for mode max."""
+    if isinstance(direction, list | tuple) or OmegaConf.is_list(direction):
+        return  # several objectives: not the run's one score
+    direction = getattr(direction, "name", direction)
+    mode = OmegaConf.select(config, "callbacks.model_checkpoint.mode", default=None)
+    monitor = OmegaConf.select(config, "callbacks.model_checkpoint.monitor", default=None)
+    wanted = _MODE_DIRECTION.get(str(mode))
+    if wanted is not None and str(direction) != wanted:
+        raise ConfigError(
+            f"hydra.sweeper.direction={direction} disagrees with "
+            f"callbacks.model_checkpoint.mode={mode} (monitor {monitor}): Optuna would pick "
+            f"the worst trial; add hydra.sweeper.direction={wanted}"
+        )
+
+
+def merged_space(space: dict[str, str], arguments: Any) -> tuple[dict[str, str], dict[str, str]]:
+    """The search space actually searched, and the keys the command line fixes: a sweep
+    value on the command line (``optim.lr='interval(0.1, 1)'``) adds to or replaces its
+    key in ``space``; a plain value (``optim.lr=0.1``) takes its key out of the space."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    out = dict(space)
+    fixed: dict[str, str] = {}
+    bare = {k.lstrip("+~"): k for k in out}
+    for override in OverridesParser.create().parse_overrides(list(arguments)):
+        key = override.key_or_group
+        value = override.input_line.partition("=")[2] if override.input_line else ""
+        if key in bare:
+            out.pop(bare.pop(key), None)
+        if override.is_sweep_override():
+            out[override.get_key_element()] = value
+            bare[key] = override.get_key_element()
+        elif key in (k.lstrip("+~") for k in space):
+            fixed[key] = value
+    return out, fixed
+
+
+def _is_grid(sampler: Any) -> bool:
+    import functools
+
+    func = sampler.func if isinstance(sampler, functools.partial) else type(sampler)
+    return getattr(func, "__name__", "") == "GridSampler"
+
+
+def check_grid(space: dict[str, str]) -> None:
+    """The grid sampler needs a finite set of values for every searched key."""
+    from hydra_plugins.hydra_optuna_sweeper._impl import create_params_from_overrides
+    from optuna.distributions import (
+        CategoricalDistribution,
+        DiscreteUniformDistribution,
+        IntUniformDistribution,
+    )
+
+    discrete = (CategoricalDistribution, DiscreteUniformDistribution, IntUniformDistribution)
+    dists, _ = create_params_from_overrides([f"{k}={v}" for k, v in space.items()])
+    continuous = [k for k, d in dists.items() if not isinstance(d, discrete)]
+    if continuous:
+        raise ConfigError(
+            "hydra/sweeper/sampler=grid needs a finite set of values for each searched key; "
+            f"continuous here: {', '.join(continuous)}: give each choice(...) or a list "
+            "(key=a,b), or fix it (key=value)"
+        )
+
+
+def _relative_job(folder: Path | None, sweep_dir: Path | None) -> str | None:
+    """The job folder, relative to the sweep folder (its subdir may hold a ``/``)."""
+    if folder is None:
+        return None
+    if sweep_dir is not None:
+        try:
+            return folder.resolve().relative_to(sweep_dir.resolve()).as_posix()
+        except ValueError:
+            pass
+    return folder.name
+
+
+class _DropPluginBest(logging.Filter):
+    """The plugin logs the best parameters as sampled (0.4194588422698215); the sweeper
+    logs them as the run used them (0.4195) once the study's files are written."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Best parameters:")
+
+
+def _quiet_plugin_best_line() -> None:
+    plugin_log = logging.getLogger("hydra_plugins.hydra_optuna_sweeper._impl")
+    if not any(isinstance(f, _DropPluginBest) for f in plugin_log.filters):
+        plugin_log.addFilter(_DropPluginBest())
+
+
 class OptunaSweeper(Sweeper):
-    """Hydra's Optuna sweeper with a search space per optimizer (``search_spaces``), a score
-    for diverged runs (``diverged_score``) and a record of the trials (see the module)."""
+    """Hydra's Optuna sweeper with a search space per optimizer (``search_spaces``), diverged
+    runs told as pruned, checks before any trial runs, and a record of the trials (see the module)."""
 
     def __init__(
         self,
         search_spaces: DictConfig | None = None,
-        diverged_score: float | None = 0.5,
         digits: int | None = 4,
         **plugin_options: Any,
     ) -> None:
         impl = _plugin_impl()
         self.search_spaces = search_spaces
-        self.diverged_score = diverged_score
         self.digits = digits
+        self._diverged: set[int] = set()  # numbers of the trials whose run diverged
         self._ran: dict[int, dict[str, str]] = {}  # trial number -> the values its run used
         self.sweeper = impl(**plugin_options)
         self._trials: list[Any] = []  # the batch of trials being launched
         self._rows: dict[int, dict[str, Any]] = {}  # trial number -> its record
         self._study: Any = None
         self._sweep_dir: Path | None = None
+        self._optim: str | None = None
+        self._space: dict[str, str] = {}
 
     def setup(
         self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig
     ) -> None:
         self.sweeper.setup(hydra_context=hydra_context, task_function=task_function, config=config)
-        optim = OmegaConf.select(config, "hydra.runtime.choices.optim", default=None)
-        space = search_space_for(self.search_spaces, optim, self.sweeper.params)
-        self.sweeper.params = OmegaConf.create(space)
+        _refuse_on(lambda: check_direction(self.sweeper.direction, config))
+        self._optim = OmegaConf.select(config, "hydra.runtime.choices.optim", default=None)
+        self._space = _refuse_on(
+            lambda: search_space_for(self.search_spaces, self._optim, self.sweeper.params)
+        )
         self._sweep_dir = Path(str(config.hydra.sweep.dir))
-        log.info("Optuna search space (optim=%s): %s", optim, space)
+        _quiet_plugin_best_line()
         # our hooks: the trials of each batch, and the launcher's returns
         configure = self.sweeper._configure_trials
 
         def configure_trials(trials: list[Any], distributions: Any, *args: Any) -> Any:
             self._trials = list(trials)
-            if trials:
+            if trials and self._study is None:
                 self._study = trials[0].study
+                self._wrap_tell(self._study)
             overrides = configure(trials, distributions, *args)
             rounded = [_rounded(o, distributions, self.digits) for o in overrides]
             for trial, trial_overrides in zip(trials, rounded):
@@ -219,25 +338,25 @@ class OptunaSweeper(Sweeper):
         launcher.launch = launch_trials
 
     def _judge(self, trial: Any, ret: Any) -> None:
-        """Record the trial's job and run status; a diverged run's return becomes
-        ``diverged_score``; say why a trial will count as failed."""
+        """Record the trial's job and run status; a diverged run is to be told to Optuna as
+        pruned (see ``_wrap_tell``); say why a trial will count as failed."""
         folder = _job_folder(ret)
         status, error = _run_status(folder)
         row: dict[str, Any] = {
             "trial": trial.number,
-            "job": folder.name if folder is not None else None,
+            "job": _relative_job(folder, self._sweep_dir),
             "run_status": status,
         }
         self._rows[trial.number] = row
         if ret.status.name != "COMPLETED":  # the task raised: the plugin reports it
             return
-        if status == "diverged" and self.diverged_score is not None:
+        if status == "diverged":
             log.warning(
-                "trial %d: the run diverged; Optuna is told %s (hydra.sweeper.diverged_score)",
+                "trial %d: the run diverged; Optuna is told it was pruned (never the best trial)",
                 trial.number,
-                self.diverged_score,
             )
-            ret.return_value = float(self.diverged_score)
+            self._diverged.add(trial.number)
+            ret.return_value = 0.0  # a placeholder: the trial is told as pruned, without it
         elif _float_or_none(ret.return_value) is None:
             why = error or (
                 f"status {status}" if status not in (None, "completed") else "no best.score"
@@ -245,7 +364,29 @@ class OptunaSweeper(Sweeper):
             log.warning("trial %d counts as failed for Optuna: %s", trial.number, why)
             ret.return_value = None  # NaN would be recorded as a value
 
+    def _wrap_tell(self, study: Any) -> None:
+        """A diverged run's trial is told to Optuna as pruned, without a value: never the
+        best trial, and one that the TPE sampler ranks below every completed trial."""
+        import optuna
+
+        tell = study.tell
+
+        def tell_pruned_if_diverged(trial: Any, *args: Any, **kwargs: Any) -> Any:
+            number = trial if isinstance(trial, int) else trial.number
+            if number in self._diverged:
+                return tell(trial, state=optuna.trial.TrialState.PRUNED)
+            return tell(trial, *args, **kwargs)
+
+        study.tell = tell_pruned_if_diverged
+
     def sweep(self, arguments: list[str]) -> None:
+        space, fixed = _refuse_on(lambda: merged_space(self._space, arguments))
+        if _is_grid(self.sweeper.sampler):
+            _refuse_on(lambda: check_grid(space))
+        self.sweeper.params = OmegaConf.create(space)
+        log.info("Optuna search space (optim=%s): %s", self._optim, space)
+        if fixed:
+            log.info("Fixed by the command line (not searched): %s", fixed)
         try:
             self.sweeper.sweep(arguments)
         except ValueError as exc:
@@ -287,6 +428,7 @@ class OptunaSweeper(Sweeper):
         try:
             best = self._study.best_trial.number
         except ValueError:  # no completed trial
+            results.unlink(missing_ok=True)
             return
         if not results.is_file():  # the sweep stopped before the plugin wrote it
             best_trial = self._study.best_trial
@@ -308,6 +450,8 @@ class OptunaSweeper(Sweeper):
                     data.best_params[key] = _number(ran.get(key, data.best_params[key]))
             data.best_trial = best
             OmegaConf.save(data, results)
+            if data.get("best_params"):
+                log.info("Best parameters (as the run used them): %s", dict(data.best_params))
 
 
 __all__ = ["RESULTS_FILE", "TRIALS_FILE", "OptunaSweeper", "search_space_for"]
