@@ -11,8 +11,8 @@ plugin's ``optimization_results.yaml`` (the best parameters and value, and ``bes
   study that was not continued from a storage);
 - one column per searched value other than ``optim.lr`` (which is the ``lr`` column),
   named by its key (``optim.variable_relative_threshold``), with the value the run used;
-- ``optuna_value`` (what Optuna was told: a diverged run's ``diverged_score``; empty for a
-  failed trial) and ``best_trial`` (true on the best trial's row).
+- ``optuna_value`` (what Optuna was told: the run's score; empty for a diverged run, which
+  Optuna is told is pruned, and for a failed trial) and ``best_trial`` (true on the best trial's row).
 
 A folder without these files is left as it is.
 """
