@@ -278,6 +278,7 @@ def test_the_projects_own_checkpoints_load_with_weights_only(tmp_path, monkeypat
                 "trainer.log_every_n_steps=2",  # 4 batches an epoch: log within the epoch
                 "threads=1",
                 "test=false",
+                "keep_checkpoints=all",  # every kind of checkpoint, the step one included
             ],
         )
     OmegaConf.update(cfg, "paths.output_dir", str(tmp_path / "run"), force_add=True)

@@ -152,6 +152,17 @@ def test_a_run_folder_says_model_optimizer_and_overrides_within_the_length_limit
     assert _is_one_safe_folder_name(name, tmp_path) and len(name.encode()) == MAX_BYTES
 
 
+@pytest.fixture(autouse=True)
+def _hydra_config_restored():
+    """_composed sets Hydra's global config, as a run has it; later tests must not see it
+    (``${hydra:...}`` would resolve against it)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    saved = HydraConfig.instance().cfg
+    yield
+    HydraConfig.instance().cfg = saved
+
+
 def _composed(overrides: list[str], tmp_path: Path):
     from hydra.core.hydra_config import HydraConfig
 
