@@ -14,18 +14,11 @@ import hydra
 from omegaconf import DictConfig
 
 if __name__ == "__main__":
-    # A mistyped override: one line and status 2, before the slow imports below.
-    from mtl_clippy.cli import exit_on_bad_overrides
-    from mtl_clippy.evaluate import exit_on_bad_command_line
+    # A bad command line: one line and status 2, before the slow imports below and before
+    # Hydra writes anything.
+    from mtl_clippy.evaluate import before_hydra
 
-    # data.* without data=, an output folder in the checkpoint's run: before Hydra writes.
-    exit_on_bad_command_line(sys.argv[1:], "predict")
-    exit_on_bad_overrides(sys.argv[1:], Path(__file__).resolve().parent / "configs", "predict")
-
-    # Python's warnings go to the task's log file too, as they print (mtl_clippy.run_log).
-    from mtl_clippy.run_log import log_warnings_to_file
-
-    log_warnings_to_file()
+    before_hydra(sys.argv[1:], Path(__file__).resolve().parent / "configs", "predict")
 
 # Torch and Lightning are imported once the checks of the command line have passed, and
 # before Hydra sets up logging, as train.py imports them: Lightning then prints each of its

@@ -276,6 +276,19 @@ def check_command_line(argv: list[str], task: str) -> str | None:
     return None
 
 
+def before_hydra(argv: list[str], configs: Path, task: str) -> None:
+    """What ``eval.py`` and ``predict.py`` do before Hydra starts: a bad command line (a
+    mistyped override; ``data.*`` without ``data=``; an output folder in the checkpoint's run)
+    is one line and status 2, before Hydra writes anything; Python's warnings then go to the
+    task's log file too, as they print (``mtl_clippy.run_log``)."""
+    from mtl_clippy.cli import exit_on_bad_overrides
+    from mtl_clippy.run_log import log_warnings_to_file
+
+    exit_on_bad_command_line(argv, task)
+    exit_on_bad_overrides(argv, configs, task)
+    log_warnings_to_file()
+
+
 def exit_on_bad_command_line(argv: list[str], task: str) -> None:
     """``error: <one line>`` and status 2 for what :func:`check_command_line` refuses."""
     try:
